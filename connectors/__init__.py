@@ -1,0 +1,1 @@
+"""Engine adapters: transformers (``hf``), later vLLM and SGLang."""

@@ -1,0 +1,1 @@
+"""The store: layout, keys, container, tiers, policies and the ``TieredStore``."""

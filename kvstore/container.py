@@ -1,0 +1,229 @@
+"""The stored-object container: a versioned, self-describing, checksummed safetensors file.
+
+Bytes layout (readable by the ``safetensors`` library; no code is ever executed on load):
+
+    u64 little-endian N | N bytes of JSON header (space padded to 8) | tensor data
+
+The JSON header holds one entry per named tensor (dtype, shape, data offsets) and a
+``__metadata__`` map with two strings: ``kvcache`` (our ``ObjectHeader`` as JSON) and
+``checksum``. The checksum is xxh3-128 over the *whole* file with the checksum's own hex
+digits replaced by zeros, so a flipped bit anywhere — header, tensor table or payload —
+is caught. Decoding checks it before trusting any field.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from kvcache.kvstore.errors import CorruptObjectError, KVCacheError
+from kvcache.kvstore.layout import KVLayout
+
+FORMAT = "kvcache-object"
+FORMAT_VERSION = 1
+_CHECKSUM_PLACEHOLDER = "0" * 32
+_MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_NAMES: dict[str, torch.dtype] = {v: k for k, v in _ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class ObjectHeader:
+    """Everything needed to interpret an object's tensors, independent of where it lives.
+
+    ``rope_start``: K was rotated at positions ``rope_start .. rope_start + num_tokens - 1``;
+    ``None`` means the keys are stored before RoPE was applied.
+    """
+
+    key: str
+    layout: KVLayout
+    num_tokens: int
+    codec: str = "raw"
+    codec_params: Mapping[str, Any] = field(default_factory=dict)
+    rope_start: int | None = 0
+    created_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "key": self.key,
+            "layout": self.layout.to_dict(),
+            "num_tokens": self.num_tokens,
+            "codec": self.codec,
+            "codec_params": dict(self.codec_params),
+            "rope_start": self.rope_start,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ObjectHeader:
+        if d.get("format") != FORMAT:
+            raise CorruptObjectError(f"not a kvcache object (format={d.get('format')!r})")
+        if d.get("version") != FORMAT_VERSION:
+            raise CorruptObjectError(
+                f"unsupported kvcache object version {d.get('version')!r} "
+                f"(this build reads version {FORMAT_VERSION})"
+            )
+        try:
+            return cls(
+                key=str(d["key"]),
+                layout=KVLayout.from_dict(d["layout"]),
+                num_tokens=int(d["num_tokens"]),
+                codec=str(d["codec"]),
+                codec_params=dict(d["codec_params"]),
+                rope_start=None if d["rope_start"] is None else int(d["rope_start"]),
+                created_at=float(d["created_at"]),
+            )
+        except (KeyError, TypeError, ValueError, KVCacheError) as e:
+            raise CorruptObjectError(f"malformed kvcache object header: {e}") from e
+
+
+@dataclass
+class StoredObject:
+    """A header plus the codec's named tensors (for ``raw``: one tensor, ``"kv"``)."""
+
+    header: ObjectHeader
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype not in _ST_DTYPES:
+        raise KVCacheError(f"tensor dtype {t.dtype} cannot be stored")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode_object(obj: StoredObject) -> bytes:
+    """Serialize ``obj`` into the container format (one copy of the payload)."""
+    views: list[tuple[str, torch.Tensor, memoryview]] = []
+    table: dict[str, Any] = {}
+    offset = 0
+    for name in sorted(obj.tensors):
+        t = obj.tensors[name]
+        mv = _byte_view(t)
+        views.append((name, t, mv))
+        table[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + mv.nbytes],
+        }
+        offset += mv.nbytes
+    table["__metadata__"] = {
+        "kvcache": json.dumps(obj.header.to_json(), sort_keys=True, separators=(",", ":")),
+        "checksum": _CHECKSUM_PLACEHOLDER,
+    }
+    header = json.dumps(table, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    out = bytearray(8 + len(header) + offset)
+    out[:8] = struct.pack("<Q", len(header))
+    out[8 : 8 + len(header)] = header
+    pos = 8 + len(header)
+    for _, _, mv in views:
+        out[pos : pos + mv.nbytes] = mv
+        pos += mv.nbytes
+    digest = xxhash.xxh3_128_hexdigest(out)
+    # The placeholder occurs exactly once: it is the only 32-zero string we emit quoted.
+    at = out.index(b'"checksum":"' + _CHECKSUM_PLACEHOLDER.encode() + b'"') + len('"checksum":"')
+    out[at : at + 32] = digest.encode()
+    return bytes(out)
+
+
+def decode_header(data: bytes | bytearray | memoryview) -> tuple[ObjectHeader, dict[str, Any]]:
+    """Verify ``data`` and return its header and tensor table (no tensors built)."""
+    mv = memoryview(data).cast("B")
+    if mv.nbytes < 8:
+        raise CorruptObjectError(f"object truncated: {mv.nbytes} bytes")
+    (n,) = struct.unpack("<Q", mv[:8])
+    if n > _MAX_HEADER_BYTES or 8 + n > mv.nbytes:
+        raise CorruptObjectError(f"object truncated or not a container (header length {n})")
+    raw_header = bytes(mv[8 : 8 + n])
+    try:
+        table = json.loads(raw_header)
+        meta = table.pop("__metadata__")
+        stored_sum = meta["checksum"]
+        header_json = json.loads(meta["kvcache"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptObjectError(f"object header is not valid kvcache JSON: {e}") from e
+    needle = b'"checksum":"' + str(stored_sum).encode() + b'"'
+    at = raw_header.find(needle)
+    if at < 0 or len(str(stored_sum)) != 32:
+        raise CorruptObjectError("object checksum field is malformed")
+    at += len('"checksum":"')
+    h = xxhash.xxh3_128()
+    h.update(mv[:8])
+    h.update(raw_header[:at] + _CHECKSUM_PLACEHOLDER.encode() + raw_header[at + 32 :])
+    h.update(mv[8 + n :])
+    if h.hexdigest() != stored_sum:
+        raise CorruptObjectError("object checksum mismatch: stored bytes are corrupt")
+    header = ObjectHeader.from_json(header_json)
+    payload_len = mv.nbytes - 8 - n
+    end_max = 0
+    for name, entry in table.items():
+        try:
+            b, e = entry["data_offsets"]
+            dtype = _ST_NAMES[entry["dtype"]]
+            numel = 1
+            for d in entry["shape"]:
+                numel *= int(d)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptObjectError(f"bad tensor entry {name!r}: {err}") from err
+        if not (0 <= b <= e <= payload_len) or e - b != numel * dtype.itemsize:
+            raise CorruptObjectError(f"tensor {name!r} does not fit the payload")
+        end_max = max(end_max, e)
+    if end_max != payload_len:
+        raise CorruptObjectError("payload length does not match the tensor table")
+    return header, table
+
+
+def decode_object(data: bytes | bytearray | memoryview, *, copy: bool = False) -> StoredObject:
+    """Verify and parse a container. Tensors view ``data`` unless ``copy`` (or misaligned)."""
+    header, table = decode_header(data)
+    mv = memoryview(data).cast("B")
+    (n,) = struct.unpack("<Q", mv[:8])
+    base = 8 + n
+    with warnings.catch_warnings():
+        # torch warns that read-only buffers (bytes) give non-writable tensors; we never
+        # write through these views, and callers that need to pass copy=True.
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(mv, dtype=torch.uint8) if mv.nbytes else torch.empty(0, dtype=torch.uint8)
+    if copy:
+        flat = flat.clone()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in table.items():
+        dtype = _ST_NAMES[entry["dtype"]]
+        b, e = entry["data_offsets"]
+        part = flat[base + b : base + e]
+        if (base + b) % dtype.itemsize:
+            part = part.clone()
+        tensors[name] = part.view(dtype).view(entry["shape"])
+    return StoredObject(header, tensors)

@@ -1,0 +1,179 @@
+"""``KVLayout``: what a chunk of KV cache looks like, and a fingerprint that keys depend on.
+
+Two engines may share cached KV only when everything that determines its bytes agrees:
+the model, its attention shape, the dtype, how keys were rotated and which tensor-parallel
+shard they hold. All of that lives in one frozen dataclass whose fingerprint is folded
+into every key, so KV of different layouts can never be confused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from kvcache.kvstore.errors import LayoutMismatchError
+
+# Names used in stored headers and configs. They are part of the on-disk format: never
+# rename one; add new ones instead.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+class AttentionKind(str, Enum):
+    MHA = "mha"
+    GQA = "gqa"
+    MLA = "mla"
+
+
+class RopeStyle(str, Enum):
+    NEOX = "neox"  # rotate halves: pairs (i, i + rotary_dim/2); Llama, Qwen, Mistral
+    GPTJ = "gptj"  # rotate interleaved pairs (2i, 2i + 1)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """How keys were rotated, so cached keys can later be shifted to new positions."""
+
+    theta: float = 10000.0
+    style: RopeStyle = RopeStyle.NEOX
+    rotary_dim: int | None = None  # None: the whole head_dim
+    scaling_type: str | None = None  # e.g. "llama3", "linear", "yarn"
+    scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "style", RopeStyle(self.style))
+        if self.theta <= 0:
+            raise LayoutMismatchError(f"rope theta must be > 0, got {self.theta}")
+        if self.rotary_dim is not None and (self.rotary_dim <= 0 or self.rotary_dim % 2):
+            raise LayoutMismatchError(f"rope rotary_dim must be even and > 0, got {self.rotary_dim}")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape, dtype and provenance of one model's KV cache (one TP shard of it).
+
+    The canonical chunk tensor is ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``
+    (K at index 0, V at index 1). For MLA it is ``[num_layers, num_tokens, latent_dim]``.
+    """
+
+    model_id: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+    attention: AttentionKind = AttentionKind.GQA
+    latent_dim: int | None = None  # MLA only
+    rope: RopeSpec | None = field(default_factory=RopeSpec)
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention", AttentionKind(self.attention))
+        if isinstance(self.rope, dict):
+            object.__setattr__(self, "rope", RopeSpec(**self.rope))
+        if not self.model_id:
+            raise LayoutMismatchError("model_id must be a non-empty string")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "tp_size"):
+            if getattr(self, name) <= 0:
+                raise LayoutMismatchError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise LayoutMismatchError(
+                f"unsupported dtype {self.dtype!r}; use one of {sorted(DTYPES)}"
+            )
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise LayoutMismatchError(
+                f"tp_rank must be in [0, tp_size={self.tp_size}), got {self.tp_rank}"
+            )
+        if self.attention is AttentionKind.MLA and not self.latent_dim:
+            raise LayoutMismatchError("MLA layouts need latent_dim > 0")
+
+    # -- derived -------------------------------------------------------------------------
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention is AttentionKind.MLA
+
+    def chunk_shape(self, num_tokens: int) -> tuple[int, ...]:
+        """Shape of the canonical chunk tensor holding ``num_tokens`` tokens."""
+        if self.is_mla:
+            assert self.latent_dim is not None
+            return (self.num_layers, num_tokens, self.latent_dim)
+        return (self.num_layers, 2, num_tokens, self.num_kv_heads, self.head_dim)
+
+    @property
+    def token_dim(self) -> int:
+        """Index of the token axis in the canonical chunk tensor."""
+        return 1 if self.is_mla else 2
+
+    @property
+    def bytes_per_token(self) -> int:
+        elems = 1
+        for d in self.chunk_shape(1):
+            elems *= d
+        return elems * self.torch_dtype.itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attention"] = self.attention.value
+        if self.rope is not None:
+            d["rope"]["style"] = self.rope.style.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVLayout:
+        d = dict(d)
+        rope = d.get("rope")
+        if isinstance(rope, dict):
+            d["rope"] = RopeSpec(**rope)
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise LayoutMismatchError(f"not a KVLayout: {e}") from e
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable 16-byte hex digest of every field: equal across processes and machines."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+    def check_chunk(self, chunk: torch.Tensor, num_tokens: int | None = None) -> int:
+        """Raise ``LayoutMismatchError`` unless ``chunk`` is a canonical chunk of this layout.
+
+        chunk: ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]`` (MLA:
+        ``[num_layers, num_tokens, latent_dim]``) of ``self.torch_dtype``.
+        Returns the number of tokens it holds.
+        """
+        if not isinstance(chunk, torch.Tensor):
+            raise LayoutMismatchError(f"expected a torch.Tensor, got {type(chunk).__name__}")
+        if chunk.dtype != self.torch_dtype:
+            raise LayoutMismatchError(
+                f"chunk dtype {chunk.dtype} does not match layout dtype {self.dtype} "
+                f"of {self.model_id!r}; convert it with .to({self.torch_dtype})"
+            )
+        n = chunk.shape[self.token_dim] if chunk.dim() > self.token_dim else -1
+        expected = self.chunk_shape(n if num_tokens is None else num_tokens)
+        if tuple(chunk.shape) != expected or n <= 0:
+            names = (
+                "[layers, tokens, latent_dim]"
+                if self.is_mla
+                else "[layers, 2, tokens, kv_heads, head_dim]"
+            )
+            raise LayoutMismatchError(
+                f"chunk shape {tuple(chunk.shape)} does not match layout {names} = "
+                f"{expected} of {self.model_id!r}"
+            )
+        return n

@@ -1,0 +1,129 @@
+"""The ``Tier`` interface: one level of the hierarchy (CPU pool, local disk, remote).
+
+A tier stores ``StoredObject``s under string keys within a byte capacity. It owns its
+bytes and its eviction *policy* (``kvcache.kvstore.eviction``), but not the decision of
+what happens to a victim: before a victim's space is reused the tier calls the eviction
+handler the ``TieredStore`` installed, which may demote it to the next tier. Pinned
+entries and entries with readers in flight are never chosen as victims.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kvcache.kvstore.container import ObjectHeader, StoredObject
+
+# Called with (key, object) for each victim, before its bytes are released. The object's
+# tensors may view the tier's memory: copy what must outlive the call.
+EvictHandler = Callable[[str, StoredObject], None]
+
+
+@dataclass
+class EntryInfo:
+    """What ``scan``/``info`` report about one entry (no tensor bytes)."""
+
+    key: str
+    tier: str
+    nbytes: int
+    num_tokens: int
+    codec: str
+    model_id: str
+    created_at: float
+    last_access: float
+    hits: int = 0
+    pinned: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier since it was opened (``entries``/``used_bytes`` are current)."""
+
+    name: str
+    capacity_bytes: int
+    used_bytes: int = 0
+    entries: int = 0
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    opened_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Tier(abc.ABC):
+    """One level of storage. Implementations are thread-safe."""
+
+    name: str
+    capacity_bytes: int
+
+    def __init__(self) -> None:
+        self._evict_handler: EvictHandler | None = None
+
+    def set_evict_handler(self, handler: EvictHandler | None) -> None:
+        self._evict_handler = handler
+
+    @abc.abstractmethod
+    def contains(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def get(self, key: str) -> StoredObject | None:
+        """The object under ``key`` (tensors owned by the caller), or None on a miss.
+
+        A corrupt object counts as a miss: it is removed and counted in ``stats().corrupt``.
+        """
+
+    @abc.abstractmethod
+    def put(self, key: str, obj: StoredObject) -> None:
+        """Store ``obj`` under ``key``, evicting as needed; replaces an existing entry.
+
+        Raises ``ObjectTooLargeError`` if it cannot fit even in an empty tier and
+        ``StoreFullError`` if pinned or in-use entries leave no room. On error nothing
+        already stored is lost (victims were handed to the evict handler first).
+        """
+
+    @abc.abstractmethod
+    def delete(self, key: str, *, force: bool = False) -> bool:
+        """Remove ``key``; False if absent. Raises ``EntryPinnedError`` if pinned and not force."""
+
+    @abc.abstractmethod
+    def info(self, key: str) -> EntryInfo | None: ...
+
+    @abc.abstractmethod
+    def header(self, key: str) -> ObjectHeader | None:
+        """The stored header of ``key`` without decoding its tensors (None if absent)."""
+
+    @abc.abstractmethod
+    def scan(self) -> Iterator[EntryInfo]:
+        """Every entry, in no particular order (a snapshot; safe to delete while iterating)."""
+
+    @abc.abstractmethod
+    def set_pinned(self, key: str, pinned: bool) -> bool:
+        """Pin (never evict) or unpin ``key``; False if absent."""
+
+    @abc.abstractmethod
+    def stats(self) -> TierStats: ...
+
+    @property
+    @abc.abstractmethod
+    def used_bytes(self) -> int: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; the tier must not be used afterwards."""
+
+    def __enter__(self) -> Tier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
