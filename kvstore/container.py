@@ -215,7 +215,11 @@ def decode_object(data: bytes | bytearray | memoryview, *, copy: bool = False) -
         # torch warns that read-only buffers (bytes) give non-writable tensors; we never
         # write through these views, and callers that need to pass copy=True.
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(mv, dtype=torch.uint8) if mv.nbytes else torch.empty(0, dtype=torch.uint8)
+        flat = (
+            torch.frombuffer(mv, dtype=torch.uint8)
+            if mv.nbytes
+            else torch.empty(0, dtype=torch.uint8)
+        )
     if copy:
         flat = flat.clone()
     tensors: dict[str, torch.Tensor] = {}

@@ -177,12 +177,12 @@ class S3FIFOPolicy(EvictionPolicy):
                     self._freq[key] = 0
                     self._main[key] = None
                     continue
+                self._remember_ghost(key)
                 yield key
                 # The tier may not have evicted it (pinned): move it behind the others.
                 if key in self._small:
                     self._small.move_to_end(key)
-                else:
-                    self._remember_ghost(key)
+                    self._ghost.pop(key, None)
             elif self._main:
                 key = next(iter(self._main))
                 if self._freq[key] > 0:

@@ -56,7 +56,9 @@ class RopeSpec:
         if self.theta <= 0:
             raise LayoutMismatchError(f"rope theta must be > 0, got {self.theta}")
         if self.rotary_dim is not None and (self.rotary_dim <= 0 or self.rotary_dim % 2):
-            raise LayoutMismatchError(f"rope rotary_dim must be even and > 0, got {self.rotary_dim}")
+            raise LayoutMismatchError(
+                f"rope rotary_dim must be even and > 0, got {self.rotary_dim}"
+            )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,410 @@
+"""The typed configuration tree: defaults ← file (TOML/YAML) ← ``KVCACHE_*`` environment.
+
+Every section is a dataclass whose ``__post_init__`` coerces and validates its fields, so a
+config object that exists is a valid one, however it was built. Coercion is driven by the
+field annotations (plus ``metadata={"unit": "size" | "duration"}``), which lets files,
+environment variables and code all pass human strings ("8GiB", "1h", "true") and get int
+bytes, float seconds and bools. Errors name the key path and what to write instead.
+
+The environment map is derived from the fields: store fields are ``KVCACHE_<FIELD>``
+(``KVCACHE_DIR``, ``KVCACHE_CHUNK_SIZE``), tier fields ``KVCACHE_<TIER>_<FIELD>``
+(``KVCACHE_CPU_CAPACITY``), top-level fields ``KVCACHE_<FIELD>`` (``KVCACHE_LOG_LEVEL``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from kvcache.codecs.registry import codec_names
+from kvcache.kvstore.errors import ConfigError
+from kvcache.kvstore.eviction import policy_names
+from kvcache.kvstore.units import GiB, parse_duration, parse_size
+
+ENV_PREFIX = "KVCACHE_"
+# Names under ENV_PREFIX that are not config fields but are still ours. Anything else
+# under the prefix is rejected so a typo ("KVCACHE_CPU_CAPACTY") never goes unnoticed.
+ENV_CONFIG_FILE = "KVCACHE_CONFIG"
+EXTRA_ENV_VARS: frozenset[str] = frozenset({ENV_CONFIG_FILE})
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+# Strings that mean "unset" for optional fields (env vars cannot express null otherwise).
+_NONE = {"", "none", "null", "auto"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+S = TypeVar("S", bound="_Section")
+
+
+def default_store_dir() -> Path:
+    """``$KVCACHE_DIR`` if set, else ``~/.cache/kvcache``."""
+    env = os.environ.get(f"{ENV_PREFIX}DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvcache"
+
+
+def _size(default: int) -> Any:
+    return field(default=default, metadata={"unit": "size"})
+
+
+def _choice(default: str, choices: Callable[[], Iterable[str]] | tuple[str, ...]) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` → (X, True); anything else → (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, _Section)
+
+
+def _coerce(value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    """``value`` converted to annotation ``tp``; raises ConfigError without the key path."""
+    base, optional = _split_optional(tp)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+        return None
+    if value is None:
+        raise ConfigError("must be set (null is not allowed here)")
+    unit = meta.get("unit")
+    if unit == "size":
+        return parse_size(value)
+    if unit == "duration":
+        return parse_duration(value)
+    if _is_section(base):
+        if isinstance(value, base):
+            return value
+        if isinstance(value, Mapping):
+            return base.from_dict(value)
+        raise ConfigError(
+            f"{base.PATH}: must be a table of keys ({', '.join(base.field_names())}), "
+            f"got {type(value).__name__}"
+        )
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        hint = "true, false or auto" if optional else "true or false"
+        raise ConfigError(f"{value!r} is not a boolean; use {hint}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise ConfigError(f"{value!r} is not an integer")
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{value!r} is not a number") from None
+    if base is Path:
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value).expanduser()
+        raise ConfigError(f"{value!r} is not a path")
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{value!r} is not a string")
+    raise TypeError(f"config field type {tp!r} has no coercion rule")  # a bug in this module
+
+
+class _Section:
+    """Base of every config dataclass: field coercion, validation, dict/env plumbing."""
+
+    # Dotted path of the section in the tree, for error messages ("" at the top level).
+    PATH: ClassVar[str] = ""
+
+    @classmethod
+    def key(cls, name: str) -> str:
+        return f"{cls.PATH}.{name}" if cls.PATH else name
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            raw = getattr(self, f.name)
+            try:
+                value = _coerce(raw, hints[f.name], f.metadata)
+                choices = f.metadata.get("choices")
+                if choices is not None:
+                    known = list(choices() if callable(choices) else choices)
+                    if value not in known:
+                        raise ConfigError(f"{value!r} is not one of: {', '.join(known)}")
+            except ConfigError as e:
+                # Nested sections already name their own full path.
+                msg = str(e) if _is_section(_split_optional(hints[f.name])[0]) else (
+                    f"{self.key(f.name)}: {e}"
+                )
+                raise ConfigError(msg) from None
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Checks beyond one field's type; subclasses raise ConfigError naming the key."""
+
+    def _fail(self, name: str, problem: str) -> None:
+        raise ConfigError(f"{self.key(name)}: {problem}")
+
+    @classmethod
+    def from_dict(cls: type[S], d: Mapping[str, Any]) -> S:
+        """Build from a (possibly partial) mapping; unknown keys are errors."""
+        if not isinstance(d, Mapping):
+            where = cls.PATH or "the config"
+            raise ConfigError(f"{where} must be a table of keys, got {type(d).__name__}")
+        known = cls.field_names()
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in d.items():
+            # YAML and TOML users write both "chunk-size" and "chunk_size".
+            name = str(raw_key).replace("-", "_")
+            if name not in known:
+                where = f"section '{cls.PATH}'" if cls.PATH else "the top level"
+                raise ConfigError(
+                    f"unknown config key {cls.key(str(raw_key))!r} in {where}"
+                    f"{_did_you_mean(name, known)}; known keys: {', '.join(known)}"
+                )
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (paths as strings), nested by section."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, _Section):
+                value = value.to_dict()
+            elif isinstance(value, Path):
+                value = str(value)
+            out[f.name] = value
+        return out
+
+
+@dataclass
+class CpuTierConfig(_Section):
+    """The CPU-memory tier: one preallocated pool per process."""
+
+    PATH: ClassVar[str] = "store.cpu"
+
+    capacity: int = _size(4 * GiB)
+    codec: str = _choice("raw", codec_names)
+    policy: str = _choice("lru", policy_names)
+    # None: pin the pool when CUDA is available (pinning without CUDA only costs memory).
+    pin_memory: bool | None = None
+
+    def _validate(self) -> None:
+        if self.capacity <= 0:
+            self._fail("capacity", f"{self.capacity} must be > 0; use e.g. '4GiB'")
+
+
+@dataclass
+class DiskTierConfig(_Section):
+    """The local-disk tier: an LMDB index with blobs in files or in LMDB."""
+
+    PATH: ClassVar[str] = "store.disk"
+
+    enabled: bool = True
+    capacity: int = _size(64 * GiB)
+    codec: str = _choice("raw", codec_names)
+    policy: str = _choice("lru", policy_names)
+    blob_storage: str = _choice("files", ("files", "lmdb"))
+    # None: <store.dir>/disk. A relative path is relative to store.dir.
+    path: Path | None = None
+
+    def _validate(self) -> None:
+        if self.capacity <= 0:
+            self._fail("capacity", f"{self.capacity} must be > 0; use e.g. '64GiB'")
+
+    def resolved_path(self, store_dir: Path) -> Path:
+        """Where the disk tier lives for a store at ``store_dir``."""
+        return store_dir / (self.path if self.path is not None else "disk")
+
+
+@dataclass
+class StoreConfig(_Section):
+    """The tiered store: where it lives, how KV is chunked, how tiers are written."""
+
+    PATH: ClassVar[str] = "store"
+
+    dir: Path = field(default_factory=default_store_dir)
+    chunk_size: int = 256
+    write_mode: str = _choice("write-through", ("write-through", "write-back"))
+    # Entries not accessed for this long are dropped; None keeps them until evicted.
+    ttl: float | None = field(default=None, metadata={"unit": "duration"})
+    cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
+    disk: DiskTierConfig = field(default_factory=DiskTierConfig)
+
+    def _validate(self) -> None:
+        if self.chunk_size <= 0:
+            self._fail("chunk_size", f"{self.chunk_size} must be > 0 tokens; the default is 256")
+        if self.ttl is not None and self.ttl <= 0:
+            self._fail("ttl", f"{self.ttl} must be > 0; use e.g. '1h', or leave it unset")
+
+    @property
+    def disk_path(self) -> Path:
+        return self.disk.resolved_path(self.dir)
+
+
+@dataclass
+class KVCacheConfig(_Section):
+    """The whole configuration. Build with ``load()`` unless you have a reason not to."""
+
+    PATH: ClassVar[str] = ""
+
+    store: StoreConfig = field(default_factory=StoreConfig, metadata={"env_prefix": ""})
+    log_level: str = "INFO"
+
+    def _validate(self) -> None:
+        self.log_level = self.log_level.upper()
+        if self.log_level not in LOG_LEVELS:
+            self._fail("log_level", f"{self.log_level!r} is not one of: {', '.join(LOG_LEVELS)}")
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelName(self.log_level)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> KVCacheConfig:
+        """Read a ``.toml``, ``.yaml`` or ``.yml`` file over the defaults."""
+        p = Path(path).expanduser()
+        data = _read_config_file(p)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, base: KVCacheConfig | None = None
+    ) -> KVCacheConfig:
+        """``base`` (default: the defaults) with every ``KVCACHE_*`` variable applied."""
+        environ = os.environ if environ is None else environ
+        cfg = cls() if base is None else base
+        env_map = env_vars()
+        ours = sorted(k for k in environ if k.startswith(ENV_PREFIX))
+        unknown = [k for k in ours if k not in env_map and k not in EXTRA_ENV_VARS]
+        if unknown:
+            known = sorted([*env_map, *EXTRA_ENV_VARS])
+            raise ConfigError(
+                f"unknown environment variable{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)}{_did_you_mean(unknown[0], known)}; "
+                f"known: {', '.join(known)}"
+            )
+        for var in ours:
+            if var in env_map:
+                try:
+                    cfg = _replace_at(cfg, env_map[var], environ[var])
+                except ConfigError as e:
+                    raise ConfigError(f"{var}={environ[var]!r}: {e}") from None
+        return cfg
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> KVCacheConfig:
+        """Defaults ← file (``path`` or ``$KVCACHE_CONFIG``) ← ``KVCACHE_*`` variables."""
+        environ = os.environ if environ is None else environ
+        if path is None:
+            path = environ.get(ENV_CONFIG_FILE) or None
+        base = cls.from_file(path) if path is not None else cls()
+        return cls.from_env(environ, base=base)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _read_config_file(p: Path) -> Mapping[str, Any]:
+    suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"{p}: unsupported config file type {suffix or '(none)'!r}; "
+                          "use a .toml, .yaml or .yml file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    if suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ConfigError(f"{p}: reading TOML on Python 3.10 needs `pip install tomli`; "
+                                  "or use a YAML config file") from None
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if data is None:  # an empty YAML file
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{p}: the top level must be a table of keys, got {type(data).__name__}")
+    return data
+
+
+@cache
+def env_vars() -> dict[str, tuple[str, ...]]:
+    """Every ``KVCACHE_*`` variable and the field path it sets, derived from the dataclasses."""
+    out: dict[str, tuple[str, ...]] = {}
+
+    def walk(cls: type[_Section], prefix: str, path: tuple[str, ...]) -> None:
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            tp = _split_optional(hints[f.name])[0]
+            if _is_section(tp):
+                sub_prefix = f.metadata.get("env_prefix", f"{f.name.upper()}_")
+                walk(tp, prefix + sub_prefix, (*path, f.name))
+                continue
+            var = f"{ENV_PREFIX}{prefix}{f.name.upper()}"
+            if var in out or var in EXTRA_ENV_VARS:  # two fields would share one variable
+                raise AssertionError(f"config fields collide on environment variable {var}")
+            out[var] = (*path, f.name)
+
+    walk(KVCacheConfig, "", ())
+    return out
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _replace_at(section: S, path: tuple[str, ...], value: Any) -> S:
+    """A copy of ``section`` with the field at ``path`` set (re-validated on the way up)."""
+    name, rest = path[0], path[1:]
+    if rest:
+        value = _replace_at(getattr(section, name), rest, value)
+    return dataclasses.replace(section, **{name: value})  # type: ignore[type-var]

@@ -1,0 +1,267 @@
+"""``CpuTier``: objects in one preallocated host pool (pinned when CUDA is present).
+
+Each object occupies one contiguous range of the pool, so storing it is one copy in and
+reading it one copy out. Readers hold a reference on the entry while they copy, outside
+the tier's lock, so many readers copy at once and eviction never frees bytes under them
+(two-phase I/O as in vLLM's kv_offload: ``borrow`` = prepare + complete).
+
+Bytes in this tier never leave the process, so no checksum is computed here: integrity is
+checked where bytes cross a trust boundary (disk, network).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcache.kvstore.arena import Arena, align_up
+from kvcache.kvstore.container import ObjectHeader, StoredObject
+from kvcache.kvstore.errors import (
+    EntryPinnedError,
+    ObjectTooLargeError,
+    StoreFullError,
+)
+from kvcache.kvstore.eviction import make_policy
+from kvcache.kvstore.tier import EntryInfo, Tier, TierStats
+
+
+@dataclass
+class _Slot:
+    """Where one named tensor of an object lives, relative to the object's offset."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    rel: int
+    nbytes: int
+
+
+@dataclass
+class _Entry:
+    header: ObjectHeader
+    offset: int
+    size: int
+    slots: list[_Slot]
+    last_access: float = field(default_factory=time.time)
+    hits: int = 0
+    pinned: bool = False
+    refs: int = 0  # readers copying out right now
+    removed: bool = False  # deleted/replaced while readers held it: free on last release
+
+
+def _plan(obj: StoredObject) -> tuple[list[_Slot], int]:
+    slots, rel = [], 0
+    for name, t in obj.tensors.items():
+        n = t.numel() * t.element_size()
+        slots.append(_Slot(name, t.dtype, tuple(t.shape), rel, n))
+        rel += align_up(n)
+    return slots, max(rel, 1)
+
+
+class CpuTier(Tier):
+    name = "cpu"
+
+    def __init__(
+        self, capacity_bytes: int, *, policy: str = "lru", pin_memory: bool | None = None
+    ) -> None:
+        super().__init__()
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        self._arena = Arena(capacity_bytes)
+        self.capacity_bytes = self._arena.capacity
+        # torch.empty does not touch the pages: memory is committed as objects arrive.
+        self._pool = torch.empty(self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory)
+        self._policy = make_policy(policy)
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+        self._stats = TierStats(self.name, self.capacity_bytes)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _views(self, e: _Entry) -> dict[str, torch.Tensor]:
+        return {
+            s.name: self._pool[e.offset + s.rel : e.offset + s.rel + s.nbytes]
+            .view(s.dtype)
+            .view(s.shape)
+            for s in e.slots
+        }
+
+    def _drop(self, key: str, e: _Entry) -> None:
+        """Unlink ``e`` (lock held); its bytes are freed now or by the last reader."""
+        del self._entries[key]
+        self._policy.on_remove(key)
+        e.removed = True
+        if e.refs == 0:
+            self._arena.free(e.offset, e.size)
+
+    def _release(self, e: _Entry) -> None:
+        with self._lock:
+            e.refs -= 1
+            if e.refs == 0 and e.removed:
+                self._arena.free(e.offset, e.size)
+
+    def _make_room(self, size: int, protect: str) -> int:
+        """Allocate ``size`` bytes, evicting victims in policy order (lock held)."""
+        offset = self._arena.allocate(size)
+        if offset is not None:
+            return offset
+        for victim in self._policy.victims():
+            e = self._entries.get(victim)
+            if e is None or e.pinned or e.refs or victim == protect:
+                continue
+            if self._evict_handler is not None:
+                # Demote before the bytes are reused; if this raises, nothing was lost.
+                self._evict_handler(victim, StoredObject(e.header, self._views(e)))
+            self._drop(victim, e)
+            self._stats.evictions += 1
+            offset = self._arena.allocate(size)
+            if offset is not None:
+                return offset
+        raise StoreFullError(
+            f"CPU tier full: {size} bytes needed, {self.capacity_bytes - self._arena.used} free "
+            f"and every remaining entry is pinned or being read; unpin entries or raise "
+            f"store.cpu.capacity"
+        )
+
+    # -- Tier ----------------------------------------------------------------------------
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    @contextlib.contextmanager
+    def _borrowed(self, key: str) -> Iterator[_Entry | None]:
+        """Hold a reference on ``key``'s entry (counted as a hit) while the block runs."""
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                self._stats.misses += 1
+            else:
+                e.refs += 1
+                e.hits += 1
+                e.last_access = time.time()
+                self._policy.on_access(key)
+                self._stats.hits += 1
+                self._stats.bytes_read += e.size
+        if e is None:
+            yield None
+            return
+        try:
+            yield e
+        finally:
+            self._release(e)
+
+    @contextlib.contextmanager
+    def borrow(self, key: str) -> Iterator[StoredObject | None]:
+        """Zero-copy read: tensors view the pool and stay valid until the block exits."""
+        with self._borrowed(key) as e:
+            yield None if e is None else StoredObject(e.header, self._views(e))
+
+    def get(self, key: str) -> StoredObject | None:
+        with self._borrowed(key) as e:
+            if e is None:
+                return None
+            # One memcpy of the whole object, then views into the private copy.
+            buf = self._pool[e.offset : e.offset + e.size].clone()
+            tensors = {
+                s.name: buf[s.rel : s.rel + s.nbytes].view(s.dtype).view(s.shape)
+                for s in e.slots
+            }
+            return StoredObject(e.header, tensors)
+
+    def put(self, key: str, obj: StoredObject) -> None:
+        slots, size = _plan(obj)
+        if align_up(size) > self.capacity_bytes:
+            raise ObjectTooLargeError(
+                f"object of {size} bytes exceeds the CPU tier's capacity of "
+                f"{self.capacity_bytes} bytes; raise store.cpu.capacity"
+            )
+        with self._lock:
+            offset = self._make_room(size, protect=key)
+            # Reserved but unpublished: not in the policy, so nobody can evict it mid-copy.
+            e = _Entry(obj.header, offset, size, slots, refs=1)
+        try:
+            views = self._views(e)
+            for s in slots:
+                views[s.name].copy_(obj.tensors[s.name])
+        except BaseException:
+            with self._lock:
+                self._arena.free(offset, size)
+            raise
+        with self._lock:
+            old = self._entries.get(key)
+            if old is not None:
+                e.pinned = old.pinned
+                self._drop(key, old)
+            e.refs = 0
+            self._entries[key] = e
+            self._policy.on_insert(key)
+            self._stats.puts += 1
+            self._stats.bytes_written += size
+
+    def delete(self, key: str, *, force: bool = False) -> bool:
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return False
+            if e.pinned and not force:
+                raise EntryPinnedError(f"entry {key} is pinned; unpin it or pass force")
+            self._drop(key, e)
+            return True
+
+    def _info(self, key: str, e: _Entry) -> EntryInfo:
+        h = e.header
+        return EntryInfo(
+            key=key,
+            tier=self.name,
+            nbytes=e.size,
+            num_tokens=h.num_tokens,
+            codec=h.codec,
+            model_id=h.layout.model_id,
+            created_at=h.created_at,
+            last_access=e.last_access,
+            hits=e.hits,
+            pinned=e.pinned,
+        )
+
+    def info(self, key: str) -> EntryInfo | None:
+        with self._lock:
+            e = self._entries.get(key)
+            return None if e is None else self._info(key, e)
+
+    def header(self, key: str) -> ObjectHeader | None:
+        with self._lock:
+            e = self._entries.get(key)
+            return None if e is None else e.header
+
+    def scan(self) -> Iterator[EntryInfo]:
+        with self._lock:
+            infos = [self._info(k, e) for k, e in self._entries.items()]
+        return iter(infos)
+
+    def set_pinned(self, key: str, pinned: bool) -> bool:
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                return False
+            e.pinned = pinned
+            return True
+
+    @property
+    def used_bytes(self) -> int:
+        return self._arena.used
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            s = TierStats(**self._stats.to_dict())
+            s.used_bytes = self._arena.used
+            s.entries = len(self._entries)
+            return s
+
+    def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._pool = torch.empty(0, dtype=torch.uint8)
