@@ -133,12 +133,15 @@ class CpuTier(Tier):
             return key in self._entries
 
     @contextlib.contextmanager
-    def _borrowed(self, key: str) -> Iterator[_Entry | None]:
-        """Hold a reference on ``key``'s entry (counted as a hit) while the block runs."""
+    def _borrowed(self, key: str, touch: bool = True) -> Iterator[_Entry | None]:
+        """Hold a reference on ``key``'s entry while the block runs. ``touch``: count it as
+        a hit and tell the policy (internal copies, e.g. write-through, do not)."""
         with self._lock:
             e = self._entries.get(key)
             if e is None:
-                self._stats.misses += 1
+                self._stats.misses += touch
+            elif not touch:
+                e.refs += 1
             else:
                 e.refs += 1
                 e.hits += 1
@@ -160,8 +163,8 @@ class CpuTier(Tier):
         with self._borrowed(key) as e:
             yield None if e is None else StoredObject(e.header, self._views(e))
 
-    def get(self, key: str) -> StoredObject | None:
-        with self._borrowed(key) as e:
+    def get(self, key: str, *, touch: bool = True) -> StoredObject | None:
+        with self._borrowed(key, touch) as e:
             if e is None:
                 return None
             # One memcpy of the whole object, then views into the private copy.

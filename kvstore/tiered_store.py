@@ -178,16 +178,12 @@ class TieredStore:
         top, lower = self.tiers[0], self.tiers[1]
         if lower.contains(key):
             return
-        if isinstance(top, CpuTier):
-            with top.borrow(key) as obj:  # holds the entry so eviction cannot free it
-                if obj is not None:
-                    self._put_in(1, key, obj)
-                    self.counters.background_writes += 1
-        else:
-            got = top.get(key)
-            if got is not None:
-                self._put_in(1, key, got)
-                self.counters.background_writes += 1
+        # Copy out first (one memcpy) so the entry is referenced only briefly: holding it
+        # for the whole disk write would keep it from being evicted and skew the policy.
+        got = top.get(key, touch=False) if isinstance(top, CpuTier) else top.get(key)
+        if got is not None:
+            self._put_in(1, key, got)
+            self.counters.background_writes += 1
 
     def flush(self) -> None:
         """Make everything written so far durable in the lowest tiers; re-raise write errors."""

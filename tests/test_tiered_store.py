@@ -1,0 +1,219 @@
+"""TieredStore: lookup across tiers, promotion, demotion, write modes, pins, TTL, errors.
+
+Tiers are real: a CpuTier and an LMDB-backed DiskTier in a temp directory.
+"""
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+from kvcache.kvstore.cpu_tier import CpuTier
+from kvcache.kvstore.errors import (
+    KVCacheError,
+    LayoutMismatchError,
+    UnknownCodecError,
+)
+from kvcache.kvstore.layout import KVLayout
+from kvcache.kvstore.tiered_store import TieredStore
+from tests.helpers import make_chunk, make_key
+
+disk_tier = pytest.importorskip("kvcache.kvstore.disk_tier")
+DiskTier = disk_tier.DiskTier
+
+TOKENS = 8  # 1 KiB per object with the fp16 test layout
+
+
+def make_store(tmp_path, *, cpu_objects=4, write_mode="write-through", **kw):
+    cpu = CpuTier(cpu_objects * 1024)
+    disk = DiskTier(tmp_path / "disk", 1 << 20)
+    return TieredStore([cpu, disk], write_mode=write_mode, **kw)
+
+
+def test_cpu_only_roundtrip(layout):
+    with TieredStore.in_memory(1 << 20) as store:
+        chunk = make_chunk(layout, TOKENS)
+        store.put(make_key(0), chunk, layout)
+        assert torch.equal(store.get(make_key(0)), chunk)
+        assert store.get(make_key(1)) is None
+        assert store.where(make_key(0)) == "cpu"
+
+
+@pytest.mark.parametrize("write_mode", ["write-through", "write-back"])
+def test_eviction_demotes_instead_of_dropping(tmp_path, layout, write_mode):
+    chunks = {i: make_chunk(layout, TOKENS, i) for i in range(10)}
+    with make_store(tmp_path, write_mode=write_mode) as store:
+        for i, c in chunks.items():
+            store.put(make_key(i), c, layout)
+        store.flush()
+        cpu, disk = store.tiers
+        assert cpu.stats().entries == 4
+        assert all(disk.contains(make_key(i)) for i in range(10))
+        for i, c in chunks.items():
+            assert torch.equal(store.get(make_key(i)), c)
+
+
+def test_write_back_writes_only_on_eviction_or_flush(tmp_path, layout):
+    with make_store(tmp_path, write_mode="write-back") as store:
+        cpu, disk = store.tiers
+        for i in range(4):
+            store.put(make_key(i), make_chunk(layout, TOKENS, i), layout)
+        assert disk.stats().entries == 0
+        store.put(make_key(4), make_chunk(layout, TOKENS, 4), layout)  # evicts key 0
+        assert disk.contains(make_key(0)) and not cpu.contains(make_key(0))
+        assert disk.stats().entries == 1
+        store.flush()
+        assert disk.stats().entries == 5
+
+
+def test_disk_hit_is_promoted_to_cpu(tmp_path, layout):
+    with make_store(tmp_path, cpu_objects=2) as store:
+        for i in range(3):
+            store.put(make_key(i), make_chunk(layout, TOKENS, i), layout)
+            store.flush()  # the writer copying an entry out would make the victim vary
+        assert store.where(make_key(0)) == "disk"
+        assert torch.equal(store.get(make_key(0)), make_chunk(layout, TOKENS, 0))
+        assert store.where(make_key(0)) == "cpu"
+        assert store.counters.promotions == 1
+        assert store.stats()["disk"].hits == 1
+
+
+def test_longest_prefix_across_tiers(tmp_path, layout):
+    with make_store(tmp_path, cpu_objects=2) as store:
+        keys = [make_key(i) for i in range(5)]
+        for i in (0, 1, 2, 4):
+            store.put(keys[i], make_chunk(layout, TOKENS, i), layout)
+        store.flush()
+        assert {store.where(k) for k in keys[:3]} == {"cpu", "disk"}
+        assert store.longest_prefix(keys) == 3
+        assert store.longest_prefix(keys[3:]) == 0
+
+
+def test_restart_serves_everything_from_disk(tmp_path, layout):
+    chunks = {i: make_chunk(layout, TOKENS, i) for i in range(6)}
+    with make_store(tmp_path) as store:
+        for i, c in chunks.items():
+            store.put(make_key(i), c, layout)
+    # A new process on the same directory sees what the first one stored.
+    code = textwrap.dedent(f"""
+        import torch
+        from kvcache.kvstore.cpu_tier import CpuTier
+        from kvcache.kvstore.disk_tier import DiskTier
+        from kvcache.kvstore.tiered_store import TieredStore
+        from tests.helpers import make_key
+        with TieredStore([CpuTier(1 << 20), DiskTier({str(tmp_path / 'disk')!r}, 1 << 20)]) as s:
+            print(sum(s.get(make_key(i)) is not None for i in range(6)), s.where(make_key(0)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.stdout.split() == ["6", "cpu"]
+    with make_store(tmp_path) as store:
+        for i, c in chunks.items():
+            assert torch.equal(store.get(make_key(i)), c)
+
+
+def test_pinned_entries_stay_in_cpu(tmp_path, layout):
+    with make_store(tmp_path, cpu_objects=2) as store:
+        store.put(make_key(0), make_chunk(layout, TOKENS, 0), layout)
+        store.pin(make_key(0))
+        for i in range(1, 5):
+            store.put(make_key(i), make_chunk(layout, TOKENS, i), layout)
+        store.flush()
+        assert store.where(make_key(0)) == "cpu"
+        assert store.tiers[1].info(make_key(0)).pinned  # the disk copy is pinned too
+        store.unpin(make_key(0))
+        for i in range(5, 7):
+            store.put(make_key(i), make_chunk(layout, TOKENS, i), layout)
+        assert store.where(make_key(0)) == "disk"
+
+
+def test_ttl_expires_entries(tmp_path, layout):
+    with make_store(tmp_path, ttl_s=0.2) as store:
+        store.put(make_key(0), make_chunk(layout, TOKENS), layout)
+        store.flush()
+        assert store.get(make_key(0)) is not None
+        time.sleep(0.3)
+        assert store.get(make_key(0)) is None
+        assert not store.contains(make_key(0))
+        store.put(make_key(1), make_chunk(layout, TOKENS), layout)
+        store.flush()
+        time.sleep(0.3)
+        assert store.evict_expired() == 2  # CPU and disk copies
+
+
+def test_bad_puts_change_nothing(tmp_path, layout):
+    with make_store(tmp_path) as store:
+        good = make_chunk(layout, TOKENS)
+        store.put(make_key(0), good, layout)
+        with pytest.raises(LayoutMismatchError, match="dtype"):
+            store.put(make_key(1), good.float(), layout)
+        with pytest.raises(LayoutMismatchError, match="shape"):
+            store.put(make_key(1), good[:1], layout)
+        other = KVLayout("other", 2, 2, 16, dtype="float16")
+        with pytest.raises(LayoutMismatchError):
+            store.put(make_key(1), good, other)
+        with pytest.raises(KVCacheError, match="key"):
+            store.put("not-a-key", good, layout)
+        with pytest.raises(LayoutMismatchError):  # a batch with one bad item stores nothing
+            store.put_many([(make_key(2), good), (make_key(3), good.float())], layout)
+        store.flush()
+        assert [s.entries for s in store.stats().values()] == [1, 1]
+        assert torch.equal(store.get(make_key(0)), good)
+
+
+def test_unknown_codec_is_a_typed_error(tmp_path):
+    with pytest.raises(UnknownCodecError, match="known codecs: raw"):
+        TieredStore([CpuTier(1024)], codecs=["zip9000"])
+
+
+def test_corrupt_disk_object_is_a_counted_miss(tmp_path, layout):
+    with make_store(tmp_path, cpu_objects=1) as store:
+        store.put(make_key(0), make_chunk(layout, TOKENS, 0), layout)
+        store.put(make_key(1), make_chunk(layout, TOKENS, 1), layout)
+        store.flush()
+        assert store.where(make_key(0)) == "disk"
+    blobs = [
+        p for p in (tmp_path / "disk").rglob("*")
+        if p.is_file() and p.suffix != ".mdb" and p.stat().st_size > 1000  # blob files only
+    ]
+    assert blobs
+    with make_store(tmp_path, cpu_objects=1) as store:
+        for p in blobs:  # flip one payload byte in every blob file
+            data = bytearray(p.read_bytes())
+            data[-10] ^= 0xFF
+            p.write_bytes(bytes(data))
+        assert store.get(make_key(0)) is None
+        assert store.stats()["disk"].corrupt == 1
+        assert not store.contains(make_key(0))
+
+
+def test_concurrent_readers_and_writers_across_tiers(tmp_path, layout):
+    chunks = {i: make_chunk(layout, TOKENS, i) for i in range(24)}
+    errors = []
+    with make_store(tmp_path, cpu_objects=6) as store:
+
+        def writer(ids):
+            for i in ids:
+                store.put(make_key(i), chunks[i], layout)
+
+        def reader():
+            for _ in range(5):
+                for i in range(24):
+                    got = store.get(make_key(i))
+                    if got is not None and not torch.equal(got, chunks[i]):
+                        errors.append(i)
+
+        threads = [threading.Thread(target=writer, args=(range(k, 24, 2),)) for k in range(2)]
+        threads += [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        store.flush()
+        assert errors == []
+        for i, c in chunks.items():
+            assert torch.equal(store.get(make_key(i)), c)
