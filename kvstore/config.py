@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import logging
 import os
 import sys
 import types
@@ -61,9 +60,14 @@ def _choice(default: str, choices: Callable[[], Iterable[str]] | tuple[str, ...]
     return field(default=default, metadata={"choices": choices})
 
 
-@cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Resolved field annotations (they are strings under ``from __future__``), cached."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _split_optional(tp: Any) -> tuple[Any, bool]:
@@ -158,11 +162,13 @@ class _Section:
                         raise ConfigError(f"{value!r} is not one of: {', '.join(known)}")
             except ConfigError as e:
                 # Nested sections already name their own full path.
-                msg = str(e) if _is_section(_split_optional(hints[f.name])[0]) else (
-                    f"{self.key(f.name)}: {e}"
+                msg = (
+                    str(e)
+                    if _is_section(_split_optional(hints[f.name])[0])
+                    else (f"{self.key(f.name)}: {e}")
                 )
                 raise ConfigError(msg) from None
-            object.__setattr__(self, f.name, value)
+            setattr(self, f.name, value)
         self._validate()
 
     def _validate(self) -> None:
@@ -268,6 +274,17 @@ class StoreConfig(_Section):
     def disk_path(self) -> Path:
         return self.disk.resolved_path(self.dir)
 
+    def with_dir(self, store_dir: str | os.PathLike[str]) -> StoreConfig:
+        """This config for the store at ``store_dir`` (what ``--store DIR`` means).
+
+        A directory names a whole store, so an absolute ``disk.path`` configured for
+        another store is dropped; a relative one is relative to the store and still applies.
+        """
+        disk = self.disk
+        if disk.path is not None and disk.path.is_absolute():
+            disk = dataclasses.replace(disk, path=None)
+        return dataclasses.replace(self, dir=Path(store_dir).expanduser(), disk=disk)
+
 
 @dataclass
 class KVCacheConfig(_Section):
@@ -282,10 +299,6 @@ class KVCacheConfig(_Section):
         self.log_level = self.log_level.upper()
         if self.log_level not in LOG_LEVELS:
             self._fail("log_level", f"{self.log_level!r} is not one of: {', '.join(LOG_LEVELS)}")
-
-    @property
-    def log_level_number(self) -> int:
-        return logging.getLevelName(self.log_level)  # type: ignore[no-any-return]
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> KVCacheConfig:
@@ -340,8 +353,10 @@ class KVCacheConfig(_Section):
 def _read_config_file(p: Path) -> Mapping[str, Any]:
     suffix = p.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml"):
-        raise ConfigError(f"{p}: unsupported config file type {suffix or '(none)'!r}; "
-                          "use a .toml, .yaml or .yml file")
+        raise ConfigError(
+            f"{p}: unsupported config file type {suffix or '(none)'!r}; "
+            "use a .toml, .yaml or .yml file"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -355,8 +370,10 @@ def _read_config_file(p: Path) -> Mapping[str, Any]:
             try:
                 import tomli as tomllib
             except ImportError:
-                raise ConfigError(f"{p}: reading TOML on Python 3.10 needs `pip install tomli`; "
-                                  "or use a YAML config file") from None
+                raise ConfigError(
+                    f"{p}: reading TOML on Python 3.10 needs `pip install tomli`; "
+                    "or use a YAML config file"
+                ) from None
         try:
             data: Any = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -398,7 +415,7 @@ def env_vars() -> dict[str, tuple[str, ...]]:
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

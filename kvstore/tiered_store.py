@@ -126,10 +126,9 @@ class TieredStore:
         if config.disk.enabled:
             from kvcache.kvstore.disk_tier import DiskTier
 
-            path = config.disk.path or config.dir / "disk"
             tiers.append(
                 DiskTier(
-                    path,
+                    config.disk_path,
                     config.disk.capacity,
                     policy=config.disk.policy,
                     blob_storage=config.disk.blob_storage,

@@ -1,0 +1,411 @@
+"""The ``kvcache`` command: parses arguments, calls ``kvcache.tools.admin``, prints.
+
+Exit codes: 0 done; 1 nothing matched (or nothing could be removed); 2 an error kvcache
+raised on purpose (printed as ``kvcache: error: ...``, no traceback) or a usage error.
+Tables are for people; ``--json`` output is for scripts and keeps its field names stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvcache.kvstore.config import KVCacheConfig
+from kvcache.kvstore.errors import ConfigError, KVCacheError, NoMatchError
+from kvcache.kvstore.units import format_duration, format_size, parse_duration, parse_size
+from kvcache.tools import admin
+
+PROG = "kvcache"
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _time(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: set[int]) -> str:
+    """Plain aligned columns; ``right``: indexes of right-aligned (numeric) columns."""
+    cells = [list(headers), *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _entry_rows(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]], set[int]]:
+    headers = [
+        "KEY",
+        "TIER",
+        "SIZE",
+        "TOKENS",
+        "CODEC",
+        "MODEL",
+        "CREATED",
+        "LAST ACCESS",
+        "HITS",
+        "PINNED",
+    ]
+    rows = [
+        [
+            e["key"],
+            e["tier"],
+            format_size(e["bytes"]),
+            e["tokens"],
+            e["codec"],
+            e["model"],
+            _time(e["created"]),
+            _time(e["last_access"]),
+            e["hits"],
+            "yes" if e["pinned"] else "",
+        ]
+        for e in entries
+    ]
+    return headers, rows, {2, 3, 8}
+
+
+def _usage(nbytes: int, capacity: int) -> str:
+    pct = 100.0 * nbytes / capacity if capacity else 0.0
+    return f"{format_size(nbytes)} of {format_size(capacity)} ({pct:.1f}%)"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _config(args: argparse.Namespace) -> KVCacheConfig:
+    """Defaults ← config file ← environment ← ``--store``."""
+    cfg = KVCacheConfig.load(args.config)
+    if args.store is not None:
+        cfg = dataclasses.replace(cfg, store=cfg.store.with_dir(args.store))
+    return cfg
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.key is not None:
+        one = admin.inspect_entry(cfg, args.key, tier=args.tier)
+        if args.json:
+            _print_json(one)
+            return 0
+        e = one["entry"]
+        width = max(len(k) for k in e)
+        for k, v in e.items():
+            if k in ("created", "last_access"):
+                v = f"{_time(v)} ({v:.3f})"
+            elif k == "pinned":
+                v = "yes" if v else "no"
+            elif k == "bytes":
+                v = f"{format_size(v)} ({v} bytes)"
+            print(f"{k.ljust(width)}  {v}")
+        print("header:")
+        print(json.dumps(one["header"], indent=2, sort_keys=True))
+        return 0
+
+    result = admin.inspect(cfg, tier=args.tier, model=args.model)
+    if args.json:
+        _print_json(result)
+        return 0
+    entries = result["entries"]
+    if entries:
+        print(_table(*_entry_rows(entries)))
+        print()
+    else:
+        print(f"no entries{f' of model {args.model!r}' if args.model else ''} in {result['store']}")
+    for name, t in result["tiers"].items():
+        print(
+            f"{name}: {_count(t['entries'], 'entry', 'entries')}, "
+            f"{format_size(t['bytes'])}; tier uses {_usage(t['used_bytes'], t['capacity'])} "
+            f"at {t['path']}"
+        )
+    return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    selection = admin.Selection(
+        key=args.key,
+        prefix=args.prefix,
+        model=args.model,
+        older_than=args.older_than,
+        to_size=args.to_size,
+        all=args.all,
+    )
+    result = admin.evict(cfg, selection, tier=args.tier, dry_run=args.dry_run, force=args.force)
+    removed, skipped = result["removed"], result["skipped_pinned"]
+    if args.json:
+        _print_json(result)
+    else:
+        if removed:
+            headers, rows, right = _entry_rows(removed)
+            print(_table(headers, rows, right))
+            print()
+        verb = "would remove" if args.dry_run else "removed"
+        print(
+            f"{verb} {_count(len(removed), 'entry', 'entries')} "
+            f"({format_size(result['freed_bytes'])}) from the {result['tier']} tier of "
+            f"{result['store']}; it {'would use' if args.dry_run else 'uses'} "
+            f"{_usage(result['used_bytes'], result['capacity'])}"
+        )
+        if skipped:
+            print(
+                f"skipped {_count(len(skipped), 'pinned entry', 'pinned entries')} "
+                "(pass --force to remove pinned entries): "
+                f"{', '.join(e['key'] for e in skipped)}"
+            )
+        if result["vanished"]:
+            print(
+                f"{len(result['vanished'])} more matched but were removed by another process "
+                "meanwhile"
+            )
+        target = result["target_bytes"]
+        if target is not None and result["used_bytes"] > target:
+            print(
+                f"{PROG}: warning: the tier still uses more than {format_size(target)}: "
+                "the rest is pinned or outside the filters",
+                file=sys.stderr,
+            )
+    # Nothing removed although something matched (all pinned): tell scripts it did not happen.
+    return 1 if skipped and not removed else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    result = admin.stats(cfg)
+    if args.json:
+        _print_json(result)
+        return 0
+    store = result["store"]
+    ttl = "none" if store["ttl"] is None else format_duration(store["ttl"])
+    print(f"store      {store['dir']}")
+    print(f"chunk size {store['chunk_size']} tokens; write mode {store['write_mode']}; ttl {ttl}")
+    cpu, disk = store["cpu"], store["disk"]
+    print(
+        f"cpu tier   {format_size(cpu['capacity'])}, codec {cpu['codec']}, policy {cpu['policy']}"
+    )
+    print(
+        f"disk tier  {format_size(disk['capacity'])}, codec {disk['codec']}, "
+        f"policy {disk['policy']}, blobs in {disk['blob_storage']}, at {disk['resolved_path']}"
+    )
+    print()
+    headers = [
+        "TIER",
+        "ENTRIES",
+        "USED",
+        "CAPACITY",
+        "HITS",
+        "MISSES",
+        "HIT RATE",
+        "PUTS",
+        "READ",
+        "WRITTEN",
+        "EVICTIONS",
+        "CORRUPT",
+    ]
+    rows = []
+    for name, s in result["tiers"].items():
+        lookups = s["hits"] + s["misses"]
+        rate = f"{100.0 * s['hits'] / lookups:.1f}%" if lookups else "-"
+        rows.append(
+            [
+                name,
+                s["entries"],
+                format_size(s["used_bytes"]),
+                format_size(s["capacity_bytes"]),
+                s["hits"],
+                s["misses"],
+                rate,
+                s["puts"],
+                format_size(s["bytes_read"]),
+                format_size(s["bytes_written"]),
+                s["evictions"],
+                s["corrupt"],
+            ]
+        )
+    print(_table(headers, rows, right=set(range(1, 12))))
+    return 0
+
+
+def _lazy(module: str, what: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports ``kvcache.tools.<module>`` only when its command runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        full = f"kvcache.tools.{module}"
+        try:
+            mod = importlib.import_module(full)
+        except ModuleNotFoundError as e:
+            if e.name != full:  # a dependency of the module is missing: show the real cause
+                raise
+            raise KVCacheError(
+                f"`{PROG} {what}` is not available in this installation ({full} is missing)"
+            ) from None
+        code = mod.main(args)
+        return int(code or 0)
+
+    return handler
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _arg_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Turn a units parser into an argparse type (its ConfigError becomes a usage error)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__.removeprefix("parse_")  # argparse names it in errors
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: `evict --to 1G` must not silently mean --to-size.
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        allow_abbrev=False,
+        description="Persistent tiered KV-cache store: admin commands and tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        metavar="DIR",
+        help="store directory (default: from the config, $KVCACHE_DIR or ~/.cache/kvcache)",
+    )
+    common.add_argument(
+        "--config", metavar="FILE", help="config file, .toml or .yaml (default: $KVCACHE_CONFIG)"
+    )
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="print JSON for scripts")
+    tier = argparse.ArgumentParser(add_help=False)
+    tier.add_argument(
+        "--tier",
+        metavar="T",
+        help=f"tier to operate on ({', '.join(admin.ADMIN_TIERS)}; the default)",
+    )
+
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, **kw: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, allow_abbrev=False, **kw)
+        p.set_defaults(parser=p)  # so errors print this command's usage, not the top one's
+        return p
+
+    p = add(
+        "inspect",
+        parents=[common, tier, as_json],
+        help="list the entries of a store, or show one entry",
+    )
+    p.add_argument(
+        "key",
+        nargs="?",
+        metavar="KEY",
+        help="show this entry (a unique key prefix is enough) with its full header",
+    )
+    p.add_argument("--model", metavar="M", help="only entries of this model id")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = add(
+        "evict",
+        parents=[common, tier, as_json],
+        help="remove entries from a store (filters combine with AND)",
+    )
+    p.add_argument("--key", metavar="K", help="the entry with this exact key")
+    p.add_argument("--prefix", metavar="P", help="entries whose key starts with this hex prefix")
+    p.add_argument("--model", metavar="M", help="entries of this model id")
+    p.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        type=_arg_type(parse_duration),
+        help="entries last accessed longer ago than this, e.g. 7d, 12h",
+    )
+    p.add_argument(
+        "--to-size",
+        metavar="SIZE",
+        type=_arg_type(parse_size),
+        help="evict least recently accessed first until the tier uses <= SIZE",
+    )
+    p.add_argument("--all", action="store_true", help="every entry")
+    p.add_argument("--dry-run", action="store_true", help="show what would be removed")
+    p.add_argument("--force", action="store_true", help="remove pinned entries too")
+    p.set_defaults(handler=cmd_evict)
+
+    p = add("stats", parents=[common, as_json], help="tier counters and the store's configuration")
+    p.set_defaults(handler=cmd_stats)
+
+    # demo and bench live in their own modules, imported only when they run. Benchmarks
+    # have options of their own: whatever follows `bench NAME` that is not a common
+    # option reaches the bench module unparsed, as ``args.options``.
+    p = add(
+        "demo",
+        parents=[common, as_json],
+        help="run a small model with and without the store (fills the store)",
+    )
+    p.set_defaults(handler=_lazy("demo", "demo"))
+    p = add("bench", parents=[common, as_json], help="run a benchmark (prints JSON and a table)")
+    p.add_argument("name", metavar="NAME", help="which benchmark, e.g. store")
+    p.set_defaults(handler=_lazy("bench", "bench"), passthrough=True)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvcache")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "passthrough", False):
+            args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, --version and usage errors: return, don't exit
+        return e.code if isinstance(e.code, int) else 2
+    args.options = extra
+    try:
+        return int(args.handler(args))
+    except NoMatchError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except KVCacheError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `kvcache inspect | head`: stop quietly; point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
