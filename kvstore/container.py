@@ -123,15 +123,19 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def encode_object(obj: StoredObject) -> bytes:
-    """Serialize ``obj`` into the container format (one copy of the payload)."""
-    views: list[tuple[str, torch.Tensor, memoryview]] = []
+def encode_parts(obj: StoredObject) -> list[bytes | memoryview]:
+    """The container as buffers to write in order: the header, then each tensor's bytes.
+
+    Tensor parts view the tensors' memory (no copy for contiguous CPU tensors), so a file
+    write can stream them straight from where they are; ``encode_object`` joins them.
+    """
+    views: list[memoryview] = []
     table: dict[str, Any] = {}
     offset = 0
     for name in sorted(obj.tensors):
         t = obj.tensors[name]
         mv = _byte_view(t)
-        views.append((name, t, mv))
+        views.append(mv)
         table[name] = {
             "dtype": _ST_DTYPES[t.dtype],
             "shape": list(t.shape),
@@ -143,19 +147,21 @@ def encode_object(obj: StoredObject) -> bytes:
         "checksum": _CHECKSUM_PLACEHOLDER,
     }
     header = json.dumps(table, separators=(",", ":")).encode()
+    header = struct.pack("<Q", len(header) + (-len(header) % 8)) + header
     header += b" " * (-len(header) % 8)
-    out = bytearray(8 + len(header) + offset)
-    out[:8] = struct.pack("<Q", len(header))
-    out[8 : 8 + len(header)] = header
-    pos = 8 + len(header)
-    for _, _, mv in views:
-        out[pos : pos + mv.nbytes] = mv
-        pos += mv.nbytes
-    digest = xxhash.xxh3_128_hexdigest(out)
-    # The placeholder occurs exactly once: it is the only 32-zero string we emit quoted.
-    at = out.index(b'"checksum":"' + _CHECKSUM_PLACEHOLDER.encode() + b'"') + len('"checksum":"')
-    out[at : at + 32] = digest.encode()
-    return bytes(out)
+    h = xxhash.xxh3_128(header)
+    for mv in views:
+        h.update(mv)
+    # The placeholder occurs exactly once: it is the only quoted 32-zero string we emit.
+    needle = b'"checksum":"' + _CHECKSUM_PLACEHOLDER.encode() + b'"'
+    at = header.index(needle) + len('"checksum":"')
+    header = header[:at] + h.hexdigest().encode() + header[at + 32 :]
+    return [header, *views]
+
+
+def encode_object(obj: StoredObject) -> bytes:
+    """Serialize ``obj`` into the container format (one copy of the payload)."""
+    return b"".join(encode_parts(obj))
 
 
 def decode_header(data: bytes | bytearray | memoryview) -> tuple[ObjectHeader, dict[str, Any]]:

@@ -38,7 +38,7 @@ import lmdb
 import msgpack
 import xxhash
 
-from kvcache.kvstore.container import ObjectHeader, StoredObject, decode_object, encode_object
+from kvcache.kvstore.container import ObjectHeader, StoredObject, decode_object, encode_parts
 from kvcache.kvstore.errors import (
     ConfigError,
     CorruptObjectError,
@@ -74,13 +74,15 @@ _open_paths: set[str] = set()  # LMDB forbids opening one environment twice per 
 _open_paths_lock = threading.Lock()
 
 
-def _write_blob_file(path: str, data: bytes, sync: bool) -> None:
-    """Write ``data`` to a new file at ``path`` (the one place blob bytes reach the disk)."""
+def _write_blob_file(path: str, parts: list[bytes | memoryview], sync: bool) -> None:
+    """Write ``parts`` in order to a new file at ``path`` (the one place blob bytes reach
+    the disk). Parts are written where they lie: no joined copy of a 32 MiB chunk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for part in parts:
+            view = memoryview(part).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
     finally:
@@ -554,8 +556,8 @@ class DiskTier(Tier):
         self._check_key(key)
         with self._locked():  # fail before writing a blob nobody will reference
             self._check_writable()
-        data = encode_object(obj)
-        size = len(data)
+        parts = encode_parts(obj)
+        size = sum(memoryview(p).nbytes for p in parts)
         if size > self.capacity_bytes:
             raise ObjectTooLargeError(
                 f"object {key} is {size} bytes, more than the disk tier's whole capacity "
@@ -573,10 +575,10 @@ class DiskTier(Tier):
             safe = key if is_key(key) else xxhash.xxh3_128_hexdigest(key.encode())
             rec["blob"] = f"{safe[:2]}/{safe}.{rec_id}.kvo"
             final = self._blob_path(rec["blob"])
-            self._write_file(final, data)
+            self._write_file(final, parts)
         try:
             with self._locked():
-                victims, old = self._write(lambda txn: self._put_txn(txn, key, rec, data), size)
+                victims, old = self._write(lambda txn: self._put_txn(txn, key, rec, parts), size)
                 for vkey, _ in victims:
                     self._forget(vkey)
                 self._forget(key)
@@ -588,13 +590,13 @@ class DiskTier(Tier):
             raise
         self._unlink_blobs([v for _, v in victims] + ([old] if old else []))
 
-    def _write_file(self, final: Path, data: bytes) -> None:
+    def _write_file(self, final: Path, parts: list[bytes | memoryview]) -> None:
         # A temporary name first: a crash mid-write leaves only a *.tmp that nothing
         # references, and any file under a final name is complete.
         tmp = final.with_name(final.name + ".tmp")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            _write_blob_file(str(tmp), data, self._sync_blobs)
+            _write_blob_file(str(tmp), parts, self._sync_blobs)
             os.replace(tmp, final)
             if self._sync_blobs:  # make the rename itself survive a power loss
                 dfd = os.open(final.parent, os.O_RDONLY)
@@ -610,7 +612,7 @@ class DiskTier(Tier):
             raise _unavailable(self.path, e) from e
 
     def _put_txn(
-        self, txn: lmdb.Transaction, key: str, rec: Record, data: bytes
+        self, txn: lmdb.Transaction, key: str, rec: Record, parts: list[bytes | memoryview]
     ) -> tuple[list[tuple[str, Record]], Record | None]:
         old = self._get_rec(txn, key)
         if old is not None:  # a replacement keeps the key's pin and popularity
@@ -625,7 +627,7 @@ class DiskTier(Tier):
         if old is not None and old["loc"] == "lmdb" and rec["loc"] != "lmdb":
             txn.delete(key.encode(), db=self._blobs)
         if rec["loc"] == "lmdb":
-            _lmdb_put(txn, key.encode(), data, self._blobs)
+            _lmdb_put(txn, key.encode(), b"".join(parts), self._blobs)
         txn.put(key.encode(), _pack(rec), db=self._entries)
         evicted = sum(v["nbytes"] for _, v in victims)
         self._add(txn, {
