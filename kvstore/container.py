@@ -17,7 +17,7 @@ import json
 import struct
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,25 +164,41 @@ def encode_object(obj: StoredObject) -> bytes:
     return b"".join(encode_parts(obj))
 
 
-def decode_header(data: bytes | bytearray | memoryview) -> tuple[ObjectHeader, dict[str, Any]]:
-    """Verify ``data`` and return its header and tensor table (no tensors built)."""
-    mv = memoryview(data).cast("B")
-    if mv.nbytes < 8:
-        raise CorruptObjectError(f"object truncated: {mv.nbytes} bytes")
-    (n,) = struct.unpack("<Q", mv[:8])
-    if n > _MAX_HEADER_BYTES or 8 + n > mv.nbytes:
+def _parse_header(
+    read_at: Callable[[int, int], bytes], size: int
+) -> tuple[int, bytes, dict[str, Any], str, dict[str, Any]]:
+    """(header length, raw header, tensor table, stored checksum, our header JSON)."""
+    head = read_at(0, 8) if size >= 8 else b""
+    if len(head) < 8:
+        raise CorruptObjectError(f"object truncated: {size} bytes")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER_BYTES or 8 + n > size:
         raise CorruptObjectError(f"object truncated or not a container (header length {n})")
-    raw_header = bytes(mv[8 : 8 + n])
+    raw_header = read_at(8, n)
     try:
         table = json.loads(raw_header)
         meta = table.pop("__metadata__")
-        stored_sum = meta["checksum"]
-        header_json = json.loads(meta["kvcache"])
+        return n, raw_header, table, str(meta["checksum"]), json.loads(meta["kvcache"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CorruptObjectError(f"object header is not valid kvcache JSON: {e}") from e
-    needle = b'"checksum":"' + str(stored_sum).encode() + b'"'
+
+
+def read_header_unverified(read_at: Callable[[int, int], bytes], size: int) -> ObjectHeader:
+    """Only the header of a container of ``size`` bytes, for listings. No checksum is
+    verified (that needs every byte); ``read_at(offset, length)`` returns bytes. Raises
+    ``CorruptObjectError`` on anything that is not a well-formed header."""
+    return ObjectHeader.from_json(_parse_header(read_at, size)[4])
+
+
+def decode_header(data: bytes | bytearray | memoryview) -> tuple[ObjectHeader, dict[str, Any]]:
+    """Verify ``data`` and return its header and tensor table (no tensors built)."""
+    mv = memoryview(data).cast("B")
+    n, raw_header, table, stored_sum, header_json = _parse_header(
+        lambda o, k: bytes(mv[o : o + k]), mv.nbytes
+    )
+    needle = b'"checksum":"' + stored_sum.encode() + b'"'
     at = raw_header.find(needle)
-    if at < 0 or len(str(stored_sum)) != 32:
+    if at < 0 or len(stored_sum) != 32:
         raise CorruptObjectError("object checksum field is malformed")
     at += len('"checksum":"')
     h = xxhash.xxh3_128()

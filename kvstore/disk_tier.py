@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +37,14 @@ import lmdb
 import msgpack
 import xxhash
 
-from kvcache.kvstore.container import ObjectHeader, StoredObject, decode_object, encode_parts
+from kvcache.kvstore.blob_files import read_blob_file, write_blob_file
+from kvcache.kvstore.container import (
+    ObjectHeader,
+    StoredObject,
+    decode_object,
+    encode_parts,
+    read_header_unverified,
+)
 from kvcache.kvstore.errors import (
     ConfigError,
     CorruptObjectError,
@@ -74,34 +80,6 @@ _open_paths: set[str] = set()  # LMDB forbids opening one environment twice per 
 _open_paths_lock = threading.Lock()
 
 
-def _write_blob_file(path: str, parts: list[bytes | memoryview], sync: bool) -> None:
-    """Write ``parts`` in order to a new file at ``path`` (the one place blob bytes reach
-    the disk). Parts are written where they lie: no joined copy of a 32 MiB chunk."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            while view:
-                view = view[os.write(fd, view) :]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_blob_file(path: str) -> bytearray:
-    """The whole file in a buffer we own (decoded tensors view it, writable)."""
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(os.fstat(f.fileno()).st_size)
-        got, view = 0, memoryview(buf)
-        while got < len(buf):
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
-    return buf if got == len(buf) else buf[:got]
-
-
 def _lmdb_put(txn: lmdb.Transaction, key: bytes, value: bytes, db: Any) -> None:
     txn.put(key, value, db=db)
 
@@ -111,28 +89,13 @@ def _free_disk_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def read_header(read_at: Callable[[int, int], bytes], size: int) -> ObjectHeader:
-    """Parse only the header of a container of ``size`` bytes (no checksum: that needs the
-    whole object). ``read_at(offset, length)`` returns bytes. Raises ``CorruptObjectError``
-    on anything that is not a well-formed header."""
-    head = read_at(0, 8)
-    if len(head) < 8:
-        raise CorruptObjectError(f"object truncated: {size} bytes")
-    (n,) = struct.unpack("<Q", head)
-    if n > _MAX_HEADER_BYTES or 8 + n > size:
-        raise CorruptObjectError(f"object truncated or not a container (header length {n})")
-    raw = read_at(8, n)
-    try:
-        table = json.loads(raw)
-        meta = json.loads(table["__metadata__"]["kvcache"])
-        return ObjectHeader.from_json(meta)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CorruptObjectError(f"object header is not valid kvcache JSON: {e}") from e
+def _pread(fd: int, offset: int, length: int) -> bytes:
+    return os.pread(fd, length, offset)
 
 
 def _buffer_header(buf: bytes | memoryview) -> ObjectHeader | None:
     try:
-        return read_header(lambda o, n: bytes(buf[o : o + n]), len(buf))
+        return read_header_unverified(lambda o, n: bytes(buf[o : o + n]), len(buf))
     except CorruptObjectError:
         return None
 
@@ -461,9 +424,9 @@ class DiskTier(Tier):
                     if header_only:
                         with open(path, "rb") as f:
                             size = os.fstat(f.fileno()).st_size
-                            data = read_header(lambda o, n: os.pread(f.fileno(), n, o), size)
+                            data = read_header_unverified(partial(_pread, f.fileno()), size)
                     else:
-                        data = _read_blob_file(path)
+                        data = read_blob_file(path)
                 if data is None:
                     raise CorruptObjectError(f"blob of {key} is missing or unreadable")
                 return (data if header_only else decode_object(data)), rec["nbytes"]
@@ -596,7 +559,7 @@ class DiskTier(Tier):
         tmp = final.with_name(final.name + ".tmp")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            _write_blob_file(str(tmp), parts, self._sync_blobs)
+            write_blob_file(str(tmp), parts, self._sync_blobs)
             os.replace(tmp, final)
             if self._sync_blobs:  # make the rename itself survive a power loss
                 dfd = os.open(final.parent, os.O_RDONLY)
@@ -690,7 +653,7 @@ class DiskTier(Tier):
                     return False
                 data = bytearray(buf)
             else:
-                data = _read_blob_file(str(self._blob_path(rec["blob"])))
+                data = read_blob_file(str(self._blob_path(rec["blob"])))
             obj = decode_object(data)
         except (CorruptObjectError, FileNotFoundError):
             return False

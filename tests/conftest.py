@@ -6,9 +6,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from kvcache.kvstore.layout import KVLayout  # noqa: E402
+from kvcache.kvstore.layout import KVLayout
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ TOKENS = 8  # one object: 2*2*8*2*8 fp16 = 1 KiB
 
 
 def obj_for(layout, i, tokens=TOKENS):
-    return StoredObject(ObjectHeader(make_key(i), layout, tokens), {"kv": make_chunk(layout, tokens, i)})
+    header = ObjectHeader(make_key(i), layout, tokens)
+    return StoredObject(header, {"kv": make_chunk(layout, tokens, i)})
 
 
 def keys(*ids):
@@ -154,7 +155,8 @@ def test_concurrent_readers_and_writers(layout):
         for _ in range(200):
             for i in range(40):
                 got = tier.get(make_key(i))
-                if got is not None and not torch.equal(got.tensors["kv"], originals[i].tensors["kv"]):
+                want = originals[i].tensors["kv"]
+                if got is not None and not torch.equal(got.tensors["kv"], want):
                     errors.append(i)
 
     threads = [threading.Thread(target=writer, args=(range(k, 40, 2),)) for k in range(2)]

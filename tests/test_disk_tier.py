@@ -352,7 +352,7 @@ def test_disk_full_leaves_store_unchanged(
             raise lmdb.MapFullError("mdb_put: MDB_MAP_FULL")
 
         if storage == "files":
-            monkeypatch.setattr(disk_tier, "_write_blob_file", enospc)
+            monkeypatch.setattr(disk_tier, "write_blob_file", enospc)
         else:
             monkeypatch.setattr(disk_tier, "_lmdb_put", map_full)
             monkeypatch.setattr(disk_tier, "_free_disk_bytes", lambda p: 0)
