@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def write_blob_file(path: str, parts: list[bytes | memoryview], sync: bool) -> None:
     """Write ``parts`` in order to a new file at ``path`` (the one place blob bytes reach
@@ -20,14 +22,21 @@ def write_blob_file(path: str, parts: list[bytes | memoryview], sync: bool) -> N
         os.close(fd)
 
 
-def read_blob_file(path: str) -> bytearray:
-    """The whole file in a buffer we own (decoded tensors view it, writable)."""
+def read_blob_file(path: str) -> memoryview:
+    """The whole file in a writable buffer we own (decoded tensors view it).
+
+    The buffer is uninitialised memory: a zero-filled ``bytearray`` would add a full pass
+    over 32 MiB in series with the read (measured: a quarter of a cold get's time).
+    """
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(os.fstat(f.fileno()).st_size)
-        got, view = 0, memoryview(buf)
-        while got < len(buf):
-            n = f.readinto(view[got:])
+        size = os.fstat(f.fileno()).st_size
+        # The kernel reads ahead more aggressively for a file declared sequential.
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
+        got = 0
+        while got < size:
+            n = f.readinto(buf[got:])
             if not n:
                 break
             got += n
-    return buf if got == len(buf) else buf[:got]
+    return buf[:got]

@@ -5,14 +5,10 @@ No timing assertions: benchmarks are programs, not tests (docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
-import pytest
-
-from kvcache.kvstore.errors import KVCacheError
-from kvcache.tools import bench, bench_store
+from kvcache.tools import bench, bench_store, cli
 
 
 def _positive_finite(x: object) -> bool:
@@ -49,21 +45,19 @@ def test_table_and_plot(tmp_path):
         assert path.exists()
 
 
-def test_unknown_benchmark_lists_known_names():
-    args = argparse.Namespace(name="nope", json=False, options=[])
-    with pytest.raises(KVCacheError, match="store"):
-        bench.main(args)
+def test_unknown_benchmark_lists_known_names(capsys):
+    assert cli.main(["bench", "nope"]) == 2
+    assert "known benchmarks: store" in capsys.readouterr().err
 
 
-def test_main_passes_options_through(monkeypatch, capsys):
+def test_cli_hands_options_to_the_benchmark(monkeypatch, capsys):
     seen = {}
 
-    def fake_run(name, quick=False):
+    def fake_run(name, quick=False):  # only the argument plumbing is under test here
         seen["quick"] = quick
         return {"benchmark": name, "rows": [], "notes": []}
 
     monkeypatch.setattr(bench, "run", fake_run)
-    args = argparse.Namespace(name="store", json=True, options=["--quick"])
-    assert bench.main(args) == 0
+    assert cli.main(["bench", "store", "--quick", "--json"]) == 0
     assert seen["quick"] is True
     assert json.loads(capsys.readouterr().out)["benchmark"] == "store"

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kvcache.kvstore.config import KVCacheConfig
@@ -357,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("stats", parents=[common, as_json], help="tier counters and the store's configuration")
     p.set_defaults(handler=cmd_stats)
 
-    # demo and bench live in their own modules, imported only when they run. Benchmarks
-    # have options of their own: whatever follows `bench NAME` that is not a common
-    # option reaches the bench module unparsed, as ``args.options``.
+    # demo and bench live in their own modules, imported only when they run.
     p = add(
         "demo",
         parents=[common, as_json],
@@ -368,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_lazy("demo", "demo"))
     p = add("bench", parents=[common, as_json], help="run a benchmark (prints JSON and a table)")
     p.add_argument("name", metavar="NAME", help="which benchmark, e.g. store")
-    p.set_defaults(handler=_lazy("bench", "bench"), passthrough=True)
+    p.add_argument("--quick", action="store_true", help="a small, fast configuration")
+    p.add_argument("--out", metavar="DIR", type=Path, help="also draw a PNG plot into DIR")
+    p.set_defaults(handler=_lazy("bench", "bench"))
     return parser
 
 
@@ -384,12 +385,9 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args, extra = parser.parse_known_args(argv)
-        if extra and not getattr(args, "passthrough", False):
-            args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors: return, don't exit
         return e.code if isinstance(e.code, int) else 2
-    args.options = extra
     try:
         return int(args.handler(args))
     except NoMatchError as e:
