@@ -190,22 +190,36 @@ def read_header_unverified(read_at: Callable[[int, int], bytes], size: int) -> O
     return ObjectHeader.from_json(_parse_header(read_at, size)[4])
 
 
-def decode_header(data: bytes | bytearray | memoryview) -> tuple[ObjectHeader, dict[str, Any]]:
-    """Verify ``data`` and return its header and tensor table (no tensors built)."""
+def _header_for_checksum(raw_header: bytes) -> bytes:
+    """``raw_header`` with its checksum digits zeroed, as they were when it was computed."""
+    needle = b'"checksum":"'
+    at = raw_header.find(needle)
+    end = raw_header.find(b'"', at + len(needle)) if at >= 0 else -1
+    if at < 0 or end - at - len(needle) != 32:
+        raise CorruptObjectError("object checksum field is malformed")
+    at += len(needle)
+    return raw_header[:at] + _CHECKSUM_PLACEHOLDER.encode() + raw_header[at + 32 :]
+
+
+def decode_header(
+    data: bytes | bytearray | memoryview, *, digest: str | None = None
+) -> tuple[ObjectHeader, dict[str, Any]]:
+    """Verify ``data`` and return its header and tensor table (no tensors built).
+
+    ``digest``: the checksum already computed over ``data`` while it was read
+    (``read_object``); otherwise it is computed here.
+    """
     mv = memoryview(data).cast("B")
     n, raw_header, table, stored_sum, header_json = _parse_header(
         lambda o, k: bytes(mv[o : o + k]), mv.nbytes
     )
-    needle = b'"checksum":"' + stored_sum.encode() + b'"'
-    at = raw_header.find(needle)
-    if at < 0 or len(stored_sum) != 32:
-        raise CorruptObjectError("object checksum field is malformed")
-    at += len('"checksum":"')
-    h = xxhash.xxh3_128()
-    h.update(mv[:8])
-    h.update(raw_header[:at] + _CHECKSUM_PLACEHOLDER.encode() + raw_header[at + 32 :])
-    h.update(mv[8 + n :])
-    if h.hexdigest() != stored_sum:
+    if digest is None:
+        h = xxhash.xxh3_128()
+        h.update(mv[:8])
+        h.update(_header_for_checksum(raw_header))
+        h.update(mv[8 + n :])
+        digest = h.hexdigest()
+    if digest != stored_sum:
         raise CorruptObjectError("object checksum mismatch: stored bytes are corrupt")
     header = ObjectHeader.from_json(header_json)
     payload_len = mv.nbytes - 8 - n
@@ -227,9 +241,12 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[ObjectHeader, d
     return header, table
 
 
-def decode_object(data: bytes | bytearray | memoryview, *, copy: bool = False) -> StoredObject:
-    """Verify and parse a container. Tensors view ``data`` unless ``copy`` (or misaligned)."""
-    header, table = decode_header(data)
+def decode_object(
+    data: bytes | bytearray | memoryview, *, copy: bool = False, digest: str | None = None
+) -> StoredObject:
+    """Verify and parse a container. Tensors view ``data`` unless ``copy`` (or misaligned).
+    ``digest``: see ``decode_header``."""
+    header, table = decode_header(data, digest=digest)
     mv = memoryview(data).cast("B")
     (n,) = struct.unpack("<Q", mv[:8])
     base = 8 + n
@@ -253,3 +270,38 @@ def decode_object(data: bytes | bytearray | memoryview, *, copy: bool = False) -
             part = part.clone()
         tensors[name] = part.view(dtype).view(entry["shape"])
     return StoredObject(header, tensors)
+
+
+_READ_PIECE = 4 << 20
+
+
+def read_object(readinto: Callable[[memoryview], int], size: int) -> StoredObject:
+    """Read and decode a container of ``size`` bytes from a stream (e.g. a file).
+
+    The stream is read in pieces and each piece is hashed as soon as it lands, so the
+    checksum overlaps the kernel's readahead of the next piece instead of costing a
+    second pass over the whole object after the read. The buffer is uninitialised
+    memory owned by the returned tensors (no zero-fill pass either).
+    """
+    buf = memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
+    h: Any = None
+    got = hashed = 0
+    while got < size:
+        n = readinto(buf[got : min(size, got + _READ_PIECE)])
+        if not n:
+            raise CorruptObjectError(f"object truncated: {got} of {size} bytes")
+        got += n
+        if h is None and got >= 8:
+            (hn,) = struct.unpack("<Q", buf[:8])
+            if hn > _MAX_HEADER_BYTES or 8 + hn > size:
+                raise CorruptObjectError(f"not a container (header length {hn})")
+            if got >= 8 + hn:
+                h = xxhash.xxh3_128(buf[:8])
+                h.update(_header_for_checksum(bytes(buf[8 : 8 + hn])))
+                hashed = 8 + hn
+        if h is not None:
+            h.update(buf[hashed:got])
+            hashed = got
+    if h is None:
+        raise CorruptObjectError(f"object truncated: {size} bytes")
+    return decode_object(buf, digest=h.hexdigest())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -83,6 +83,11 @@ class Tier(abc.ABC):
 
         A corrupt object counts as a miss: it is removed and counted in ``stats().corrupt``.
         """
+
+    def get_many(self, keys: Sequence[str]) -> list[StoredObject | None]:
+        """``get`` of each key, in order. Tiers with slow I/O override this to overlap
+        the reads (a queue of reads keeps a disk busier than one read at a time)."""
+        return [self.get(k) for k in keys]
 
     @abc.abstractmethod
     def put(self, key: str, obj: StoredObject) -> None:

@@ -27,7 +27,12 @@ import torch
 from kvcache.codecs.registry import get_codec
 from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier
-from kvcache.kvstore.errors import ConfigError, KVCacheError, LayoutMismatchError
+from kvcache.kvstore.errors import (
+    ConfigError,
+    KVCacheError,
+    LayoutMismatchError,
+    StoreFullError,
+)
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tier import EntryInfo, Tier, TierStats
 
@@ -57,6 +62,11 @@ def transcode(obj: StoredObject, codec_name: str) -> StoredObject:
         h.key, h.layout, h.num_tokens, codec_name, params, h.rope_start, h.created_at
     )
     return StoredObject(header, tensors)
+
+
+def _decode(obj: StoredObject) -> torch.Tensor:
+    h = obj.header
+    return get_codec(h.codec).decode(obj.tensors, h.codec_params, h.layout, h.num_tokens)
 
 
 @dataclass
@@ -211,8 +221,18 @@ class TieredStore:
         obj = StoredObject(
             ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start), tensors
         )
-        self.tiers[0].put(key, obj)
-        if self._writer is not None:
+        for i in range(len(self.tiers)):
+            try:
+                self._put_in(i, key, obj)
+                break
+            except StoreFullError as e:
+                # A top tier full of pinned entries (or too small for this object) must
+                # not lose the write: the tier below takes it directly.
+                if i == len(self.tiers) - 1:
+                    raise
+                log.debug("%s tier cannot take %s (%s); writing it to %s", self.tiers[i].name,
+                          key, e, self.tiers[i + 1].name)
+        if i == 0 and self._writer is not None:
             self._queue.put(key)
 
     def put_many(
@@ -232,38 +252,53 @@ class TieredStore:
     def _expired(self, header: ObjectHeader) -> bool:
         return self.ttl_s is not None and time.time() - header.created_at > self.ttl_s
 
-    def get_object(self, key: str) -> StoredObject | None:
-        """The stored object from the fastest tier holding it (promoted on a lower hit)."""
-        self.counters.lookups += 1
+    def get_objects(self, keys: Sequence[str]) -> list[StoredObject | None]:
+        """Stored objects from the fastest tier holding each key, in order (None: miss).
+
+        Each tier is asked once for all keys still missing, so a slow tier reads them
+        concurrently; hits in a lower tier are promoted to the top tier.
+        """
+        out: list[StoredObject | None] = [None] * len(keys)
+        pending = list(range(len(keys)))
+        self.counters.lookups += len(keys)
         for i, tier in enumerate(self.tiers):
-            obj = tier.get(key)
-            if obj is None:
-                continue
-            if self._expired(obj.header):
-                self.counters.expired += 1
-                self.delete(key, force=True)
+            if not pending:
                 break
-            self.counters.hits += 1
-            if i > 0 and self.promote:
-                try:
-                    self._put_in(0, key, obj)
-                    self.counters.promotions += 1
-                except KVCacheError as e:  # a full top tier must not fail the read
-                    log.debug("promotion of %s skipped: %s", key, e)
-            return obj
-        self.counters.misses += 1
-        return None
+            got = tier.get_many([keys[j] for j in pending])
+            still: list[int] = []
+            for j, obj in zip(pending, got, strict=True):
+                if obj is None:
+                    still.append(j)
+                elif self._expired(obj.header):
+                    self.counters.expired += 1
+                    self.delete(keys[j], force=True)
+                else:
+                    out[j] = obj
+                    if i > 0 and self.promote:
+                        self._promote(keys[j], obj)
+            pending = still if i + 1 < len(self.tiers) else []
+        hits = sum(o is not None for o in out)
+        self.counters.hits += hits
+        self.counters.misses += len(keys) - hits
+        return out
+
+    def _promote(self, key: str, obj: StoredObject) -> None:
+        try:
+            self._put_in(0, key, obj)
+            self.counters.promotions += 1
+        except KVCacheError as e:  # a full top tier must not fail the read
+            log.debug("promotion of %s skipped: %s", key, e)
+
+    def get_object(self, key: str) -> StoredObject | None:
+        return self.get_objects([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
+        """Chunks under ``keys``, decoded to ``[layers, 2, tokens, kv_heads, head_dim]``."""
+        return [None if o is None else _decode(o) for o in self.get_objects(keys)]
 
     def get(self, key: str) -> torch.Tensor | None:
         """The chunk under ``key``, decoded to ``[layers, 2, tokens, kv_heads, head_dim]``."""
-        obj = self.get_object(key)
-        if obj is None:
-            return None
-        h = obj.header
-        return get_codec(h.codec).decode(obj.tensors, h.codec_params, h.layout, h.num_tokens)
-
-    def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
-        return [self.get(k) for k in keys]
+        return self.get_many([key])[0]
 
     def where(self, key: str) -> str | None:
         for tier in self.tiers:

@@ -23,8 +23,8 @@ def test_run_tiny_reports_every_ratio(tmp_path):
     for key in bench_store.HEADLINE_KEYS:
         assert _positive_finite(result[key]), (key, result[key])
     rows = result["rows"]
-    # 3 CPU figures, and 3 disk figures per blob storage, for each shape.
-    assert len(rows) == len(cfg.shapes) * (3 + 3 * len(cfg.blob_storages))
+    # 3 CPU figures, and 4 disk figures per blob storage, for each shape.
+    assert len(rows) == len(cfg.shapes) * (3 + 4 * len(cfg.blob_storages))
     for row in rows:
         for field in ("value", "baseline_value", "ratio"):
             assert _positive_finite(row[field]), (row["figure"], field, row[field])

@@ -410,6 +410,18 @@ def test_subprocess_inspect_while_store_is_open(store: Store) -> None:
     assert len(json.loads(proc.stdout)["entries"]) == 5
 
 
+def test_subprocess_evict_while_store_is_open(store: Store) -> None:
+    # The serving process keeps the store open; an admin evicts from another process, and
+    # the server sees the entry gone (a miss) with its byte accounting updated.
+    key = store.keys["week"]
+    with disk_tier.DiskTier(store.dir / "disk", 1 << 20) as served:
+        assert served.get(key) is not None
+        proc = _subprocess("evict", "--store", str(store.dir), "--key", key)
+        assert proc.returncode == 0, proc.stderr
+        assert served.get(key) is None and not served.contains(key)
+        assert served.used_bytes == store.used - store.nbytes[key]
+
+
 def test_subprocess_exit_codes_and_no_traceback(store: Store, tmp_path: Path) -> None:
     proc = _subprocess("evict", "--store", str(store.dir), "--prefix", "ffff")
     assert proc.returncode == 1

@@ -11,6 +11,7 @@ from kvcache.kvstore.container import (
     decode_header,
     decode_object,
     encode_object,
+    read_object,
 )
 from kvcache.kvstore.errors import CorruptObjectError
 from tests.helpers import make_chunk
@@ -96,3 +97,39 @@ def test_decode_header_does_not_build_tensors(obj):
     header, table = decode_header(encode_object(obj))
     assert header == obj.header
     assert table["kv"]["shape"] == list(obj.tensors["kv"].shape)
+
+
+def _dribble(data: bytes, step: int):
+    """A stream that returns at most ``step`` bytes per read, like a slow pipe."""
+    pos = 0
+
+    def readinto(buf) -> int:
+        nonlocal pos
+        n = min(len(buf), step, len(data) - pos)
+        buf[:n] = data[pos : pos + n]
+        pos += n
+        return n
+
+    return readinto
+
+
+@pytest.mark.parametrize("step", [3, 64, 1 << 30])
+def test_read_object_hashes_while_reading(obj, step):
+    data = encode_object(obj)
+    back = read_object(_dribble(data, step), len(data))
+    assert back.header == obj.header
+    assert torch.equal(back.tensors["kv"], obj.tensors["kv"])
+    back.tensors["kv"].add_(1)  # the buffer is ours: writable
+
+
+def test_read_object_detects_corruption_and_truncation(obj):
+    data = encode_object(obj)
+    for pos in (3, 40, len(data) - 5):
+        bad = bytearray(data)
+        bad[pos] ^= 1
+        with pytest.raises(CorruptObjectError):
+            read_object(_dribble(bytes(bad), 1000), len(bad))
+    with pytest.raises(CorruptObjectError, match="truncated"):
+        read_object(_dribble(data[:-10], 1000), len(data))
+    with pytest.raises(CorruptObjectError):
+        read_object(_dribble(data[:5], 1000), 5)

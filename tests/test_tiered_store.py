@@ -256,3 +256,50 @@ def test_reader_process_alongside_a_writer(tmp_path, layout):
     assert child.returncode == 0, err
     hits, bad = map(int, out.split())
     assert hits > 0 and bad == 0
+
+
+def test_put_falls_through_when_the_top_tier_cannot_take_it(tmp_path, layout):
+    with make_store(tmp_path, cpu_objects=1) as store:
+        store.put(make_key(0), make_chunk(layout, TOKENS, 0), layout)
+        store.pin(make_key(0))  # the CPU tier is now full of pinned bytes
+        big = make_chunk(layout, 4 * TOKENS, 1)  # and this is larger than the CPU tier
+        store.put(make_key(1), make_chunk(layout, TOKENS, 1), layout)
+        store.put(make_key(2), big, layout)
+        assert store.where(make_key(1)) == "disk" and store.where(make_key(2)) == "disk"
+        assert torch.equal(store.get(make_key(2)), big)
+        assert store.where(make_key(0)) == "cpu"
+
+
+def test_get_many_mixes_tiers_and_misses_in_order(tmp_path, layout):
+    chunks = {i: make_chunk(layout, TOKENS, i) for i in range(8)}
+    with make_store(tmp_path, cpu_objects=3) as store:
+        for i, c in chunks.items():
+            store.put(make_key(i), c, layout)
+            store.flush()
+        where = {i: store.where(make_key(i)) for i in chunks}
+        assert set(where.values()) == {"cpu", "disk"}
+        order = [7, 99, 0, 3, 98, 5, 1]
+        got = store.get_many([make_key(i) for i in order])
+        for i, t in zip(order, got, strict=True):
+            assert (t is None) if i >= 98 else torch.equal(t, chunks[i])
+        assert store.counters.misses == 2
+        assert store.counters.promotions == sum(where[i] == "disk" for i in order if i < 98)
+
+
+def test_disk_get_many_reads_concurrently_and_in_order(tmp_path, layout):
+    tier = DiskTier(tmp_path / "disk", 1 << 20, io_threads=4)
+    try:
+        from kvcache.kvstore.container import ObjectHeader, StoredObject
+
+        for i in range(12):
+            obj = StoredObject(ObjectHeader(make_key(i), layout, TOKENS),
+                               {"kv": make_chunk(layout, TOKENS, i)})
+            tier.put(make_key(i), obj)
+        keys = [make_key(i) for i in (11, 3, 50, 0, 7)]
+        got = tier.get_many(keys)
+        assert got[2] is None
+        for i, obj in zip((11, 3, 0, 7), [g for g in got if g is not None], strict=True):
+            assert torch.equal(obj.tensors["kv"], make_chunk(layout, TOKENS, i))
+        assert tier.stats().hits == 4 and tier.stats().misses == 1
+    finally:
+        tier.close()
