@@ -120,7 +120,7 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.dtype not in _ST_DTYPES:
         raise KVCacheError(f"tensor dtype {t.dtype} cannot be stored")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def encode_parts(obj: StoredObject) -> list[bytes | memoryview]:
@@ -283,7 +283,7 @@ def read_object(readinto: Callable[[memoryview], int], size: int) -> StoredObjec
     second pass over the whole object after the read. The buffer is uninitialised
     memory owned by the returned tensors (no zero-fill pass either).
     """
-    buf = memoryview(torch.empty(size, dtype=torch.uint8).numpy()).cast("B")
+    buf = torch.empty(size, dtype=torch.uint8).numpy().data
     h: Any = None
     got = hashed = 0
     while got < size:

@@ -34,7 +34,7 @@ from kvcache.kvstore.errors import (
     StoreFullError,
 )
 from kvcache.kvstore.layout import KVLayout
-from kvcache.kvstore.tier import EntryInfo, Tier, TierStats
+from kvcache.kvstore.tier import EntryInfo, EvictHandler, Tier, TierStats
 
 if TYPE_CHECKING:
     from kvcache.kvstore.config import StoreConfig
@@ -158,7 +158,7 @@ class TieredStore:
         if key in self._pinned:
             tier.set_pinned(key, True)
 
-    def _demoter(self, i: int):  # type: ignore[no-untyped-def]
+    def _demoter(self, i: int) -> EvictHandler:
         def demote(key: str, obj: StoredObject) -> None:
             lower = self.tiers[i + 1]
             if not lower.contains(key):
