@@ -37,3 +37,20 @@ class Codec(abc.ABC):
         num_tokens: int,
     ) -> torch.Tensor:
         """Inverse of ``encode``: the canonical chunk of ``num_tokens`` tokens."""
+
+    def decode_layer(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        params: Mapping[str, Any],
+        layout: KVLayout,
+        num_tokens: int,
+        layer: int,
+    ) -> torch.Tensor:
+        """One layer of the chunk: ``[2, tokens, kv_heads, head_dim]`` (MLA
+        ``[tokens, latent_dim]``), so loading can stream layer by layer.
+
+        This default decodes the whole chunk; codecs whose layers are stored independently
+        override it to touch only that layer's bytes.
+        """
+        return self.decode(tensors, params, layout, num_tokens)[layer]
+
