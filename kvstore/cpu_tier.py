@@ -67,7 +67,12 @@ class CpuTier(Tier):
     name = "cpu"
 
     def __init__(
-        self, capacity_bytes: int, *, policy: str = "lru", pin_memory: bool | None = None
+        self,
+        capacity_bytes: int,
+        *,
+        policy: str = "lru",
+        pin_memory: bool | None = None,
+        busy_wait_s: float = 2.0,
     ) -> None:
         super().__init__()
         if pin_memory is None:
@@ -79,6 +84,10 @@ class CpuTier(Tier):
         self._policy = make_policy(policy)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
+        # Signalled when a reader lets go of an entry: a put that found only entries being
+        # copied out waits (up to busy_wait_s) for one instead of failing.
+        self._released = threading.Condition(self._lock)
+        self._busy_wait_s = busy_wait_s
         self._stats = TierStats(self.name, self.capacity_bytes)
 
     # -- helpers -------------------------------------------------------------------------
@@ -99,33 +108,47 @@ class CpuTier(Tier):
             self._arena.free(e.offset, e.size)
 
     def _release(self, e: _Entry) -> None:
-        with self._lock:
+        with self._released:
             e.refs -= 1
-            if e.refs == 0 and e.removed:
-                self._arena.free(e.offset, e.size)
+            if e.refs == 0:
+                if e.removed:
+                    self._arena.free(e.offset, e.size)
+                self._released.notify_all()
 
     def _make_room(self, size: int, protect: str) -> int:
         """Allocate ``size`` bytes, evicting victims in policy order (lock held)."""
-        offset = self._arena.allocate(size)
-        if offset is not None:
-            return offset
-        for victim in self._policy.victims():
-            e = self._entries.get(victim)
-            if e is None or e.pinned or e.refs or victim == protect:
-                continue
-            if self._evict_handler is not None:
-                # Demote before the bytes are reused; if this raises, nothing was lost.
-                self._evict_handler(victim, StoredObject(e.header, self._views(e)))
-            self._drop(victim, e)
-            self._stats.evictions += 1
+        deadline: float | None = None
+        while True:
             offset = self._arena.allocate(size)
             if offset is not None:
                 return offset
-        raise StoreFullError(
-            f"CPU tier full: {size} bytes needed, {self.capacity_bytes - self._arena.used} free "
-            f"and every remaining entry is pinned or being read; unpin entries or raise "
-            f"store.cpu.capacity"
-        )
+            busy = False
+            for victim in self._policy.victims():
+                e = self._entries.get(victim)
+                if e is None or e.pinned or victim == protect:
+                    continue
+                if e.refs:
+                    busy = True
+                    continue
+                if self._evict_handler is not None:
+                    # Demote before the bytes are reused; if this raises, nothing was lost.
+                    self._evict_handler(victim, StoredObject(e.header, self._views(e)))
+                self._drop(victim, e)
+                self._stats.evictions += 1
+                offset = self._arena.allocate(size)
+                if offset is not None:
+                    return offset
+            if busy:
+                # Readers copy out in microseconds to milliseconds: wait for one to finish.
+                deadline = deadline or time.monotonic() + self._busy_wait_s
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and self._released.wait(remaining):
+                    continue
+            raise StoreFullError(
+                f"CPU tier full: {size} bytes needed, {self.capacity_bytes - self._arena.used} "
+                f"free and every remaining entry is pinned or being read; unpin entries or "
+                f"raise store.cpu.capacity"
+            )
 
     # -- Tier ----------------------------------------------------------------------------
     def contains(self, key: str) -> bool:

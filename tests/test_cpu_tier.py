@@ -113,7 +113,7 @@ def test_pinned_entries_are_never_evicted(layout):
 
 
 def test_borrowed_entries_are_not_freed_under_the_reader(layout):
-    tier = CpuTier(1024)
+    tier = CpuTier(1024, busy_wait_s=0.05)
     o = obj_for(layout, 0)
     tier.put(make_key(0), o)
     with tier.borrow(make_key(0)) as view:
@@ -167,3 +167,22 @@ def test_concurrent_readers_and_writers(layout):
         t.join()
     assert errors == []
     assert tier.stats().entries == 16 and tier.used_bytes == 16 * 1024
+
+
+def test_put_waits_for_a_reader_instead_of_failing(layout):
+    tier = CpuTier(1024)
+    tier.put(make_key(0), obj_for(layout, 0))
+    borrowed = threading.Event()
+    done = threading.Event()
+
+    def reader():
+        with tier.borrow(make_key(0)):
+            borrowed.set()
+            done.wait(0.2)  # hold the only entry a little while
+
+    t = threading.Thread(target=reader)
+    t.start()
+    borrowed.wait()
+    tier.put(make_key(1), obj_for(layout, 1))  # waits for the reader, then evicts key 0
+    t.join()
+    assert tier.contains(make_key(1)) and not tier.contains(make_key(0))

@@ -74,7 +74,7 @@ def test_disk_hit_is_promoted_to_cpu(tmp_path, layout):
     with make_store(tmp_path, cpu_objects=2) as store:
         for i in range(3):
             store.put(make_key(i), make_chunk(layout, TOKENS, i), layout)
-            store.flush()  # the writer copying an entry out would make the victim vary
+        store.flush()
         assert store.where(make_key(0)) == "disk"
         assert torch.equal(store.get(make_key(0)), make_chunk(layout, TOKENS, 0))
         assert store.where(make_key(0)) == "cpu"
@@ -166,7 +166,7 @@ def test_bad_puts_change_nothing(tmp_path, layout):
 
 
 def test_unknown_codec_is_a_typed_error(tmp_path):
-    with pytest.raises(UnknownCodecError, match="known codecs: raw"):
+    with pytest.raises(UnknownCodecError, match="known codecs: .*raw"):
         TieredStore([CpuTier(1024)], codecs=["zip9000"])
 
 
