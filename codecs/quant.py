@@ -1,0 +1,165 @@
+"""``quant``: asymmetric integer quantization on KIVI's axes, 8/4/2 bits, bit-packed.
+
+- K is quantized **per channel over groups of tokens** (KIVI: K has outlier channels, so
+  each channel gets its own range); rows are ``(token group, channel)`` with ``G_k`` tokens.
+- V is quantized **per token over groups of channels** (V's error is averaged by attention
+  over tokens, and V has no persistent outlier channels); rows are ``(token, channel group)``.
+- Optional block-Hadamard rotation inside each group (SAW-INT4).
+
+Each group stores an fp16 scale and fp16 zero: ``bits + 32 / G`` bits per element.
+
+Tensors (``L`` layers, ``nK = ceil(T / G_k) * H * D`` K groups, ``nV = T * H * D / G_v``):
+``k_q`` uint8 ``[L, nK, G_k * bits / 8]``, ``k_scale``/``k_zero`` fp16 ``[L, nK]``,
+``v_q`` uint8 ``[L, nV, G_v * bits / 8]``, ``v_scale``/``v_zero`` fp16 ``[L, nV]``.
+Params: ``version``, ``bits``, ``k_group``, ``v_group``, ``rotate``. A partial last token
+group of K is padded by repeating the last token (it cannot widen the range) and dropped
+on decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from kvcache.codecs import _check
+from kvcache.codecs.base import Codec
+from kvcache.kernels.quant import BITS, QuantizedGroups, dequantize_groups, quantize_groups
+from kvcache.kvstore.errors import CorruptObjectError, LayoutMismatchError
+from kvcache.kvstore.layout import KVLayout
+
+VERSION = 1
+_GROUPS = (8, 16, 32, 64, 128, 256)
+
+
+def k_group_size(group: int, tokens: int) -> int:
+    """Token group for K: ``group``, shrunk (to a power of two >= 16) for short chunks so a
+    3-token tail chunk does not pay for 64 tokens of padding."""
+    g = 16
+    while g < group and g < tokens:
+        g *= 2
+    return min(g, group)
+
+
+def v_group_size(group: int, channels: int) -> int:
+    """Channel group for V: ``group`` if it divides the channel count, else the largest
+    power of two that does."""
+    g = group
+    while g > 8 and channels % g:
+        g //= 2
+    if channels % g:
+        raise LayoutMismatchError(f"quant needs kv_heads * head_dim divisible by 8, got {channels}")
+    return g
+
+
+class QuantCodec(Codec):
+    name = "quant"
+    lossless = False
+
+    def __init__(self, bits: int = 4, group: int = 64, rotate: bool = False) -> None:
+        if bits not in BITS or group not in _GROUPS:
+            raise ValueError(f"quant: bits in {BITS}, group in {_GROUPS}")
+        self.bits, self.group, self.rotate = bits, group, rotate
+
+    # -- encode ---------------------------------------------------------------------------
+    def encode(
+        self, chunk: torch.Tensor, layout: KVLayout
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """chunk: ``[L, 2, T, H, D]``."""
+        tokens = _check.check_chunk(chunk, layout, self.name, mla_ok=False)
+        L, C = layout.num_layers, layout.num_kv_heads * layout.head_dim
+        gk = k_group_size(self.group, tokens)
+        gv = v_group_size(self.group, C)
+        if self.rotate and gv < 16:
+            raise LayoutMismatchError("quant rotation needs channel groups of at least 16")
+        nt = -(-tokens // gk)
+        k = chunk[:, 0].reshape(L, tokens, C)
+        if nt * gk != tokens:  # repeat the last token: never widens a group's range
+            k = torch.cat([k, k[:, -1:].expand(L, nt * gk - tokens, C)], 1)
+        # rows: (layer, token group, channel) each holding gk tokens of one channel
+        k_rows = k.view(L, nt, gk, C).permute(0, 1, 3, 2).reshape(-1, gk)
+        v_rows = chunk[:, 1].reshape(-1, gv)
+        kq = quantize_groups(k_rows, self.bits, rotate=self.rotate)
+        vq = quantize_groups(v_rows, self.bits, rotate=self.rotate)
+        tensors: dict[str, torch.Tensor] = {}
+        for prefix, q in (("k", kq), ("v", vq)):
+            tensors[f"{prefix}_q"] = q.packed.view(L, -1, q.packed.shape[1])
+            tensors[f"{prefix}_scale"] = q.scale.view(L, -1)
+            tensors[f"{prefix}_zero"] = q.zero.view(L, -1)
+        params = {
+            "version": VERSION, "bits": self.bits, "k_group": gk, "v_group": gv,
+            "rotate": self.rotate,
+        }
+        return tensors, params
+
+    # -- decode ---------------------------------------------------------------------------
+    def _decode_layers(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        params: Mapping[str, Any],
+        layout: KVLayout,
+        num_tokens: int,
+        layers: slice,
+    ) -> torch.Tensor:
+        """``[len(layers), 2, T, H, D]``."""
+        if layout.is_mla:
+            raise CorruptObjectError("quant object for an MLA layout")
+        _check.version(params, self.name, VERSION)
+        bits = _check.int_param(params, "bits", self.name, BITS)
+        gk = _check.int_param(params, "k_group", self.name, _GROUPS)
+        gv = _check.int_param(params, "v_group", self.name, _GROUPS)
+        rotate = _check.bool_param(params, "rotate", self.name)
+        if rotate and (gk < 16 or gv < 16):
+            raise CorruptObjectError("quant rotation with groups under 16")
+        L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
+        C, T = H * D, num_tokens
+        if C % gv:
+            raise CorruptObjectError(f"quant v_group {gv} does not divide {C} channels")
+        nt = -(-T // gk)
+        nk, nv = nt * C, T * C // gv
+        per = 8 // bits
+        parts = {}
+        for prefix, n, g in (("k", nk, gk), ("v", nv, gv)):
+            parts[prefix] = QuantizedGroups(
+                _check.tensor(tensors, f"{prefix}_q", torch.uint8, (L, n, g // per), self.name),
+                _check.tensor(tensors, f"{prefix}_scale", torch.float16, (L, n), self.name),
+                _check.tensor(tensors, f"{prefix}_zero", torch.float16, (L, n), self.name),
+            )
+        nl = len(range(L)[layers])
+        dtype = layout.torch_dtype
+        out = torch.empty((nl, 2, T, H, D), dtype=dtype, device=parts["k"].packed.device)
+        def rows(q: QuantizedGroups) -> QuantizedGroups:
+            packed = q.packed[layers]
+            return QuantizedGroups(
+                packed.reshape(-1, packed.shape[-1]),
+                q.scale[layers].reshape(-1),
+                q.zero[layers].reshape(-1),
+            )
+
+        k = dequantize_groups(rows(parts["k"]), bits, rotate=rotate, dtype=dtype)
+        v = dequantize_groups(rows(parts["v"]), bits, rotate=rotate, dtype=dtype)
+        k = k.view(nl, nt, C, gk).permute(0, 1, 3, 2).reshape(nl, nt * gk, H, D)[:, :T]
+        out[:, 0] = k
+        out[:, 1] = v.view(nl, T, H, D)
+        return out
+
+    def decode(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        params: Mapping[str, Any],
+        layout: KVLayout,
+        num_tokens: int,
+    ) -> torch.Tensor:
+        return self._decode_layers(tensors, params, layout, num_tokens, slice(None))
+
+    def decode_layer(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        params: Mapping[str, Any],
+        layout: KVLayout,
+        num_tokens: int,
+        layer: int,
+    ) -> torch.Tensor:
+        _check.layer_index(layer, layout)
+        return self._decode_layers(tensors, params, layout, num_tokens, slice(layer, layer + 1))[0]

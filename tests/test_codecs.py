@@ -1,0 +1,154 @@
+"""Codecs: round trips within each codec's tolerance, per-layer decoding, the registry,
+container compatibility and per-tier codecs in a TieredStore."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvcache.codecs.cachegen import CacheGenCodec
+from kvcache.codecs.quant import QuantCodec
+from kvcache.codecs.registry import codec_names, get_codec
+from kvcache.codecs.zstd import ZstdCodec
+from kvcache.kvstore.container import ObjectHeader, StoredObject, decode_object, encode_object
+from kvcache.kvstore.cpu_tier import CpuTier
+from kvcache.kvstore.errors import LayoutMismatchError, UnknownCodecError
+from kvcache.kvstore.layout import KVLayout
+from kvcache.kvstore.tiered_store import TieredStore
+from tests.codec_data import nmse, synthetic_kv
+from tests.helpers import make_key
+
+LAYOUT = KVLayout("codec-test", num_layers=4, num_kv_heads=2, head_dim=32, dtype="bfloat16")
+
+# name -> (max K NMSE, max V NMSE, max bits per element) on synthetic_kv at 128 tokens.
+TOLERANCE = {
+    "raw": (0.0, 0.0, 16.0),
+    "zstd": (0.0, 0.0, 16.0),
+    "quant-int8": (1e-4, 1e-4, 8.6),
+    "quant": (0.03, 0.02, 4.6),
+    "quant-int4-hadamard": (0.01, 0.02, 4.6),
+    "quant-int2": (0.35, 0.3, 3.1),
+    "fp8": (2e-3, 2e-3, 8.1),
+    "cachegen-1": (0.005, 0.01, 5.0),
+    "cachegen": (0.1, 0.2, 2.8),
+    "cachegen-6": (0.3, 0.6, 2.0),
+}
+
+
+def bits_per_element(tensors: dict[str, torch.Tensor], chunk: torch.Tensor) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors.values()) * 8 / chunk.numel()
+
+
+@pytest.mark.parametrize("name", sorted(TOLERANCE))
+def test_roundtrip_within_tolerance(name):
+    chunk = synthetic_kv(LAYOUT, 128)
+    codec = get_codec(name)
+    tensors, params = codec.encode(chunk, LAYOUT)
+    json.dumps(params)  # params must fit the container's JSON header
+    out = codec.decode(tensors, params, LAYOUT, 128)
+    assert out.shape == chunk.shape and out.dtype == chunk.dtype
+    k_tol, v_tol, max_bits = TOLERANCE[name]
+    assert nmse(out[:, 0], chunk[:, 0]) <= k_tol
+    assert nmse(out[:, 1], chunk[:, 1]) <= v_tol
+    if codec.lossless:
+        assert torch.equal(out, chunk)
+    assert bits_per_element(tensors, chunk) <= max_bits
+    for layer in (0, LAYOUT.num_layers - 1):
+        assert torch.equal(codec.decode_layer(tensors, params, LAYOUT, 128, layer), out[layer])
+
+
+@pytest.mark.parametrize("name", ["zstd", "quant", "quant-int2", "fp8", "cachegen"])
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_partial_chunks(name, tokens):
+    chunk = synthetic_kv(LAYOUT, tokens, seed=tokens)
+    codec = get_codec(name)
+    tensors, params = codec.encode(chunk, LAYOUT)
+    out = codec.decode(tensors, params, LAYOUT, tokens)
+    assert out.shape == chunk.shape
+    assert nmse(out, chunk) < 0.3
+
+
+def test_zstd_byte_planes_help_and_mla_roundtrips():
+    chunk = synthetic_kv(LAYOUT, 128)
+    planes = bits_per_element(ZstdCodec(shuffle=True).encode(chunk, LAYOUT)[0], chunk)
+    plain = bits_per_element(ZstdCodec(shuffle=False).encode(chunk, LAYOUT)[0], chunk)
+    assert planes < plain
+    mla = KVLayout("mla", num_layers=2, num_kv_heads=1, head_dim=8, attention="mla",
+                   latent_dim=24, dtype="float16")
+    x = torch.randn(mla.chunk_shape(5)).half()
+    t, p = get_codec("zstd").encode(x, mla)
+    assert torch.equal(get_codec("zstd").decode(t, p, mla, 5), x)
+    with pytest.raises(LayoutMismatchError):
+        get_codec("cachegen").encode(x, mla)
+
+
+def test_cachegen_levels_trade_bytes_for_fidelity():
+    chunk = synthetic_kv(LAYOUT, 128)
+    sizes, errors = [], []
+    for level in CacheGenCodec.levels:
+        codec = CacheGenCodec(level)
+        t, p = codec.encode(chunk, LAYOUT)
+        sizes.append(bits_per_element(t, chunk))
+        # any instance decodes any level: params carry everything
+        errors.append(nmse(CacheGenCodec(1).decode(t, p, LAYOUT, 128), chunk))
+    assert sizes == sorted(sizes, reverse=True)
+    assert errors == sorted(errors)
+
+
+def test_cachegen_keeps_outliers_exact():
+    chunk = synthetic_kv(LAYOUT, 64)
+    chunk[2, 0, 10, 1, 3] = 300.0  # far outside its channel's range
+    codec = CacheGenCodec(6)
+    out = codec.decode(*codec.encode(chunk, LAYOUT), LAYOUT, 64)
+    assert out[2, 0, 10, 1, 3] == 300.0
+
+
+def test_hadamard_rotation_helps_on_token_outliers():
+    chunk = synthetic_kv(LAYOUT, 128)
+    plain = QuantCodec(4, 64, rotate=False)
+    rot = QuantCodec(4, 64, rotate=True)
+    e_plain = nmse(plain.decode(*plain.encode(chunk, LAYOUT), LAYOUT, 128)[:, 1], chunk[:, 1])
+    e_rot = nmse(rot.decode(*rot.encode(chunk, LAYOUT), LAYOUT, 128)[:, 1], chunk[:, 1])
+    assert e_rot < e_plain
+
+
+def test_registry_lists_known_names_on_unknown():
+    assert {"raw", "zstd", "quant", "fp8", "cachegen"} <= set(codec_names())
+    with pytest.raises(UnknownCodecError, match=r"known codecs: .*cachegen"):
+        get_codec("cachegen-99")
+
+
+@pytest.mark.parametrize("name", ["zstd", "quant", "fp8", "cachegen"])
+def test_container_roundtrip_records_codec(name):
+    chunk = synthetic_kv(LAYOUT, 16)
+    tensors, params = get_codec(name).encode(chunk, LAYOUT)
+    header = ObjectHeader(make_key(0), LAYOUT, 16, codec=name, codec_params=params)
+    obj = decode_object(encode_object(StoredObject(header, tensors)))
+    assert obj.header.codec == name
+    out = get_codec(obj.header.codec).decode(obj.tensors, obj.header.codec_params, LAYOUT, 16)
+    expected = get_codec(name).decode(tensors, params, LAYOUT, 16)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("lower", ["quant", "cachegen"])
+def test_store_demotes_to_disk_compressed(tmp_path, lower):
+    from kvcache.kvstore.disk_tier import DiskTier
+
+    chunks = {i: synthetic_kv(LAYOUT, 32, seed=i) for i in range(4)}
+    raw_bytes = chunks[0].numel() * chunks[0].element_size()
+    cpu = CpuTier(2 * raw_bytes + 4096)
+    disk = DiskTier(tmp_path / "disk", 1 << 24)
+    with TieredStore([cpu, disk], codecs=["raw", lower]) as store:
+        for i, c in chunks.items():
+            store.put(make_key(i), c, LAYOUT)
+        store.flush()
+        for i in chunks:
+            info = disk.info(make_key(i))
+            assert info is not None and info.codec == lower
+            assert info.nbytes < raw_bytes / 2.5
+        # entry 0 was evicted from the CPU tier: this read decodes the disk copy
+        assert not cpu.contains(make_key(0))
+        got = store.get(make_key(0))
+        assert got is not None and nmse(got, chunks[0]) < 0.1

@@ -1,0 +1,302 @@
+"""``kvcache bench codecs``: every codec and level on KV from the reference model.
+
+For each held-out window: prefill ``PREFIX`` tokens, take their KV as a canonical chunk
+(bf16, the dtype engines store), encode + decode it with each codec, then score the next
+``CONT`` tokens twice — with the exact cache and with the decoded one — and compare:
+next-token KL(exact || decoded), top-1 agreement, and the continuation-loss gap (nats).
+Sizes count every stored byte: all tensors plus the JSON params. Baselines in the same
+run: bf16 (16 bits), int8 per-token (``8 + 32 / head_dim`` bits: an fp16 scale and zero per
+token and head), ``raw`` for load bandwidth, a plain file read for the disk "link".
+
+Without the reference checkpoint the bench runs on a randomly initialised model of the
+same shape and says so (fidelity figures are then not meaningful). LMCache's CacheGen runs
+in a separate virtualenv (``$KVCACHE_LMCACHE_PYTHON`` or ``/work/lmcache-venv``) as a
+subprocess exchanging safetensors files; it is skipped with a note when absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvcache.codecs.base import Codec
+from kvcache.codecs.registry import get_codec
+from kvcache.codecs.zstd import ZstdCodec
+from kvcache.kvstore.layout import KVLayout
+
+PREFIX, CONT = 256, 64
+LINKS_GBIT = {"1gbit": 1.0, "10gbit": 10.0, "100gbit": 100.0}
+CODECS = [
+    "raw", "zstd", "quant-int8", "quant", "quant-int4-hadamard", "quant-int2", "fp8",
+    *[f"cachegen-{i}" for i in range(1, 7)],
+]
+LMCACHE_PYTHON = Path("/work/lmcache-venv/bin/python")
+
+
+def _model_and_windows(quick: bool) -> tuple[Any, list[list[int]], str, list[str]]:
+    notes: list[str] = []
+    from kvcache.tools.refmodel import load_reference_model, reference_model_id
+
+    try:
+        model, _ = load_reference_model()
+        model_id = reference_model_id()
+    except Exception as e:  # no checkpoint yet: same shape, random weights
+        from kvcache.tools.refmodel.model import build_model, reference_config
+
+        torch.manual_seed(0)
+        model = build_model(reference_config()).eval()
+        model_id = "random-init-refmodel-shape"
+        notes.append(f"reference checkpoint unavailable ({e}); fidelity is on random weights")
+    try:
+        from kvcache.tools.refmodel.corpus import load_corpus
+        from kvcache.tools.refmodel.evaluate import heldout_windows
+
+        windows = [w for w in heldout_windows(load_corpus(), quick=quick)
+                   if len(w) >= PREFIX + CONT]
+    except Exception as e:
+        notes.append(f"held-out corpus unavailable ({e}); using random token windows")
+        g = torch.Generator().manual_seed(0)
+        windows = [torch.randint(3, 200, (PREFIX + CONT,), generator=g).tolist()
+                   for _ in range(8)]
+    return model, windows[: 4 if quick else 16], model_id, notes
+
+
+def _chunk_and_logits(model: Any, window: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 chunk ``[L, 2, PREFIX, H, D]``, exact continuation logits ``[CONT, V]``)."""
+    ids = torch.tensor([window[: PREFIX + CONT]])
+    with torch.no_grad():
+        out = model(ids[:, :PREFIX], use_cache=True)
+        cache = out.past_key_values
+        chunk = torch.stack([
+            torch.stack([layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)])
+            for layer in cache.layers
+        ]).to(torch.bfloat16)
+    return chunk, _continuation_logits(model, chunk, ids)
+
+
+def _continuation_logits(model: Any, chunk: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``[CONT, V]`` for positions PREFIX-1 .. PREFIX+CONT-2 given cached ``chunk``
+    (the last prefix token is re-fed so its prediction uses the cache too)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    kv = chunk.float()
+    for i in range(kv.shape[0]):
+        k = kv[i, 0, : PREFIX - 1].transpose(0, 1)[None]
+        v = kv[i, 1, : PREFIX - 1].transpose(0, 1)[None]
+        cache.update(k, v, i)
+    with torch.no_grad():
+        out = model(ids[:, PREFIX - 1 : PREFIX + CONT - 1], past_key_values=cache)
+    return out.logits[0].float()
+
+
+def _fidelity(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    lp, lq = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean()
+    ce = torch.nn.functional.cross_entropy
+    gap = ce(got, targets) - ce(ref, targets)
+    return {"next_token_kl": float(kl), "top1_agreement": float(top1), "loss_gap": float(gap)}
+
+
+def _nmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.float() - b.float()) ** 2).sum() / (b.float() ** 2).sum())
+
+
+def _timed(fn: Callable[[], Any], repeat: int) -> tuple[Any, float]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def _disk_read_gbps(nbytes: int) -> float:
+    """Plain sequential read of ``nbytes`` from the temp dir's disk, page cache dropped."""
+    with tempfile.NamedTemporaryFile(dir=os.environ.get("TMPDIR")) as f:
+        block = os.urandom(1 << 20)
+        for _ in range(max(1, nbytes >> 20)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        t = time.perf_counter()
+        with open(f.name, "rb", buffering=0) as r:
+            while r.read(4 << 20):
+                pass
+        return max(1, nbytes >> 20) * (1 << 20) / (time.perf_counter() - t) / 1e9
+
+
+def _codec_record(name: str, codec: Codec, chunks: list[torch.Tensor], layout: KVLayout,
+                  evals: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], model: Any,
+                  repeat: int) -> dict[str, Any]:
+    enc_bytes = raw_bytes = 0
+    enc_s = dec_s = 0.0
+    k_err = k_ref = v_err = v_ref = 0.0
+    fid: list[dict[str, float]] = []
+    for chunk, (ids, ref, targets) in zip(chunks, evals, strict=True):
+        (tensors, params), te = _timed(lambda: codec.encode(chunk, layout), repeat)  # noqa: B023
+        out, td = _timed(
+            lambda: codec.decode(tensors, params, layout, PREFIX), repeat  # noqa: B023
+        )
+        enc_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        enc_bytes += len(json.dumps(params, separators=(",", ":")))
+        raw_bytes += chunk.numel() * chunk.element_size()
+        enc_s, dec_s = enc_s + te, dec_s + td
+        k_err += float(((out[:, 0].float() - chunk[:, 0].float()) ** 2).sum())
+        k_ref += float((chunk[:, 0].float() ** 2).sum())
+        v_err += float(((out[:, 1].float() - chunk[:, 1].float()) ** 2).sum())
+        v_ref += float((chunk[:, 1].float() ** 2).sum())
+        fid.append(_fidelity(ref, _continuation_logits(model, out, ids), targets))
+    return _summarize(name, raw_bytes, enc_bytes, enc_s, dec_s, k_err / k_ref, v_err / v_ref,
+                      fid, layout, numel=sum(c.numel() for c in chunks))
+
+
+def _summarize(name: str, raw_bytes: int, enc_bytes: int, enc_s: float, dec_s: float,
+               k_nmse: float, v_nmse: float, fid: list[dict[str, float]], layout: KVLayout,
+               numel: int) -> dict[str, Any]:
+    bpe = enc_bytes * 8 / numel
+    int8_bits = 8 + 32 / layout.head_dim
+    codec, _, level = name.partition("-")
+    rec: dict[str, Any] = {
+        "codec": codec if codec in ("cachegen", "quant") and level.isdigit() else name,
+        "level": level if level.isdigit() else None,
+        "name": name,
+        "bits_per_element": bpe,
+        "ratio_vs_bf16": 16 / bpe,
+        "ratio_vs_int8": int8_bits / bpe,
+        "k_nmse": k_nmse,
+        "v_nmse": v_nmse,
+        "encode_mb_s": raw_bytes / enc_s / 1e6 if enc_s else None,
+        "decode_mb_s": raw_bytes / dec_s / 1e6 if dec_s else None,
+        "_raw_bytes": raw_bytes, "_enc_bytes": enc_bytes, "_dec_s": dec_s,
+    }
+    for key in ("next_token_kl", "top1_agreement", "loss_gap"):
+        rec[key] = sum(f[key] for f in fid) / len(fid) if fid else None
+    return rec
+
+
+def _effective_bw(records: list[dict[str, Any]], links_gbps: dict[str, float]) -> None:
+    """``raw_bytes / (encoded_bytes / link + decode_time)``, and its ratio to raw's."""
+    raw = next(r for r in records if r["name"] == "raw")
+    for r in records:
+        eff, vs = {}, {}
+        for link, gbps in links_gbps.items():
+            bps = gbps * 1e9 / 8 if link != "disk" else gbps * 1e9
+            e = r["_raw_bytes"] / (r["_enc_bytes"] / bps + r["_dec_s"])
+            base = raw["_raw_bytes"] / (raw["_enc_bytes"] / bps + raw["_dec_s"])
+            eff[link], vs[link] = e / 1e9, e / base
+        r["effective_bw_gb_s"], r["effective_bw_vs_raw"] = eff, vs
+
+
+def _lmcache(chunks: list[torch.Tensor], evals: list[Any], model: Any,
+             layout: KVLayout, notes: list[str]) -> dict[str, Any] | None:
+    python = Path(os.environ.get("KVCACHE_LMCACHE_PYTHON", LMCACHE_PYTHON))
+    runner = Path(__file__).with_name("lmcache_cachegen_runner.py")
+    if not runner.exists():
+        notes.append("LMCache side-by-side pending: tools/lmcache_cachegen_runner.py "
+                     "(the script run inside the LMCache venv) is not written yet")
+        return None
+    if not python.exists():
+        notes.append(f"LMCache side-by-side skipped: no interpreter at {python} "
+                     "(install lmcache==0.5.6 in a separate venv, see ENVIRONMENT.md)")
+        return None
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as d:
+        save_file({f"chunk{i}": c.contiguous() for i, c in enumerate(chunks)}, f"{d}/in.st")
+        proc = subprocess.run([str(python), str(runner), d], capture_output=True, text=True,
+                              timeout=1800)
+        if proc.returncode:
+            notes.append(f"LMCache side-by-side failed: {proc.stderr.strip()[-500:]}")
+            return None
+        info = json.loads(Path(d, "out.json").read_text())
+        decoded = load_file(f"{d}/out.st")
+    fid, k_err, k_ref, v_err, v_ref = [], 0.0, 0.0, 0.0, 0.0
+    for i, (chunk, (ids, ref, targets)) in enumerate(zip(chunks, evals, strict=True)):
+        out = decoded[f"chunk{i}"]
+        k_err += float(((out[:, 0].float() - chunk[:, 0].float()) ** 2).sum())
+        k_ref += float((chunk[:, 0].float() ** 2).sum())
+        v_err += float(((out[:, 1].float() - chunk[:, 1].float()) ** 2).sum())
+        v_ref += float((chunk[:, 1].float() ** 2).sum())
+        fid.append(_fidelity(ref, _continuation_logits(model, out.to(torch.bfloat16), ids),
+                             targets))
+    rec = _summarize("lmcache-cachegen", info["raw_bytes"], info["encoded_bytes"],
+                     info["encode_s"], info["decode_s"], k_err / k_ref, v_err / v_ref, fid,
+                     layout, numel=sum(c.numel() for c in chunks))
+    rec["codec"] = "lmcache-cachegen"
+    rec["note"] = info.get("note")
+    return rec
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    # Teammates share this machine: one thread keeps timings stable (torch's intra-op
+    # pool degrades badly when the cores are busy) and is the per-stream figure anyway.
+    torch.set_num_threads(1)
+    model, windows, model_id, notes = _model_and_windows(quick)
+    cfg = model.config
+    layout = KVLayout(model_id, num_layers=cfg.num_hidden_layers,
+                      num_kv_heads=cfg.num_key_value_heads,
+                      head_dim=getattr(cfg, "head_dim", None)
+                      or cfg.hidden_size // cfg.num_attention_heads, dtype="bfloat16")
+    chunks, evals = [], []
+    for w in windows:
+        chunk, ref = _chunk_and_logits(model, w)
+        ids = torch.tensor([w[: PREFIX + CONT]])
+        chunks.append(chunk)
+        evals.append((ids, ref, ids[0, PREFIX : PREFIX + CONT]))
+    repeat = 2 if quick else 3
+    codecs: list[tuple[str, Codec]] = [(n, get_codec(n)) for n in CODECS]
+    codecs.insert(2, ("zstd-noshuffle", ZstdCodec(shuffle=False)))
+    records = [_codec_record(n, c, chunks, layout, evals, model, repeat) for n, c in codecs]
+    lm = _lmcache(chunks, evals, model, layout, notes)
+    if lm is not None:
+        records.append(lm)
+    disk = _disk_read_gbps((64 if quick else 256) << 20)
+    _effective_bw(records, {**LINKS_GBIT, "disk": disk})
+    for r in records:
+        for k in [k for k in r if k.startswith("_")]:
+            del r[k]
+    rows = []
+    for r in records:
+        goal_bits = 4.0 if r["name"] == "cachegen" else None
+        rows.append({"figure": "size vs int8/token", "shape": f"{len(chunks)}x{PREFIX} tok",
+                     "variant": r["name"], "unit": "bits/elem", "value": r["bits_per_element"],
+                     "baseline": "int8 per-token", "baseline_value": 8 + 32 / layout.head_dim,
+                     "ratio": r["ratio_vs_int8"], "goal": goal_bits})
+        rows.append({"figure": "disk load bw vs raw", "shape": f"{len(chunks)}x{PREFIX} tok",
+                     "variant": r["name"], "unit": "GB/s",
+                     "value": r["effective_bw_gb_s"]["disk"], "baseline": "raw",
+                     "baseline_value": records[0]["effective_bw_gb_s"]["disk"],
+                     "ratio": r["effective_bw_vs_raw"]["disk"], "goal": None})
+    return {
+        "benchmark": "codecs",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {"hostname": platform.node(), "cpu": platform.processor() or "?",
+                    "cpus": os.cpu_count()},
+        "method": {
+            "kv": f"{model_id}: {len(chunks)} held-out windows, KV of {PREFIX} prefix tokens "
+                  f"as bf16 chunks, fidelity over the next {CONT} tokens",
+            "sizes": "all tensors + JSON params; int8 per-token = 8 + 32/head_dim bits",
+            "timing": "best of N, one thread, CPU; decode = whole chunk",
+            "disk": f"plain sequential read, page cache dropped: {disk:.2f} GB/s",
+        },
+        "notes": notes,
+        "rows": rows,
+        "records": records,
+    }
+
+
+if __name__ == "__main__":
+    json.dump(run(quick="--quick" in sys.argv), sys.stdout, indent=1)
