@@ -7,6 +7,11 @@ store's business; the connector asks the store four questions (``longest_prefix`
 transformers caches keys *after* RoPE, so every chunk is put with
 ``rope_start=chunk.start``: the positions its keys were rotated at. Prefix reuse puts
 them back at exactly those positions, so no shift is needed here.
+
+With a ``TieredStore`` the prefix is loaded layer by layer through ``LayerLoader``: CPU-tier
+chunks are read zero-copy, and layer ``i + 1`` is decoded and copied to the model's device
+while layer ``i`` is appended to the ``DynamicCache``. Other ``ChunkStore``s go through
+``get_many``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import torch
 
 from kvcache.kvstore.errors import KVCacheError, LayoutMismatchError
 from kvcache.kvstore.keys import DEFAULT_CHUNK_SIZE, Chunk, chunk_tokens
+from kvcache.kvstore.layer_loader import LayerLoader, LayerLoadError
 from kvcache.kvstore.layout import DTYPE_NAMES, AttentionKind, KVLayout, RopeSpec, RopeStyle
+from kvcache.kvstore.tiered_store import TieredStore
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
@@ -310,6 +317,8 @@ class HFConnector:
         return sum(c.num_tokens for c in todo)
 
     def _load(self, chunks: Sequence[Chunk]) -> tuple[DynamicCache | None, int, dict[str, int]]:
+        if isinstance(self.store, TieredStore):
+            return self._load_layerwise(self.store, chunks)
         tensors, hits = cached_prefix(self.store, chunks, self.layout)
         if not tensors:
             return None, 0, hits
@@ -320,6 +329,46 @@ class HFConnector:
             return None, 0, hits
         cache = canonical_to_cache(kv[:, :, :reuse], self.model.config, self.device, self.dtype)
         return cache, reuse, hits
+
+    def _load_layerwise(
+        self, store: TieredStore, chunks: Sequence[Chunk]
+    ) -> tuple[DynamicCache | None, int, dict[str, int]]:
+        """The cached prefix through ``LayerLoader``, one ``DynamicCache`` layer at a time."""
+        from transformers import DynamicCache
+
+        keys = [c.prefix_key for c in chunks]
+        n = store.longest_prefix(keys)
+        if n == 0:
+            return None, 0, {}
+        try:
+            with LayerLoader(store, keys[:n], self.layout, device=self.device,
+                             partial=True) as loader:
+                # Prefix keys hash the tokens, so only a corrupt header could disagree;
+                # never serve bytes that do not fit.
+                sizes = [c.num_tokens for c in chunks[: loader.num_chunks]]
+                if loader.chunk_tokens != sizes:
+                    log.warning("cached chunk sizes %s do not match the prompt's %s",
+                                loader.chunk_tokens, sizes)
+                    return None, 0, {}
+                hits: dict[str, int] = {}
+                for tier in loader.tiers:
+                    hits[tier] = hits.get(tier, 0) + 1
+                # The model must see at least one token to produce next-token logits.
+                reuse = min(loader.num_tokens, chunks[-1].end - 1)
+                if reuse <= 0:
+                    return None, 0, hits
+                cache = DynamicCache(config=self.model.config)
+                for i in range(self.layout.num_layers):
+                    kv = loader.wait_for_layer(i)[:, :reuse]  # [2, P, kv_heads, head_dim]
+                    k, v = kv.permute(0, 2, 1, 3).unsqueeze(1)  # [1, kv_heads, P, head_dim]
+                    # update() concatenates onto an empty layer: the one copy out of the
+                    # loader's buffer, which is freed when the loader closes.
+                    cache.update(k, v, i)
+                return cache, reuse, hits
+        except LayerLoadError as e:
+            # Recomputing is always correct; a half-loaded cache never is.
+            log.warning("loading a cached prefix failed, recomputing it: %s", e)
+            return None, 0, {}
 
     def load_prefix(
         self, input_ids: torch.Tensor | Sequence[int]

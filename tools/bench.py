@@ -27,6 +27,8 @@ from kvcache.kvstore.errors import KVCacheError
 # name -> module that implements it; add new benchmarks here.
 BENCHMARKS: dict[str, str] = {
     "store": "kvcache.tools.bench_store",
+    "transfer": "kvcache.tools.bench_transfer",
+    "codecs": "kvcache.tools.bench_codecs",
 }
 
 
