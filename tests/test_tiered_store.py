@@ -166,7 +166,7 @@ def test_bad_puts_change_nothing(tmp_path, layout):
 
 
 def test_unknown_codec_is_a_typed_error(tmp_path):
-    with pytest.raises(UnknownCodecError, match="known codecs: .*raw"):
+    with pytest.raises(UnknownCodecError, match=r"known codecs: .*raw"):
         TieredStore([CpuTier(1024)], codecs=["zip9000"])
 
 
