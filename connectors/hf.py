@@ -16,6 +16,7 @@ while layer ``i`` is appended to the ``DynamicCache``. Other ``ChunkStore``s go 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from kvcache.connectors.hf_layerwise_cache import LayerwiseCache
 from kvcache.kvstore.errors import KVCacheError, LayoutMismatchError
 from kvcache.kvstore.keys import DEFAULT_CHUNK_SIZE, Chunk, chunk_tokens
 from kvcache.kvstore.layer_loader import LayerLoader, LayerLoadError
@@ -316,9 +318,13 @@ class HFConnector:
                 self.store.put(c.prefix_key, kv, self.layout, rope_start=c.start)
         return sum(c.num_tokens for c in todo)
 
-    def _load(self, chunks: Sequence[Chunk]) -> tuple[DynamicCache | None, int, dict[str, int]]:
+    def _load(
+        self, chunks: Sequence[Chunk], stack: contextlib.ExitStack
+    ) -> tuple[DynamicCache | None, int, dict[str, int]]:
+        """The cached prefix, its length and hits per tier. A layer-wise load stays open in
+        ``stack`` so its later layers can arrive during the forward pass."""
         if isinstance(self.store, TieredStore):
-            return self._load_layerwise(self.store, chunks)
+            return self._load_layerwise(self.store, chunks, stack)
         tensors, hits = cached_prefix(self.store, chunks, self.layout)
         if not tensors:
             return None, 0, hits
@@ -331,40 +337,33 @@ class HFConnector:
         return cache, reuse, hits
 
     def _load_layerwise(
-        self, store: TieredStore, chunks: Sequence[Chunk]
+        self, store: TieredStore, chunks: Sequence[Chunk], stack: contextlib.ExitStack
     ) -> tuple[DynamicCache | None, int, dict[str, int]]:
-        """The cached prefix through ``LayerLoader``, one ``DynamicCache`` layer at a time."""
-        from transformers import DynamicCache
-
+        """The cached prefix as a ``LayerwiseCache``: layer 0 is loaded now, the others
+        while the model computes the layers before them."""
         keys = [c.prefix_key for c in chunks]
         n = store.longest_prefix(keys)
         if n == 0:
             return None, 0, {}
+        loader = stack.enter_context(
+            LayerLoader(store, keys[:n], self.layout, device=self.device, partial=True)
+        )
+        # Prefix keys hash the tokens, so only a corrupt header could disagree; never
+        # serve bytes that do not fit.
+        sizes = [c.num_tokens for c in chunks[: loader.num_chunks]]
+        if loader.chunk_tokens != sizes:
+            log.warning("cached chunk sizes %s do not match the prompt's %s",
+                        loader.chunk_tokens, sizes)
+            return None, 0, {}
+        hits: dict[str, int] = {}
+        for tier in loader.tiers:
+            hits[tier] = hits.get(tier, 0) + 1
+        # The model must see at least one token to produce next-token logits.
+        reuse = min(loader.num_tokens, chunks[-1].end - 1)
+        if reuse <= 0:
+            return None, 0, hits
         try:
-            with LayerLoader(store, keys[:n], self.layout, device=self.device,
-                             partial=True) as loader:
-                # Prefix keys hash the tokens, so only a corrupt header could disagree;
-                # never serve bytes that do not fit.
-                sizes = [c.num_tokens for c in chunks[: loader.num_chunks]]
-                if loader.chunk_tokens != sizes:
-                    log.warning("cached chunk sizes %s do not match the prompt's %s",
-                                loader.chunk_tokens, sizes)
-                    return None, 0, {}
-                hits: dict[str, int] = {}
-                for tier in loader.tiers:
-                    hits[tier] = hits.get(tier, 0) + 1
-                # The model must see at least one token to produce next-token logits.
-                reuse = min(loader.num_tokens, chunks[-1].end - 1)
-                if reuse <= 0:
-                    return None, 0, hits
-                cache = DynamicCache(config=self.model.config)
-                for i in range(self.layout.num_layers):
-                    kv = loader.wait_for_layer(i)[:, :reuse]  # [2, P, kv_heads, head_dim]
-                    k, v = kv.permute(0, 2, 1, 3).unsqueeze(1)  # [1, kv_heads, P, head_dim]
-                    # update() concatenates onto an empty layer: the one copy out of the
-                    # loader's buffer, which is freed when the loader closes.
-                    cache.update(k, v, i)
-                return cache, reuse, hits
+            return LayerwiseCache(self.model.config, loader, reuse), reuse, hits
         except LayerLoadError as e:
             # Recomputing is always correct; a half-loaded cache never is.
             log.warning("loading a cached prefix failed, recomputing it: %s", e)
@@ -379,8 +378,33 @@ class HFConnector:
         with ``P <= T - 1``: at least one token is always left to prefill. ``(None, 0)``
         on a miss.
         """
-        cache, reuse, _ = self._load(self.chunks(input_ids))
+        with contextlib.ExitStack() as stack:
+            cache, reuse, _ = self._load(self.chunks(input_ids), stack)
+            if isinstance(cache, LayerwiseCache):
+                try:
+                    cache.fill_all()  # the caller uses it outside our forward pass
+                except LayerLoadError as e:
+                    log.warning("loading a cached prefix failed: %s", e)
+                    return None, 0
         return cache, reuse
+
+    def _forward(self, tokens: list[int], cache: DynamicCache | None, reuse: int) -> Any:
+        """Run the model on ``tokens[reuse:]`` after a cache holding ``tokens[:reuse]``."""
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([tokens[reuse:]], dtype=torch.long, device=self.device)
+        # Positions continue after the reused prefix: the cached keys were rotated at
+        # 0..reuse-1, the new ones must be rotated at reuse..T-1.
+        positions = torch.arange(reuse, len(tokens), device=self.device).unsqueeze(0)
+        return self.model(
+            input_ids=ids,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
 
     def prefill(self, input_ids: torch.Tensor | Sequence[int]) -> PrefillResult:
         """Prefill a prompt, reusing its cached prefix, and store the chunks it computed.
@@ -392,23 +416,16 @@ class HFConnector:
             raise ValueError("prefill needs at least one token")
         chunks = chunk_tokens(self.layout.fingerprint, tokens, self.chunk_size)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            cache, reuse, hits = self._load(chunks)
-            if cache is None:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=self.model.config)
-            ids = torch.tensor([tokens[reuse:]], dtype=torch.long, device=self.device)
-            # Positions continue after the reused prefix: the cached keys were rotated at
-            # 0..reuse-1, the new ones must be rotated at reuse..T-1.
-            positions = torch.arange(reuse, len(tokens), device=self.device).unsqueeze(0)
-            out = self.model(
-                input_ids=ids,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            cache, reuse, hits = self._load(chunks, stack)
+            try:
+                out = self._forward(tokens, cache, reuse)
+            except LayerLoadError as e:
+                # A layer of the prefix failed to load mid-forward: recompute the request
+                # from scratch rather than attend to a half-loaded prefix.
+                log.warning("loading a cached prefix failed, recomputing it: %s", e)
+                cache, reuse, hits = None, 0, {}
+                out = self._forward(tokens, None, 0)
             logits = out.logits[0, -1].float()
         ttft = time.perf_counter() - t0
         # Chunks wholly inside the reused prefix came from the store; the rest may be new

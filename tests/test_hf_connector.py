@@ -351,3 +351,52 @@ def test_half_precision_kv_round_trips_exactly(dtype: torch.dtype):
     # (observed: identical on these tiny models); allow a few half-precision ulps.
     res = conn.prefill([*ids, 3])
     torch.testing.assert_close(res.logits, full_logits(model, [*ids, 3]), atol=2e-2, rtol=2e-2)
+
+
+def test_prefix_layers_arrive_while_the_model_computes(monkeypatch):
+    """Layer i of the reused prefix is waited for only when the forward pass reaches
+    layer i, so later layers load while earlier ones compute."""
+    from kvcache.kvstore.layer_loader import LayerLoader
+
+    model = build_model("llama", num_hidden_layers=4)
+    conn = HFConnector(model, TieredStore.in_memory(1 << 24), chunk_size=CHUNK, model_id="m")
+    ids = prompt(50)
+    conn.prefill(ids)
+    events: list[tuple[str, int]] = []
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: events.append(("compute", i)))
+    real_wait = LayerLoader.wait_for_layer
+
+    def wait(self, i, *a, **kw):
+        events.append(("wait", i))
+        return real_wait(self, i, *a, **kw)
+
+    monkeypatch.setattr(LayerLoader, "wait_for_layer", wait)
+    res = conn.prefill(ids + prompt(5, seed=3))
+    assert res.reused_tokens == 48
+    assert events[0] == ("wait", 0)  # masks are sized from layer 0 before layer 0 runs
+    for i in range(1, 4):
+        assert events.index(("compute", i)) < events.index(("wait", i))
+    torch.testing.assert_close(res.logits, full_logits(model, ids + prompt(5, seed=3)),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_a_layer_failing_mid_forward_recomputes_the_request(monkeypatch, caplog):
+    from kvcache.kvstore.layer_loader import LayerLoader, LayerLoadError
+
+    model = build_model("llama", num_hidden_layers=4)
+    conn = HFConnector(model, TieredStore.in_memory(1 << 24), chunk_size=CHUNK, model_id="m")
+    ids = prompt(50)
+    conn.prefill(ids)
+    real_wait = LayerLoader.wait_for_layer
+
+    def wait(self, i, *a, **kw):
+        if i == 2:
+            raise LayerLoadError("layer 2: injected read failure")
+        return real_wait(self, i, *a, **kw)
+
+    monkeypatch.setattr(LayerLoader, "wait_for_layer", wait)
+    res = conn.prefill(ids)
+    assert (res.reused_tokens, res.computed_tokens) == (0, 50)
+    assert "recomputing" in caplog.text
+    torch.testing.assert_close(res.logits, full_logits(model, ids), atol=ATOL, rtol=RTOL)
