@@ -172,10 +172,8 @@ class VllmMlaLayout:
 
 
 @dataclass(frozen=True)
-class SglangLayerFirstLayout:
-    """SGLang ``MHATokenToKVPool``: per layer a K and a V buffer, each ``[N * B, H, D]``
-    indexed by token slot; ``page_size`` (``B``) only groups slots into pages.
-    Engine KV: ``(k_buffers, v_buffers)``, two sequences of ``num_layers`` tensors."""
+class _SglangPages:
+    """What both SGLang pools share: ``num_pages`` pages of ``page_size`` token slots."""
 
     num_layers: int
     num_pages: int
@@ -198,6 +196,13 @@ class SglangLayerFirstLayout:
     @property
     def has_v(self) -> bool:
         return True
+
+
+@dataclass(frozen=True)
+class SglangLayerFirstLayout(_SglangPages):
+    """SGLang ``MHATokenToKVPool``: per layer a K and a V buffer, each ``[N * B, H, D]``
+    indexed by token slot; ``page_size`` (``B``) only groups slots into pages.
+    Engine KV: ``(k_buffers, v_buffers)``, two sequences of ``num_layers`` tensors."""
 
     @property
     def buffer_shape(self) -> tuple[int, ...]:
@@ -224,31 +229,9 @@ class SglangLayerFirstLayout:
 
 
 @dataclass(frozen=True)
-class SglangPageFirstLayout:
+class SglangPageFirstLayout(_SglangPages):
     """SGLang HiCache page-first host pool: one tensor ``[2, N, L, B, H, D]`` so that a
     page's KV for every layer is contiguous (``B == 1``: ``[2, slots, L, H, D]``)."""
-
-    num_layers: int
-    num_pages: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int = 1
-
-    @property
-    def block_size(self) -> int:
-        return self.page_size
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_pages * self.page_size
-
-    @property
-    def num_heads(self) -> int:
-        return self.num_kv_heads
-
-    @property
-    def has_v(self) -> bool:
-        return True
 
     @property
     def shape(self) -> tuple[int, ...]:
