@@ -98,11 +98,6 @@ def offsets(t: torch.Tensor, n: int, total: int, codec: str, name: str) -> list[
     return out
 
 
-def layer_index(layer: int, layout: KVLayout) -> None:
-    if not 0 <= layer < layout.num_layers:
-        raise IndexError(f"layer {layer} out of range [0, {layout.num_layers})")
-
-
 def check_chunk(chunk: torch.Tensor, layout: KVLayout, codec: str, *, mla_ok: bool) -> int:
     """Validate an input chunk; returns its token count."""
     if layout.is_mla and not mla_ok:

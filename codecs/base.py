@@ -29,6 +29,18 @@ class Codec(abc.ABC):
         Returns (named tensors, JSON-serialisable params)."""
 
     @abc.abstractmethod
+    def decode_layers(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        params: Mapping[str, Any],
+        layout: KVLayout,
+        num_tokens: int,
+        layers: range,
+    ) -> torch.Tensor:
+        """Layers ``layers`` of the chunk of ``num_tokens`` tokens:
+        ``[len(layers), 2, tokens, kv_heads, head_dim]`` (MLA ``[len(layers), tokens,
+        latent_dim]``). Codecs that store layers independently touch only their bytes."""
+
     def decode(
         self,
         tensors: Mapping[str, torch.Tensor],
@@ -37,6 +49,7 @@ class Codec(abc.ABC):
         num_tokens: int,
     ) -> torch.Tensor:
         """Inverse of ``encode``: the canonical chunk of ``num_tokens`` tokens."""
+        return self.decode_layers(tensors, params, layout, num_tokens, range(layout.num_layers))
 
     def decode_layer(
         self,
@@ -46,11 +59,8 @@ class Codec(abc.ABC):
         num_tokens: int,
         layer: int,
     ) -> torch.Tensor:
-        """One layer of the chunk: ``[2, tokens, kv_heads, head_dim]`` (MLA
-        ``[tokens, latent_dim]``), so loading can stream layer by layer.
-
-        This default decodes the whole chunk; codecs whose layers are stored independently
-        override it to touch only that layer's bytes.
-        """
-        return self.decode(tensors, params, layout, num_tokens)[layer]
-
+        """One layer: ``[2, tokens, kv_heads, head_dim]`` (MLA ``[tokens, latent_dim]``), so
+        loading can stream layer by layer."""
+        if not 0 <= layer < layout.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {layout.num_layers})")
+        return self.decode_layers(tensors, params, layout, num_tokens, range(layer, layer + 1))[0]

@@ -394,26 +394,16 @@ class CacheGenCodec(Codec):
                 f.result()
         return out
 
-    def decode(
+    def decode_layers(
         self,
         tensors: Mapping[str, torch.Tensor],
         params: Mapping[str, Any],
         layout: KVLayout,
         num_tokens: int,
+        layers: range,
     ) -> torch.Tensor:
-        out = torch.empty(layout.chunk_shape(num_tokens), dtype=layout.torch_dtype)
-        return self.decode_into(
-            tensors, params, layout, num_tokens, range(layout.num_layers), out
+        out = torch.empty(
+            (len(layers), *layout.chunk_shape(num_tokens)[1:]), dtype=layout.torch_dtype
         )
+        return self.decode_into(tensors, params, layout, num_tokens, list(layers), out)
 
-    def decode_layer(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        params: Mapping[str, Any],
-        layout: KVLayout,
-        num_tokens: int,
-        layer: int,
-    ) -> torch.Tensor:
-        _check.layer_index(layer, layout)
-        out = torch.empty((1, *layout.chunk_shape(num_tokens)[1:]), dtype=layout.torch_dtype)
-        return self.decode_into(tensors, params, layout, num_tokens, [layer], out)[0]

@@ -39,27 +39,17 @@ class Fp8Codec(Codec):
         q = (x / scale[:, :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
         return {"q": q.to(torch.float8_e4m3fn), "scale": scale}, {"version": VERSION}
 
-    def decode(
+    def decode_layers(
         self,
         tensors: Mapping[str, torch.Tensor],
         params: Mapping[str, Any],
         layout: KVLayout,
         num_tokens: int,
+        layers: range,
     ) -> torch.Tensor:
         q, scale = self._parts(tensors, params, layout, num_tokens)
-        return (q.float() * scale[:, :, None, :, None]).to(layout.torch_dtype)
-
-    def decode_layer(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        params: Mapping[str, Any],
-        layout: KVLayout,
-        num_tokens: int,
-        layer: int,
-    ) -> torch.Tensor:
-        _check.layer_index(layer, layout)
-        q, scale = self._parts(tensors, params, layout, num_tokens)
-        return (q[layer].float() * scale[layer][:, None, :, None]).to(layout.torch_dtype)
+        sel = slice(layers.start, layers.stop)
+        return (q[sel].float() * scale[sel][:, :, None, :, None]).to(layout.torch_dtype)
 
     def _parts(
         self,

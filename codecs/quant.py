@@ -103,13 +103,13 @@ class QuantCodec(Codec):
         return tensors, params
 
     # -- decode ---------------------------------------------------------------------------
-    def _decode_layers(
+    def decode_layers(
         self,
         tensors: Mapping[str, torch.Tensor],
         params: Mapping[str, Any],
         layout: KVLayout,
         num_tokens: int,
-        layers: slice,
+        layers: range,
     ) -> torch.Tensor:
         """``[len(layers), 2, T, H, D]``."""
         if layout.is_mla:
@@ -135,7 +135,7 @@ class QuantCodec(Codec):
                 _check.tensor(tensors, f"{prefix}_scale", torch.float16, (L, n), self.name),
                 _check.tensor(tensors, f"{prefix}_zero", torch.float16, (L, n), self.name),
             )
-        sel = range(L)[layers]
+        sel = range(L)[layers.start : layers.stop]
         dtype = layout.torch_dtype
         device = parts["k"].packed.device
         out = torch.empty((len(sel), 2, T, H, D), dtype=dtype, device=device)
@@ -158,23 +158,3 @@ class QuantCodec(Codec):
         for i in range(len(sel)):
             decode_span(i, i + 1)
         return out
-
-    def decode(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        params: Mapping[str, Any],
-        layout: KVLayout,
-        num_tokens: int,
-    ) -> torch.Tensor:
-        return self._decode_layers(tensors, params, layout, num_tokens, slice(None))
-
-    def decode_layer(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        params: Mapping[str, Any],
-        layout: KVLayout,
-        num_tokens: int,
-        layer: int,
-    ) -> torch.Tensor:
-        _check.layer_index(layer, layout)
-        return self._decode_layers(tensors, params, layout, num_tokens, slice(layer, layer + 1))[0]

@@ -21,12 +21,13 @@ class RawCodec(Codec):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {"kv": chunk}, {}
 
-    def decode(
+    def decode_layers(
         self,
         tensors: Mapping[str, torch.Tensor],
         params: Mapping[str, Any],
         layout: KVLayout,
         num_tokens: int,
+        layers: range,
     ) -> torch.Tensor:
         kv = tensors.get("kv")
         expected = layout.chunk_shape(num_tokens)
@@ -35,4 +36,4 @@ class RawCodec(Codec):
             raise CorruptObjectError(
                 f"raw object does not hold a {expected} {layout.dtype} chunk (got {got})"
             )
-        return kv
+        return kv[layers.start : layers.stop]

@@ -62,7 +62,7 @@ class ZstdCodec(Codec):
         tensors = {"data": torch.from_numpy(data), "offsets": torch.from_numpy(offsets)}
         return tensors, {"version": VERSION, "shuffle": self.shuffle, "level": self.level}
 
-    def _layer_bytes(
+    def decode_layers(
         self,
         tensors: Mapping[str, torch.Tensor],
         params: Mapping[str, Any],
@@ -104,23 +104,3 @@ class ZstdCodec(Codec):
                 raw = unshuffle_bytes(raw, itemsize)
             out[i].view(-1).view(torch.uint8).copy_(torch.from_numpy(raw.copy()))
         return out
-
-    def decode(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        params: Mapping[str, Any],
-        layout: KVLayout,
-        num_tokens: int,
-    ) -> torch.Tensor:
-        return self._layer_bytes(tensors, params, layout, num_tokens, range(layout.num_layers))
-
-    def decode_layer(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        params: Mapping[str, Any],
-        layout: KVLayout,
-        num_tokens: int,
-        layer: int,
-    ) -> torch.Tensor:
-        _check.layer_index(layer, layout)
-        return self._layer_bytes(tensors, params, layout, num_tokens, range(layer, layer + 1))[0]

@@ -94,13 +94,10 @@ class _FailingCodec(Codec):
     def encode(self, chunk, layout):
         return self.inner.encode(chunk, layout)
 
-    def decode(self, tensors, params, layout, num_tokens):
-        return self.inner.decode(tensors, params, layout, num_tokens)
-
-    def decode_layer(self, tensors, params, layout, num_tokens, layer):
-        if layer >= self.bad:
+    def decode_layers(self, tensors, params, layout, num_tokens, layers):
+        if layers.stop > self.bad:
             raise ValueError("bit rot")
-        return super().decode_layer(tensors, params, layout, num_tokens, layer)
+        return self.inner.decode_layers(tensors, params, layout, num_tokens, layers)
 
 
 @pytest.mark.parametrize("background", [True, False])
