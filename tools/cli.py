@@ -370,6 +370,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a small, fast configuration")
     p.add_argument("--out", metavar="DIR", type=Path, help="also draw a PNG plot into DIR")
     p.set_defaults(handler=_lazy("bench", "bench"))
+
+    # The reference model: kvcache.tools.refmodel imports torch and transformers when run.
+    p = add("refmodel", help="train or evaluate the shipped reference model")
+    refmodel = p.add_subparsers(dest="refmodel_command", required=True, metavar="ACTION")
+    p = refmodel.add_parser(
+        "train", allow_abbrev=False, help="train it from the standard library (<= 15 min on CPU)"
+    )
+    p.set_defaults(parser=p, handler=_lazy("refmodel.train", "refmodel train"))
+    p.add_argument(
+        "--out", metavar="DIR", type=Path, help="checkpoint directory (default: the shipped one)"
+    )
+    p.add_argument(
+        "--minutes",
+        metavar="N",
+        type=float,
+        default=15.0,
+        help="safety budget: stop early after N minutes (default 15)",
+    )
+    p.add_argument("--seed", metavar="S", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", metavar="N", type=int, help="optimizer steps (default: the recipe's)")
+    p.add_argument("--json", action="store_true", help="no progress lines")
+    p = refmodel.add_parser(
+        "eval", parents=[as_json], allow_abbrev=False, help="held-out bits per byte and baselines"
+    )
+    p.set_defaults(parser=p, handler=_lazy("refmodel.evaluate", "refmodel eval"))
+    p.add_argument("--quick", action="store_true", help="a few held-out files only")
     return parser
 
 
