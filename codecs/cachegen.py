@@ -66,7 +66,7 @@ VERSION = 2  # 2: two's-complement symbols, 4-bit planes packed by halves
 _LOG_BIAS = 160
 _LOG_STEPS = 8  # codes per octave
 # level -> (base step, in units of sigma). Lower level = finer = more bytes.
-LEVEL_STEPS: dict[int, float] = {1: 0.25, 2: 0.5, 3: 0.8, 4: 1.2, 5: 1.7, 6: 2.4}
+LEVEL_STEPS: dict[int, float] = {1: 0.25, 2: 0.5, 3: 0.8, 4: 1.0, 5: 1.7, 6: 2.4}
 DEFAULT_LEVEL = 4
 # Layer-group allocation: the first quarter of the layers quantizes finer; V coarser than K.
 EARLY_FRACTION = 0.25
