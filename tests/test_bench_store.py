@@ -61,3 +61,19 @@ def test_cli_hands_options_to_the_benchmark(monkeypatch, capsys):
     assert cli.main(["bench", "store", "--quick", "--json"]) == 0
     assert seen["quick"] is True
     assert json.loads(capsys.readouterr().out)["benchmark"] == "store"
+
+
+def test_codecs_plot_draws_bits_against_fidelity_or_says_why_not(tmp_path):
+
+    records = [
+        {"codec": "cachegen", "level": str(i), "bits_per_element": 4.0 - i,
+         "next_token_kl": 10.0 ** -i, "top1_agreement": 1.0 - 0.01 * i}
+        for i in range(1, 4)
+    ] + [{"codec": "raw", "level": None, "bits_per_element": 16.0, "next_token_kl": 0.0,
+          "top1_agreement": 1.0}]
+    result = {"benchmark": "codecs", "date": "today", "records": records, "rows": []}
+    path = bench.plot(result, tmp_path)  # dispatches to the codecs benchmark's own plot
+    if path is None:
+        assert any("matplotlib" in n for n in result["notes"])
+    else:
+        assert path.name == "bench-codecs.png" and path.stat().st_size > 1000

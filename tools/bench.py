@@ -96,12 +96,10 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def plot(result: dict[str, Any], out_dir: Path) -> Path | None:
-    """Bar chart of every ratio with its goal to ``out_dir/bench-<name>.png``.
-
-    Returns None (with a note in ``result["notes"]``) when matplotlib is not installed: it
-    is deliberately not a dependency of kvcache.
-    """
+def pyplot(result: dict[str, Any]) -> Any:
+    """matplotlib's pyplot on a headless backend, or None (with a note in
+    ``result["notes"]``) when matplotlib is not installed: it is deliberately not a
+    dependency of kvcache (``pip install matplotlib`` to get plots)."""
     try:
         import matplotlib
 
@@ -111,6 +109,19 @@ def plot(result: dict[str, Any], out_dir: Path) -> Path | None:
         result.setdefault("notes", []).append(
             "plot skipped: matplotlib is not installed (pip install matplotlib)"
         )
+        return None
+    return plt
+
+
+def plot(result: dict[str, Any], out_dir: Path) -> Path | None:
+    """The benchmark's own plot if its module has one (``plot(result, out_dir)``), else a
+    bar chart of every ratio with its goal, to ``out_dir/bench-<name>.png``."""
+    own = getattr(load(result["benchmark"]), "plot", None)
+    if own is not None:
+        path: Path | None = own(result, out_dir)
+        return path
+    plt = pyplot(result)
+    if plt is None:
         return None
     rows = result["rows"]
     labels = [

@@ -370,3 +370,42 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 if __name__ == "__main__":
     json.dump(run(quick="--quick" in sys.argv), sys.stdout, indent=1)
+
+
+def plot(result: dict[str, Any], out_dir: Path) -> Path | None:
+    """Bits per element against fidelity (next-token KL, top-1 agreement) for every codec
+    and level, to ``out_dir/bench-codecs.png``."""
+    from kvcache.tools.bench import pyplot
+
+    plt = pyplot(result)
+    if plt is None:
+        return None
+    recs = [r for r in result["records"] if r.get("top1_agreement") is not None]
+    fig, (ax_kl, ax_top1) = plt.subplots(1, 2, figsize=(13.0, 5.0))
+    families = sorted({r["codec"] for r in recs})
+    for fam in families:
+        pts = sorted((r for r in recs if r["codec"] == fam), key=lambda r: r["bits_per_element"])
+        xs = [r["bits_per_element"] for r in pts]
+        # KL of a lossless codec is 0: plot it at a floor so the log axis can show it.
+        ax_kl.plot(xs, [max(r["next_token_kl"], 1e-7) for r in pts], "o-", label=fam)
+        ax_top1.plot(xs, [r["top1_agreement"] for r in pts], "o-", label=fam)
+        for r in pts:
+            tag = str(r.get("level") or "")
+            ax_top1.annotate(tag, (r["bits_per_element"], r["top1_agreement"]), fontsize=7)
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("next-token KL vs exact (nats, log; 1e-7 = lossless)")
+    ax_top1.set_ylabel("top-1 agreement with exact")
+    for ax in (ax_kl, ax_top1):
+        ax.set_xlabel("bits per element, all metadata included")
+        ax.grid(alpha=0.3)
+    ax_top1.axhline(0.97, color="gray", linestyle="dashed", linewidth=0.8)
+    ax_top1.legend(fontsize=8)
+    fig.suptitle(f"kvcache bench codecs — {result.get('date', '')} — "
+                 f"{result.get('method', {}).get('kv', '')[:60]}", fontsize=9)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "bench-codecs.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
