@@ -212,7 +212,7 @@ def test_bench_skips_lmcache_without_its_venv(monkeypatch, tmp_path):
 
     monkeypatch.setenv("KVCACHE_LMCACHE_PYTHON", str(tmp_path / "no-such-python"))
     notes: list[str] = []
-    assert bench_codecs._lmcache([], [], None, LAYOUT, notes) is None
+    assert bench_codecs._lmcache([], None, LAYOUT, notes) is None
     assert len(notes) == 1 and "skipped" in notes[0]
 
 

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ import torch
 from kvcache.codecs.base import Codec
 from kvcache.codecs.registry import get_codec
 from kvcache.codecs.zstd import ZstdCodec
+from kvcache.connectors.hf import cache_to_canonical
 from kvcache.kvstore.layout import KVLayout
+from kvcache.tools.fidelity import FidelityResult, continuation_logits, measure_fidelity
 
 PREFIX, CONT = 256, 64
 LINKS_GBIT = {"1gbit": 1.0, "10gbit": 10.0, "100gbit": 100.0}
@@ -77,46 +80,31 @@ def _model_and_windows(quick: bool) -> tuple[Any, list[list[int]], str, list[str
     return model, windows[: 4 if quick else 16], model_id, notes
 
 
-def _chunk_and_logits(model: Any, window: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bf16 chunk ``[L, 2, PREFIX, H, D]``, exact continuation logits ``[CONT, V]``)."""
-    ids = torch.tensor([window[: PREFIX + CONT]])
+@dataclass(frozen=True)
+class _Window:
+    """One evaluation window: the codecs compress ``chunk``, fidelity is scored on the
+    ``continuation`` against ``exact_logits`` (the uncompressed bf16 chunk's)."""
+
+    context: torch.Tensor  # [PREFIX] token ids
+    continuation: torch.Tensor  # [CONT] token ids
+    chunk: torch.Tensor  # [layers, 2, PREFIX, kv_heads, head_dim] bf16
+    exact_logits: torch.Tensor  # [CONT, vocab]
+
+
+def _window(model: Any, tokens: list[int]) -> _Window:
+    ids = torch.tensor(tokens[: PREFIX + CONT])
     with torch.no_grad():
-        out = model(ids[:, :PREFIX], use_cache=True)
-        cache = out.past_key_values
-        chunk = torch.stack([
-            torch.stack([layer.keys[0].transpose(0, 1), layer.values[0].transpose(0, 1)])
-            for layer in cache.layers
-        ]).to(torch.bfloat16)
-    return chunk, _continuation_logits(model, chunk, ids)
+        cache = model(ids[None, :PREFIX], use_cache=True).past_key_values
+    chunk = cache_to_canonical(cache, 0, PREFIX).to(torch.bfloat16)
+    cont = ids[PREFIX:]
+    return _Window(ids[:PREFIX], cont, chunk, continuation_logits(model, chunk, cont))
 
 
-def _continuation_logits(model: Any, chunk: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Logits ``[CONT, V]`` for positions PREFIX-1 .. PREFIX+CONT-2 given cached ``chunk``
-    (the last prefix token is re-fed so its prediction uses the cache too)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    kv = chunk.float()
-    for i in range(kv.shape[0]):
-        k = kv[i, 0, : PREFIX - 1].transpose(0, 1)[None]
-        v = kv[i, 1, : PREFIX - 1].transpose(0, 1)[None]
-        cache.update(k, v, i)
-    with torch.no_grad():
-        out = model(ids[:, PREFIX - 1 : PREFIX + CONT - 1], past_key_values=cache)
-    return out.logits[0].float()
-
-
-def _fidelity(ref: torch.Tensor, got: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    lp, lq = ref.log_softmax(-1), got.log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
-    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean()
-    ce = torch.nn.functional.cross_entropy
-    gap = ce(got, targets) - ce(ref, targets)
-    return {"next_token_kl": float(kl), "top1_agreement": float(top1), "loss_gap": float(gap)}
-
-
-def _nmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a.float() - b.float()) ** 2).sum() / (b.float() ** 2).sum())
+def _fidelity(model: Any, win: _Window, decoded: torch.Tensor) -> FidelityResult:
+    """The project's one set of quality measures (``kvcache.tools.fidelity``), against the
+    bf16 chunk the codec was given (so bf16 rounding is not counted as codec error)."""
+    return measure_fidelity(model, win.context, win.continuation, decoded,
+                            exact=win.chunk, exact_logits=win.exact_logits)
 
 
 def _timed(fn: Callable[[], Any], repeat: int) -> tuple[Any, float]:
@@ -144,14 +132,13 @@ def _disk_read_gbps(nbytes: int) -> float:
         return max(1, nbytes >> 20) * (1 << 20) / (time.perf_counter() - t) / 1e9
 
 
-def _codec_record(name: str, codec: Codec, chunks: list[torch.Tensor], layout: KVLayout,
-                  evals: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], model: Any,
-                  repeat: int) -> dict[str, Any]:
+def _codec_record(name: str, codec: Codec, windows: list[_Window], layout: KVLayout,
+                  model: Any, repeat: int) -> dict[str, Any]:
     enc_bytes = raw_bytes = 0
     enc_s = dec_s = 0.0
-    k_err = k_ref = v_err = v_ref = 0.0
-    fid: list[dict[str, float]] = []
-    for chunk, (ids, ref, targets) in zip(chunks, evals, strict=True):
+    fid: list[FidelityResult] = []
+    for win in windows:
+        chunk = win.chunk
         (tensors, params), te = _timed(lambda: codec.encode(chunk, layout), repeat)  # noqa: B023
         out, td = _timed(
             lambda: codec.decode(tensors, params, layout, PREFIX), repeat  # noqa: B023
@@ -160,18 +147,13 @@ def _codec_record(name: str, codec: Codec, chunks: list[torch.Tensor], layout: K
         enc_bytes += len(json.dumps(params, separators=(",", ":")))
         raw_bytes += chunk.numel() * chunk.element_size()
         enc_s, dec_s = enc_s + te, dec_s + td
-        k_err += float(((out[:, 0].float() - chunk[:, 0].float()) ** 2).sum())
-        k_ref += float((chunk[:, 0].float() ** 2).sum())
-        v_err += float(((out[:, 1].float() - chunk[:, 1].float()) ** 2).sum())
-        v_ref += float((chunk[:, 1].float() ** 2).sum())
-        fid.append(_fidelity(ref, _continuation_logits(model, out, ids), targets))
-    return _summarize(name, raw_bytes, enc_bytes, enc_s, dec_s, k_err / k_ref, v_err / v_ref,
-                      fid, layout, numel=sum(c.numel() for c in chunks))
+        fid.append(_fidelity(model, win, out))
+    return _summarize(name, raw_bytes, enc_bytes, enc_s, dec_s, fid, layout,
+                      numel=sum(w.chunk.numel() for w in windows))
 
 
 def _summarize(name: str, raw_bytes: int, enc_bytes: int, enc_s: float, dec_s: float,
-               k_nmse: float, v_nmse: float, fid: list[dict[str, float]], layout: KVLayout,
-               numel: int) -> dict[str, Any]:
+               fid: list[FidelityResult], layout: KVLayout, numel: int) -> dict[str, Any]:
     bpe = enc_bytes * 8 / numel
     int8_bits = 8 + 32 / layout.head_dim
     codec, _, level = name.partition("-")
@@ -182,15 +164,20 @@ def _summarize(name: str, raw_bytes: int, enc_bytes: int, enc_s: float, dec_s: f
         "bits_per_element": bpe,
         "ratio_vs_bf16": 16 / bpe,
         "ratio_vs_int8": int8_bits / bpe,
-        "k_nmse": k_nmse,
-        "v_nmse": v_nmse,
+        "k_nmse": _mean([f.k_nmse_mean for f in fid]),
+        "v_nmse": _mean([f.v_nmse_mean for f in fid]),
         "encode_mb_s": raw_bytes / enc_s / 1e6 if enc_s else None,
         "decode_mb_s": raw_bytes / dec_s / 1e6 if dec_s else None,
         "_raw_bytes": raw_bytes, "_enc_bytes": enc_bytes, "_dec_s": dec_s,
     }
-    for key in ("next_token_kl", "top1_agreement", "loss_gap"):
-        rec[key] = sum(f[key] for f in fid) / len(fid) if fid else None
+    rec["next_token_kl"] = _mean([f.kl_mean for f in fid])
+    rec["top1_agreement"] = _mean([f.top1_agreement for f in fid])
+    rec["loss_gap"] = _mean([f.bpb_gap for f in fid])  # relative continuation-bpb gap
     return rec
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def _effective_bw(records: list[dict[str, Any]], links_gbps: dict[str, float]) -> None:
@@ -206,8 +193,8 @@ def _effective_bw(records: list[dict[str, Any]], links_gbps: dict[str, float]) -
         r["effective_bw_gb_s"], r["effective_bw_vs_raw"] = eff, vs
 
 
-def _lmcache(chunks: list[torch.Tensor], evals: list[Any], model: Any,
-             layout: KVLayout, notes: list[str]) -> dict[str, Any] | None:
+def _lmcache(windows: list[_Window], model: Any, layout: KVLayout,
+             notes: list[str]) -> dict[str, Any] | None:
     python = Path(os.environ.get("KVCACHE_LMCACHE_PYTHON", LMCACHE_PYTHON))
     runner = Path(__file__).with_name("lmcache_cachegen_runner.py")
     if not runner.exists():
@@ -221,7 +208,8 @@ def _lmcache(chunks: list[torch.Tensor], evals: list[Any], model: Any,
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory() as d:
-        save_file({f"chunk{i}": c.contiguous() for i, c in enumerate(chunks)}, f"{d}/in.st")
+        save_file({f"chunk{i}": w.chunk.contiguous() for i, w in enumerate(windows)},
+                  f"{d}/in.st")
         proc = subprocess.run([str(python), str(runner), d], capture_output=True, text=True,
                               timeout=1800)
         if proc.returncode:
@@ -229,18 +217,11 @@ def _lmcache(chunks: list[torch.Tensor], evals: list[Any], model: Any,
             return None
         info = json.loads(Path(d, "out.json").read_text())
         decoded = load_file(f"{d}/out.st")
-    fid, k_err, k_ref, v_err, v_ref = [], 0.0, 0.0, 0.0, 0.0
-    for i, (chunk, (ids, ref, targets)) in enumerate(zip(chunks, evals, strict=True)):
-        out = decoded[f"chunk{i}"]
-        k_err += float(((out[:, 0].float() - chunk[:, 0].float()) ** 2).sum())
-        k_ref += float((chunk[:, 0].float() ** 2).sum())
-        v_err += float(((out[:, 1].float() - chunk[:, 1].float()) ** 2).sum())
-        v_ref += float((chunk[:, 1].float() ** 2).sum())
-        fid.append(_fidelity(ref, _continuation_logits(model, out.to(torch.bfloat16), ids),
-                             targets))
+    fid = [_fidelity(model, w, decoded[f"chunk{i}"].to(torch.bfloat16))
+           for i, w in enumerate(windows)]
     rec = _summarize("lmcache-cachegen", info["raw_bytes"], info["encoded_bytes"],
-                     info["encode_s"], info["decode_s"], k_err / k_ref, v_err / v_ref, fid,
-                     layout, numel=sum(c.numel() for c in chunks))
+                     info["encode_s"], info["decode_s"], fid, layout,
+                     numel=sum(w.chunk.numel() for w in windows))
     rec["codec"] = "lmcache-cachegen"
     rec["note"] = info.get("note")
     return rec
@@ -310,17 +291,13 @@ def run(quick: bool = False) -> dict[str, Any]:
                       num_kv_heads=cfg.num_key_value_heads,
                       head_dim=getattr(cfg, "head_dim", None)
                       or cfg.hidden_size // cfg.num_attention_heads, dtype="bfloat16")
-    chunks, evals = [], []
-    for w in windows:
-        chunk, ref = _chunk_and_logits(model, w)
-        ids = torch.tensor([w[: PREFIX + CONT]])
-        chunks.append(chunk)
-        evals.append((ids, ref, ids[0, PREFIX : PREFIX + CONT]))
+    wins = [_window(model, w) for w in windows]
+    chunks = [w.chunk for w in wins]
     repeat = 2 if quick else 3
     codecs: list[tuple[str, Codec]] = [(n, get_codec(n)) for n in CODECS]
     codecs.insert(2, ("zstd-noshuffle", ZstdCodec(shuffle=False)))
-    records = [_codec_record(n, c, chunks, layout, evals, model, repeat) for n, c in codecs]
-    lm = _lmcache(chunks, evals, model, layout, notes)
+    records = [_codec_record(n, c, wins, layout, model, repeat) for n, c in codecs]
+    lm = _lmcache(wins, model, layout, notes)
     if lm is not None:
         records.append(lm)
     anchor_delta = _anchor_delta_study(chunks, layout)
