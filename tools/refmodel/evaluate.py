@@ -13,6 +13,12 @@ window*:
 Tokens that are neither (short-range repeats, partial matches) count only in the total.
 The unigram baseline is the cross-entropy of the held-out bytes under the training split's
 byte frequencies (add-one smoothed).
+
+The **copy probe** (``copy_probe``) asks directly whether the model copies from far back:
+``PROBE_LETTERS`` random lowercase letters, held-out text, then the same letters again
+``PROBE_DISTANCE`` tokens after the first copy began. Letters 2 onwards of each copy are
+scored: the first copy cannot be predicted (log2(26) = 4.7 bits per byte at best); a model
+that copies predicts the second nearly for free.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -39,6 +46,10 @@ MAX_WINDOWS_PER_FILE = 8
 QUICK_WINDOWS = 6
 MIN_WINDOW = 64
 LN2 = math.log(2.0)
+PROBE_LETTERS = 200
+PROBE_DISTANCE = 400
+PROBE_TRIALS = 4
+PROBE_LEAD = 100  # held-out bytes before the first copy
 
 
 @dataclass(frozen=True)
@@ -163,27 +174,65 @@ def evaluate_heldout(
     return asdict(figures)
 
 
-def format_figures(f: dict[str, float | int | bool]) -> str:
-    return "\n".join(
-        [
-            f"held-out bits per byte   {f['heldout_bpb']:.3f}  ({f['bytes_scored']} bytes, "
-            f"{f['windows']} windows of <= {SEQ_LEN} tokens)",
-            f"unigram baseline         {f['unigram_bpb']:.3f}",
-            f"repeat-span bytes        {f['repeat_span_bpb']:.3f}  ({f['repeat_bytes']} bytes "
-            f"whose {NGRAM}-gram occurred > {REPEAT_DISTANCE} tokens earlier)",
-            f"novel bytes              {f['novel_bpb']:.3f}  ({f['novel_bytes']} bytes whose "
-            f"preceding {NGRAM}-gram is new)",
-        ]
+def copy_probe(model: PreTrainedModel, corpus: Corpus | None = None) -> dict[str, float]:
+    """Bits per byte of the first and the second copy of random letters (module docstring),
+    averaged over ``PROBE_TRIALS`` seeded trials with held-out text from the first held-out
+    file long enough to give each trial different text."""
+    corpus = load_corpus() if corpus is None else corpus
+    between = PROBE_DISTANCE - PROBE_LETTERS
+    piece = PROBE_LEAD + between
+    text = next(
+        d for d in (corpus.read(f) for f in corpus.heldout) if len(d) >= PROBE_TRIALS * piece
     )
+    was_training = model.training
+    model.eval()
+    first = second = 0.0
+    for trial in range(PROBE_TRIALS):
+        rng = random.Random(trial)
+        letters = bytes(rng.randrange(ord("a"), ord("z") + 1) for _ in range(PROBE_LETTERS))
+        lead = text[trial * piece : trial * piece + PROBE_LEAD]
+        mid = text[trial * piece + PROBE_LEAD : (trial + 1) * piece]
+        ids = [BOS_ID, *lead, *letters, *mid, *letters]
+        nats = token_nats(model, ids)  # nats[i - 1] scores ids[i]
+        a = 1 + PROBE_LEAD  # position of the first copy's first letter
+        first += float(nats[a : a + PROBE_LETTERS - 1].mean())
+        b = a + PROBE_DISTANCE
+        second += float(nats[b : b + PROBE_LETTERS - 1].mean())
+    model.train(was_training)
+    return {
+        "first_copy_bpb": round(first / PROBE_TRIALS / LN2, 4),
+        "second_copy_bpb": round(second / PROBE_TRIALS / LN2, 4),
+    }
+
+
+def format_figures(f: dict[str, float | int | bool], probe: dict[str, float] | None = None) -> str:
+    lines = [
+        f"held-out bits per byte   {f['heldout_bpb']:.3f}  ({f['bytes_scored']} bytes, "
+        f"{f['windows']} windows of <= {SEQ_LEN} tokens)",
+        f"unigram baseline         {f['unigram_bpb']:.3f}",
+        f"repeat-span bytes        {f['repeat_span_bpb']:.3f}  ({f['repeat_bytes']} bytes "
+        f"whose {NGRAM}-gram occurred > {REPEAT_DISTANCE} tokens earlier)",
+        f"novel bytes              {f['novel_bpb']:.3f}  ({f['novel_bytes']} bytes whose "
+        f"preceding {NGRAM}-gram is new)",
+    ]
+    if probe is not None:
+        lines.append(
+            f"copy probe               {probe['first_copy_bpb']:.3f} first copy, "
+            f"{probe['second_copy_bpb']:.3f} second ({PROBE_LETTERS} random letters said "
+            f"again {PROBE_DISTANCE} tokens later)"
+        )
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
     from kvcache.tools.refmodel import load_reference_model
 
     model, _ = load_reference_model()
-    figures = evaluate_heldout(model, quick=args.quick)
+    corpus = load_corpus()
+    figures = evaluate_heldout(model, corpus, quick=args.quick)
+    probe = copy_probe(model, corpus)
     if args.json:
-        print(json.dumps(figures, indent=2))
+        print(json.dumps({**figures, "copy_probe": probe}, indent=2))
     else:
-        print(format_figures(figures))
+        print(format_figures(figures, probe))
     return 0

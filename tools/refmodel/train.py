@@ -206,7 +206,7 @@ def environment() -> dict[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from kvcache.tools.refmodel.evaluate import evaluate_heldout, format_figures
+    from kvcache.tools.refmodel.evaluate import copy_probe, evaluate_heldout, format_figures
 
     overrides = {"steps": args.steps} if args.steps else {}
     cfg = TrainConfig(seed=args.seed, minutes=args.minutes, **overrides)
@@ -227,10 +227,13 @@ def main(args: argparse.Namespace) -> int:
     saved = load_checkpoint(out)
     full_log["heldout_eval"] = evaluate_heldout(saved, corpus)
     full_log["heldout_eval_quick"] = evaluate_heldout(saved, corpus, quick=True)
+    full_log["copy_probe"] = copy_probe(saved, corpus)
     save_checkpoint(model, out, full_log)
     if args.json:
-        print(json.dumps(full_log["heldout_eval"], indent=2))
+        print(
+            json.dumps({**full_log["heldout_eval"], "copy_probe": full_log["copy_probe"]}, indent=2)
+        )
     else:
-        print(format_figures(full_log["heldout_eval"]))
+        print(format_figures(full_log["heldout_eval"], full_log["copy_probe"]))
         print(f"wrote {out}")
     return 0
