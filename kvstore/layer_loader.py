@@ -125,15 +125,17 @@ class LayerLoader:
             # evicted or overwritten until the last layer has been copied out.
             for i, key in enumerate(keys):
                 obj = self._borrows.enter_context(top.borrow(key))
-                if obj is not None and not _expired(store, obj):
+                if obj is not None and not store.expired(obj.header):
                     objs[i], where[i] = obj, top.name
             store.counters.lookups += sum(o is not None for o in objs)
             store.counters.hits += sum(o is not None for o in objs)
         missing = [i for i, o in enumerate(objs) if o is None]
         if missing:
             tiers = [store.where(keys[i]) for i in missing]  # before a read promotes it
-            for i, obj, tier in zip(missing, store.get_objects([keys[i] for i in missing]),
-                                    tiers, strict=True):
+            # The top tier was just asked (borrowed above): start below it.
+            first = 1 if isinstance(top, CpuTier) else 0
+            got = store.get_objects([keys[i] for i in missing], from_tier=first)
+            for i, obj, tier in zip(missing, got, tiers, strict=True):
                 objs[i], where[i] = obj, tier or "unknown"
         out: list[StoredObject] = []
         for key, obj in zip(keys, objs, strict=True):
@@ -297,7 +299,3 @@ class LayerLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _expired(store: TieredStore, obj: StoredObject) -> bool:
-    return store.ttl_s is not None and time.time() - obj.header.created_at > store.ttl_s

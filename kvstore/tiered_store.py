@@ -249,19 +249,25 @@ class TieredStore:
         for i, (key, chunk) in enumerate(items):
             self.put(key, chunk, layout, rope_start=0 if rope_starts is None else rope_starts[i])
 
-    def _expired(self, header: ObjectHeader) -> bool:
+    def expired(self, header: ObjectHeader) -> bool:
+        """True when ``header``'s object is older than the store's TTL."""
         return self.ttl_s is not None and time.time() - header.created_at > self.ttl_s
 
-    def get_objects(self, keys: Sequence[str]) -> list[StoredObject | None]:
+    def get_objects(
+        self, keys: Sequence[str], *, from_tier: int = 0
+    ) -> list[StoredObject | None]:
         """Stored objects from the fastest tier holding each key, in order (None: miss).
 
         Each tier is asked once for all keys still missing, so a slow tier reads them
-        concurrently; hits in a lower tier are promoted to the top tier.
+        concurrently; hits in a lower tier are promoted to the top tier. ``from_tier``
+        skips the tiers above it (a caller that already asked them).
         """
         out: list[StoredObject | None] = [None] * len(keys)
         pending = list(range(len(keys)))
         self.counters.lookups += len(keys)
         for i, tier in enumerate(self.tiers):
+            if i < from_tier:
+                continue
             if not pending:
                 break
             got = tier.get_many([keys[j] for j in pending])
@@ -269,7 +275,7 @@ class TieredStore:
             for j, obj in zip(pending, got, strict=True):
                 if obj is None:
                     still.append(j)
-                elif self._expired(obj.header):
+                elif self.expired(obj.header):
                     self.counters.expired += 1
                     self.delete(keys[j], force=True)
                 else:

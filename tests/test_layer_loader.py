@@ -196,3 +196,16 @@ def test_hf_connector_recomputes_when_a_layer_fails(monkeypatch, caplog):
     res = conn.prefill(ids)
     assert res.reused_tokens == 0 and "recomputing it" in caplog.text
     torch.testing.assert_close(res.logits, first.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_chunks_on_disk_are_asked_of_the_cpu_tier_once(tmp_path):
+    store, keys, whole = filled_store([CpuTier(1 << 22), DiskTier(tmp_path / "d", 1 << 22)])
+    store.flush()
+    for k in keys[1:]:  # leave only the first chunk in CPU memory
+        store.tiers[0].delete(k)
+    before = store.tiers[0].stats()
+    with LayerLoader(store, keys, LAYOUT) as loader:
+        assert torch.equal(loader.wait_all(), whole)
+        assert loader.tiers == ["cpu", *["disk"] * (len(keys) - 1)]
+    after = store.tiers[0].stats()
+    assert after.misses - before.misses == len(keys) - 1
