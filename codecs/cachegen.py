@@ -62,6 +62,7 @@ import zstandard
 
 from kvcache.codecs import _check
 from kvcache.codecs.base import Codec
+from kvcache.kernels import cpu_native
 from kvcache.kvstore.errors import CorruptObjectError
 from kvcache.kvstore.layout import KVLayout
 
@@ -231,18 +232,24 @@ def _decode_layer_into(p: _Parsed, f: _Factors, i: int, layer: int, out: torch.T
     n = T * C
     half = (n + 1) // 2
     dctx, z, zmem, x = _buffers(n)
+    native = cpu_native.library() if out.dtype in cpu_native.OUT_KINDS else None
     for kv in (0, 1):
         pl = 2 * layer + kv
+        bits = p.sym_bits[pl]
         frame = p.sym[p.sym_off[pl] : p.sym_off[pl + 1]]
-        if p.sym_bits[pl] == 4:
-            # the packed bytes land in z[:half]; high nibbles (z[half:]) are taken out
+        _inflate_into(dctx, frame, zmem[:half] if bits == 4 else zmem, pl)
+        if native is not None:
+            # one pass: unpack + mu + z * delta + cast, straight into the output
+            delta, group = (f.k_delta[i], 0) if kv == 0 else (f.v_delta[i], D)
+            cpu_native.dequant_plane(native, z, bits, f.mu[i, kv], delta, group,
+                                     out[kv].view(T, C))
+            continue
+        if bits == 4:
+            # the packed bytes are in z[:half]; high nibbles (z[half:]) are taken out
             # first, then the low ones in place; arithmetic shifts sign-extend the
             # two's-complement nibbles
-            _inflate_into(dctx, frame, zmem[:half], pl)
             torch.bitwise_right_shift(z[: n - half], 4, out=z[half:])
             z[:half].bitwise_left_shift_(4).bitwise_right_shift_(4)
-        else:
-            _inflate_into(dctx, frame, zmem, pl)
         x.copy_(z)
         if kv == 0:
             xv = x.view(T, C)

@@ -1,0 +1,218 @@
+"""Small C kernels for hot CPU loops that torch can only run as several passes.
+
+Eager torch runs ``x = mu + z * delta`` over int8 symbols as widen -> fused multiply-add ->
+cast to bf16: three passes over the plane, each through torch's per-op dispatch. A C loop
+does it in one pass (the compiler vectorises it) and writes bf16 directly, and it runs
+without the GIL (``ctypes`` releases it), so several threads can decode layers at once.
+
+The source below is compiled once per machine with the system C compiler (``cc``, or
+``$CC``) into ``$KVCACHE_DIR/native/`` (default ``~/.cache/kvcache/native``), keyed by a
+hash of the source, the flags and the CPU, and loaded with ``ctypes``: no build step at
+install time and no Python headers. Where no compiler works, ``library()`` returns None and
+callers keep their torch path (``KVCACHE_NATIVE=0`` forces that). Every kernel here has a
+torch reference that tests compare it with.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kvcache.kvstore.config import default_store_dir
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* float -> bfloat16 bits, round to nearest even (torch's rounding; inputs are finite) */
+static inline uint16_t bf16_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* float -> float16 bits, round to nearest even (finite inputs; overflow -> inf) */
+static inline uint16_t f16_bits(float f) {
+    _Float16 h = (_Float16)f;
+    uint16_t b;
+    memcpy(&b, &h, 2);
+    return b;
+}
+
+enum { FULL, LOW, HIGH };      /* where a row's symbols sit in the bytes */
+enum { BF16, F16, F32 };       /* output dtype */
+
+static inline __attribute__((always_inline)) int8_t sym_at(const int8_t *s, int64_t c,
+                                                           int mode) {
+    return mode == FULL ? s[c] : mode == LOW ? (int8_t)(s[c] << 4) >> 4 : s[c] >> 4;
+}
+
+static inline __attribute__((always_inline)) void put(void *out, int64_t i, float v,
+                                                      int kind) {
+    if (kind == BF16) ((uint16_t *)out)[i] = bf16_bits(v);
+    else if (kind == F16) ((uint16_t *)out)[i] = f16_bits(v);
+    else ((float *)out)[i] = v;
+}
+
+/* One row (token) of C values; mode/kind/per-channel are compile-time constants at every
+ * call site, so each instance is a branch-free loop the compiler vectorises. */
+static inline __attribute__((always_inline)) void row(
+        const int8_t *s, int mode, const float *mu, const float *dk, const float *dv,
+        int64_t C, int64_t D, void *out, int64_t base, int kind) {
+    if (dk) {
+        for (int64_t c = 0; c < C; c++)
+            put(out, base + c, mu[c] + (float)sym_at(s, c, mode) * dk[c], kind);
+    } else {
+        for (int64_t h = 0; h < C / D; h++) {
+            const float d = dv[h];
+            for (int64_t e = h * D; e < (h + 1) * D; e++)
+                put(out, base + e, mu[e] + (float)sym_at(s, e, mode) * d, kind);
+        }
+    }
+}
+
+#define ROW_KIND(src, mode, dk, dv)                                            \
+    switch (out_kind) {                                                        \
+    case BF16: row(src, mode, mu, dk, dv, C, D, out, i0, BF16); break;         \
+    case F16: row(src, mode, mu, dk, dv, C, D, out, i0, F16); break;           \
+    default: row(src, mode, mu, dk, dv, C, D, out, i0, F32); break;            \
+    }
+#define ROW(src, mode)                                                         \
+    if (per_token_group) { ROW_KIND(src, mode, (const float *)0, dv) }        \
+    else { ROW_KIND(src, mode, delta, (const float *)0) }
+
+/*
+ * One plane of cachegen symbols -> values: out[t, c] = mu[c] + z[t, c] * delta, with
+ * delta = delta[c] (per_token_group == 0: K, per channel) or delta[(t * C + c) / group]
+ * (V: per token and head, group = head_dim, which divides C). Symbols are int8 (bits 8)
+ * or 4-bit pairs (bits 4): byte i holds z[i] in its low and z[i + half] in its high
+ * nibble, half = ceil(n / 2), two's complement. out_kind: 0 bf16, 1 fp16, 2 fp32.
+ */
+void kvc_dequant_plane(const int8_t *sym, int bits, int64_t T, int64_t C,
+                       const float *mu, const float *delta, int64_t per_token_group,
+                       void *out, int out_kind) {
+    const int64_t n = T * C, half = (n + 1) / 2;
+    const int64_t D = per_token_group ? per_token_group : C;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t i0 = t * C, i1 = i0 + C;
+        const float *dv = per_token_group ? delta + i0 / per_token_group : 0;
+        if (bits == 8) { ROW(sym + i0, FULL) }
+        else if (i1 <= half) { ROW(sym + i0, LOW) }
+        else if (i0 >= half) { ROW(sym + i0 - half, HIGH) }
+        else {  /* the row the two halves meet in (odd T * C / 2 boundary) */
+            for (int64_t c = 0; c < C; c++) {
+                const int64_t i = i0 + c;
+                const int8_t z = i < half ? (int8_t)(sym[i] << 4) >> 4 : sym[i - half] >> 4;
+                const float d = per_token_group ? dv[c / per_token_group] : delta[c];
+                const float v = mu[c] + (float)z * d;
+                if (out_kind == BF16) put(out, i, v, BF16);
+                else if (out_kind == F16) put(out, i, v, F16);
+                else put(out, i, v, F32);
+            }
+        }
+    }
+}
+"""
+# -O3 vectorises the loop; -march=native is safe because the cache key includes the CPU.
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing"]
+OUT_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "kernels.c"
+        src.write_text(_SOURCE)
+        so = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *_FLAGS, "-o", str(so), str(src)],
+            check=True, capture_output=True, timeout=120,
+        )
+        so.replace(target)  # atomic: concurrent builders each publish a whole file
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where there is no working C compiler."""
+    if os.environ.get("KVCACHE_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    key = hashlib.blake2b(
+        "\0".join([_SOURCE, " ".join(_FLAGS), compiler, _cpu_id()]).encode(), digest_size=8
+    ).hexdigest()
+    target = default_store_dir() / "native" / f"kvcache-kernels-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    fn = lib.kvc_dequant_plane
+    fn.restype = None
+    fn.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+    ]
+    return lib
+
+
+def dequant_plane(
+    lib: ctypes.CDLL,
+    sym: torch.Tensor,
+    bits: int,
+    mu: torch.Tensor,
+    delta: torch.Tensor,
+    per_token_group: int,
+    out: torch.Tensor,
+) -> None:
+    """``out`` ``[T, C]`` (contiguous; bf16, fp16 or fp32) = ``mu`` ``[C]`` + z * delta.
+
+    sym: int8, ``[T * C]`` symbols (``bits`` 8) or ``[ceil(T * C / 2)]`` 4-bit pairs
+    (``bits`` 4, low nibbles ``z[:half]``, high ``z[half:]``). delta: fp32 ``[C]`` when
+    ``per_token_group`` is 0, else ``[T * C / per_token_group]`` (one per token and head).
+    All contiguous CPU tensors; the caller checks shapes (this is the inner loop).
+    """
+    T, C = out.shape
+    lib.kvc_dequant_plane(
+        sym.data_ptr(), bits, T, C, mu.data_ptr(), delta.data_ptr(), per_token_group,
+        out.data_ptr(), OUT_KINDS[out.dtype],
+    )
+
+
+def dequant_plane_reference(
+    sym: torch.Tensor, bits: int, mu: torch.Tensor, delta: torch.Tensor,
+    per_token_group: int, out: torch.Tensor,
+) -> None:
+    """Torch reference of ``dequant_plane`` (same arguments), fp32 math."""
+    T, C = out.shape
+    n = T * C
+    if bits == 8:
+        z = sym[:n].float()
+    else:
+        half = (n + 1) // 2
+        low = torch.bitwise_right_shift(torch.bitwise_left_shift(sym[:half], 4), 4)
+        high = torch.bitwise_right_shift(sym[: n - half], 4)
+        z = torch.cat([low, high]).float()
+    d = delta.repeat_interleave(per_token_group)[:n] if per_token_group else delta.repeat(T)
+    out.copy_((mu.repeat(T) + z * d).view(T, C))
