@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from kvcache.kvstore.config import default_store_dir
+from kvcache.kvstore.config import ENV_NATIVE, default_store_dir
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -153,7 +153,7 @@ def _build(compiler: str, target: Path) -> None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where there is no working C compiler."""
-    if os.environ.get("KVCACHE_NATIVE", "1") == "0":
+    if os.environ.get(ENV_NATIVE, "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

@@ -35,7 +35,9 @@ ENV_PREFIX = "KVCACHE_"
 # Names under ENV_PREFIX that are not config fields but are still ours. Anything else
 # under the prefix is rejected so a typo ("KVCACHE_CPU_CAPACTY") never goes unnoticed.
 ENV_CONFIG_FILE = "KVCACHE_CONFIG"
-EXTRA_ENV_VARS: frozenset[str] = frozenset({ENV_CONFIG_FILE})
+ENV_NATIVE = "KVCACHE_NATIVE"  # 0: never compile/use the C kernels (kernels/cpu_native.py)
+ENV_LMCACHE_PYTHON = "KVCACHE_LMCACHE_PYTHON"  # bench codecs: LMCache's venv interpreter
+EXTRA_ENV_VARS: frozenset[str] = frozenset({ENV_CONFIG_FILE, ENV_NATIVE, ENV_LMCACHE_PYTHON})
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

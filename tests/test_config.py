@@ -409,6 +409,13 @@ def test_unknown_env_var_is_rejected_with_the_known_ones() -> None:
     assert "KVCACHE_DISK_BLOB_STORAGE" in msg and "KVCACHE_CONFIG" in msg
 
 
+def test_our_non_config_env_vars_are_accepted() -> None:
+    cfg = KVCacheConfig.from_env(
+        {"KVCACHE_NATIVE": "0", "KVCACHE_LMCACHE_PYTHON": "/x/python", "KVCACHE_TTL": "1h"}
+    )
+    assert cfg.store.ttl == 3600
+
+
 def test_bad_env_value_names_the_variable_and_the_key() -> None:
     with pytest.raises(
         ConfigError,

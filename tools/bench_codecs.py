@@ -41,6 +41,7 @@ from kvcache.codecs.registry import get_codec
 from kvcache.codecs.zstd import ZstdCodec
 from kvcache.connectors.hf import cache_to_canonical
 from kvcache.kernels import cpu_native
+from kvcache.kvstore.config import ENV_LMCACHE_PYTHON
 from kvcache.kvstore.layout import KVLayout
 from kvcache.tools.fidelity import FidelityResult, continuation_logits, measure_fidelity
 
@@ -197,7 +198,7 @@ def _effective_bw(records: list[dict[str, Any]], links_gbps: dict[str, float]) -
 
 def _lmcache(windows: list[_Window], model: Any, layout: KVLayout,
              notes: list[str]) -> dict[str, Any] | None:
-    python = Path(os.environ.get("KVCACHE_LMCACHE_PYTHON", LMCACHE_PYTHON))
+    python = Path(os.environ.get(ENV_LMCACHE_PYTHON, LMCACHE_PYTHON))
     runner = Path(__file__).with_name("lmcache_cachegen_runner.py")
     if not runner.exists():
         notes.append("LMCache side-by-side pending: tools/lmcache_cachegen_runner.py "
