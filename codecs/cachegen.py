@@ -16,7 +16,8 @@ Per layer ``l`` and plane (K or V), with ``x`` the plane ``[T, C]`` (``C = H * D
    plane by coded size (escapes included), with a 5% preference for 4-bit: two symbols per
    byte halve the entropy decoder's work (most of the decode time), and Huffman codes
    symbol pairs more tightly than single skewed symbols, so 4-bit wins unless fine steps
-   make escapes common. A value outside the range (attention-sink tokens, rare outliers)
+   make escapes common, or the plane repeats whole rows (layer 0's V is a function of the
+   token alone) that zstd matches in 8-bit rows but not in 4-bit pairs of rows. A value outside the range (attention-sink tokens, rare outliers)
    is stored exactly as fp16 with its index, instead of being clipped.
 4. **Entropy coding** of the symbols with zstd's Huffman literal coder, one frame per
    (layer, plane), 4-bit symbols packed two per byte (so Huffman codes symbol pairs:
@@ -319,9 +320,10 @@ class CacheGenCodec(Codec):
                 idx = esc.nonzero().squeeze(1)
                 if best is None:
                     best = (bits, frame, idx)
-                    if idx.numel() == 0:
-                        break  # nothing escapes: 4-bit is both smaller and faster
                     continue
+                # no shortcut when nothing escapes: zstd also finds repeated rows (layer
+                # 0's V depends only on the token, so repeated tokens repeat whole rows),
+                # which 4-bit packing (rows t and t + T/2 share bytes) hides
                 # 8-bit only when clearly smaller: 4-bit planes decode ~2x faster
                 cost = len(frame) + _ESCAPE_BYTES * idx.numel()
                 if cost * NIBBLE_PREFERENCE < len(best[1]) + _ESCAPE_BYTES * best[2].numel():

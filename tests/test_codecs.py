@@ -17,7 +17,7 @@ from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import LayoutMismatchError, UnknownCodecError
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tiered_store import TieredStore
-from tests.codec_data import nmse, synthetic_kv
+from kvcache.tools.synthetic_kv import nmse, synthetic_kv
 from tests.helpers import make_key
 
 LAYOUT = KVLayout("codec-test", num_layers=4, num_kv_heads=2, head_dim=32, dtype="bfloat16")
@@ -263,14 +263,13 @@ def test_lmcache_runner_roundtrip(tmp_path):
 def test_bench_served_chunk_load_reports_each_codec_beside_raw():
     from kvcache.tools import bench_codecs
 
-    small = synthetic_kv(KVLayout("ref", 4, 2, 64, "bfloat16"), 256)
-    recs = bench_codecs._served_chunk_load(small, disk_gbps=1.0, repeat=1)
+    recs = bench_codecs._served_chunk_load(disk_gbps=1.0, repeat=1)
     assert recs[0]["codec"] == "raw" and recs[0]["vs_raw"] == 1.0
     assert [(r["codec"], r["threads"]) for r in recs[1:]] == [
         ("cachegen", 1), ("cachegen", 2), ("cachegen-1", 1), ("cachegen-1", 2), ("quant", 1)
     ]
     for r in recs[1:]:
-        assert r["decode_ms"] > 0 and r["bits_per_element"] < 5
+        assert r["decode_ms"] > 0 and 1 < r["bits_per_element"] < 5
         # load = encoded bytes at 1 GB/s + decode; raw is 32 MiB at 1 GB/s
         raw_ms = 32 * 2**20 / 1e6
         assert r["vs_raw"] == pytest.approx(raw_ms / r["load_ms"])

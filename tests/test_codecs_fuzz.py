@@ -17,7 +17,7 @@ import torch
 from kvcache.codecs.registry import get_codec
 from kvcache.kvstore.errors import CorruptObjectError
 from kvcache.kvstore.layout import KVLayout
-from tests.codec_data import synthetic_kv
+from kvcache.tools.synthetic_kv import synthetic_kv
 
 LAYOUT = KVLayout("fuzz", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16")
 TOKENS = 20

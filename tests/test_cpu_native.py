@@ -9,7 +9,7 @@ import torch
 from kvcache.codecs import cachegen
 from kvcache.kernels import cpu_native
 from kvcache.kvstore.layout import KVLayout
-from tests.codec_data import nmse, synthetic_kv
+from kvcache.tools.synthetic_kv import nmse, synthetic_kv
 
 
 @pytest.fixture
