@@ -17,8 +17,9 @@ Per layer ``l`` and plane (K or V), with ``x`` the plane ``[T, C]`` (``C = H * D
    byte halve the entropy decoder's work (most of the decode time), and Huffman codes
    symbol pairs more tightly than single skewed symbols, so 4-bit wins unless fine steps
    make escapes common, or the plane repeats whole rows (layer 0's V is a function of the
-   token alone) that zstd matches in 8-bit rows but not in 4-bit pairs of rows. A value outside the range (attention-sink tokens, rare outliers)
-   is stored exactly as fp16 with its index, instead of being clipped.
+   token alone) that zstd matches in 8-bit rows but not in 4-bit pairs of rows. A value
+   outside the range (attention-sink tokens, rare outliers) is stored exactly as fp16 with
+   its index, instead of being clipped.
 4. **Entropy coding** of the symbols with zstd's Huffman literal coder, one frame per
    (layer, plane), 4-bit symbols packed two per byte (so Huffman codes symbol pairs:
    measured within 2-4% of the order-0 entropy, decoding at > 2 GB/s of symbols on one
