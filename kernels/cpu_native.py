@@ -41,13 +41,20 @@ static inline uint16_t bf16_bits(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* float -> float16 bits, round to nearest even (finite inputs; overflow -> inf) */
+/* float -> float16 bits, round to nearest even (finite inputs; overflow -> inf). Compilers
+ * without _Float16 (gcc < 12 on x86) still build the rest: Python asks kvc_has_f16(). */
+#ifdef __FLT16_MAX__
+int kvc_has_f16(void) { return 1; }
 static inline uint16_t f16_bits(float f) {
     _Float16 h = (_Float16)f;
     uint16_t b;
     memcpy(&b, &h, 2);
     return b;
 }
+#else
+int kvc_has_f16(void) { return 0; }
+static inline uint16_t f16_bits(float f) { (void)f; return 0x7e00u; /* never called */ }
+#endif
 
 enum { FULL, LOW, HIGH };      /* where a row's symbols sit in the bytes */
 enum { BF16, F16, F32 };       /* output dtype */
@@ -174,6 +181,18 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]
+    lib.kvc_has_f16.restype = ctypes.c_int
+    lib.kvc_has_f16.argtypes = []
+    return lib
+
+
+def library_for(dtype: torch.dtype) -> ctypes.CDLL | None:
+    """``library()`` if its kernels can write ``dtype``, else None."""
+    lib = library()
+    if lib is None or dtype not in OUT_KINDS:
+        return None
+    if dtype == torch.float16 and not lib.kvc_has_f16():
+        return None
     return lib
 
 

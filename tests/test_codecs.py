@@ -120,6 +120,19 @@ def test_cachegen_symbol_width_follows_coded_size():
     assert widths[1].count(8) >= widths[3].count(8) >= widths[6].count(8)
 
 
+def test_cachegen_keeps_8bit_rows_zstd_can_match():
+    """Layer 0's V is a function of the token alone: repeated tokens repeat whole rows.
+    zstd matches those in 8-bit rows, not in 4-bit bytes that pair rows t and t + T/2, so
+    such a plane stays 8-bit even though nothing escapes at 4 bits."""
+    chunk = synthetic_kv(LAYOUT, 128)
+    rows = chunk[0, 1, :5].clone()
+    chunk[0, 1] = rows.repeat(26, 1, 1)[:128] / 8  # 5 distinct tokens, small values
+    codec = CacheGenCodec(4)
+    tensors, params = codec.encode(chunk, LAYOUT)
+    assert params["sym_bits"][1] == 8  # plane 2 * layer + kv = layer 0's V
+    assert nmse(codec.decode(tensors, params, LAYOUT, 128)[0, 1], chunk[0, 1]) < 0.2
+
+
 def test_cachegen_keeps_outliers_exact():
     chunk = synthetic_kv(LAYOUT, 64)
     chunk[2, 0, 10, 1, 3] = 300.0  # far outside its channel's range
@@ -273,3 +286,7 @@ def test_bench_served_chunk_load_reports_each_codec_beside_raw():
         # load = encoded bytes at 1 GB/s + decode; raw is 32 MiB at 1 GB/s
         raw_ms = 32 * 2**20 / 1e6
         assert r["vs_raw"] == pytest.approx(raw_ms / r["load_ms"])
+        # at the raw-equal disk speed, the codec's load time equals raw's
+        disk = r["raw_equal_disk_gb_s"] * 1e9
+        enc = r["bits_per_element"] / 8 * 32 * 2**20 / 2
+        assert enc / disk + r["decode_ms"] / 1e3 == pytest.approx(32 * 2**20 / disk)

@@ -25,6 +25,8 @@ def lib():
 @pytest.mark.parametrize("per_token_group", [0, 4])
 @pytest.mark.parametrize("T", [1, 6, 7])  # 7 * 12 / 2 puts the halves' seam mid-row
 def test_dequant_plane_matches_reference(lib, dtype, bits, per_token_group, T):
+    if cpu_native.library_for(dtype) is None:
+        pytest.skip(f"this compiler has no {dtype} conversion")
     C = 12
     n = T * C
     g = torch.Generator().manual_seed(T * 10 + bits)

@@ -324,7 +324,10 @@ def _served_chunk_load(disk_gbps: float, repeat: int) -> list[dict[str, Any]]:
             recs.append({"codec": name, "threads": threads,
                          "bits_per_element": enc * 8 / big.numel(), "decode_ms": dec_s * 1e3,
                          "load_ms": load_s * 1e3, "effective_gb_s": raw_bytes / load_s / 1e9,
-                         "vs_raw": raw_s / load_s})
+                         "vs_raw": raw_s / load_s,
+                         # the disk speed at which this codec loads as fast as raw: slower
+                         # disks favour the codec, faster ones raw
+                         "raw_equal_disk_gb_s": (raw_bytes - enc) / dec_s / 1e9})
     return recs
 
 
