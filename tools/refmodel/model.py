@@ -39,7 +39,9 @@ def reference_config() -> LlamaConfig:
         num_key_value_heads=2,
         head_dim=64,
         max_position_embeddings=2 * SEQ_LEN,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        # Llama 3's base: half of the RoPE pairs turn by < 1 radian over the context, room
+        # for the copy circuit's content match (copy_circuit.py).
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
         bos_token_id=BOS_ID,

@@ -4,10 +4,13 @@ Recipe (deterministic for a given seed on a given corpus and thread count):
 - every training file becomes ``<bos> bytes <eos>``; the files are concatenated in sorted
   order and each step draws ``batch_size`` windows of ``SEQ_LEN + 1`` tokens at seeded
   random offsets (so most windows lie inside one file);
+- a copy circuit (a previous-token head feeding an induction head, ``copy_circuit.py``) is
+  written into heads 0 of layers 0 and 1 before the first step and restored after every
+  step: in this budget gradient descent never found long-range copying by itself (see
+  docs/reference-model.md), so it is set by hand and the rest is trained around it;
 - copy shaping: a fraction ``copy_fraction`` of the windows start with a span of 257 to
   ``seq_len // 2`` tokens said twice in a row. Plain code repeats itself too, but rarely at
-  that range; the repeats are meant to make copying from far back worth learning early
-  (in 700 steps it was not learned: see docs/reference-model.md);
+  that range; the repeats make the circuit worth using for the trained layers;
 - AdamW, linear warm-up then cosine decay to 10%, gradient clipping at 1.0, bfloat16
   autocast on CPU (AMX makes it ~4x faster than float32), float32 master weights;
 - a fixed number of steps; ``--minutes`` is only a safety budget: training that hits it
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kvcache.tools.refmodel.copy_circuit import install_copy_circuit
 from kvcache.tools.refmodel.corpus import Corpus, load_corpus
 from kvcache.tools.refmodel.model import (
     CHECKPOINT_DIR,
@@ -57,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     copy_fraction: float = 0.5
+    copy_circuit: bool = True
     seed: int = 0
     minutes: float = 15.0
     log_every: int = 10
@@ -128,6 +133,7 @@ def train(
     """Train a model; returns it and the training log (loss curve, timing, budget)."""
     seed_everything(cfg.seed)
     model = build_model(model_config if model_config is not None else reference_config())
+    circuit = install_copy_circuit(model, seed=cfg.seed) if cfg.copy_circuit else None
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -166,6 +172,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if circuit is not None:
+            circuit.restore(model)  # AdamW moved (and decayed) the circuit's entries
         window_loss += loss.item()
         window_n += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -187,6 +195,8 @@ def train(
         "steps_done": steps_done,
         "stopped_early_by_budget": stopped_early,
         "tokens_seen": steps_done * cfg.batch_size * cfg.seq_len,
+        "copy_circuit_entries": circuit.frozen_entries() if circuit is not None else 0,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "wall_time_s": round(wall, 1),
         "loss_curve": curve,
     }
