@@ -18,7 +18,9 @@ The **copy probe** (``copy_probe``) asks directly whether the model copies from 
 ``PROBE_LETTERS`` random lowercase letters, held-out text, then the same letters again
 ``PROBE_DISTANCE`` tokens after the first copy began. Letters 2 onwards of each copy are
 scored: the first copy cannot be predicted (log2(26) = 4.7 bits per byte at best); a model
-that copies predicts the second nearly for free.
+that copies predicts the second nearly for free. The control puts *other* random letters
+where the second copy was: what the model pays there without anything to copy (a model that
+only learned "lowercase letters come next" pays the same for both).
 """
 
 from __future__ import annotations
@@ -175,9 +177,10 @@ def evaluate_heldout(
 
 
 def copy_probe(model: PreTrainedModel, corpus: Corpus | None = None) -> dict[str, float]:
-    """Bits per byte of the first and the second copy of random letters (module docstring),
-    averaged over ``PROBE_TRIALS`` seeded trials with held-out text from the first held-out
-    file long enough to give each trial different text."""
+    """Bits per byte of the first and the second copy of random letters, and of other
+    letters in the second copy's place (module docstring), averaged over ``PROBE_TRIALS``
+    seeded trials with held-out text from the first held-out file long enough to give each
+    trial different text."""
     corpus = load_corpus() if corpus is None else corpus
     between = PROBE_DISTANCE - PROBE_LETTERS
     piece = PROBE_LEAD + between
@@ -186,22 +189,26 @@ def copy_probe(model: PreTrainedModel, corpus: Corpus | None = None) -> dict[str
     )
     was_training = model.training
     model.eval()
-    first = second = 0.0
+    first = second = control = 0.0
     for trial in range(PROBE_TRIALS):
         rng = random.Random(trial)
         letters = bytes(rng.randrange(ord("a"), ord("z") + 1) for _ in range(PROBE_LETTERS))
+        others = bytes(rng.randrange(ord("a"), ord("z") + 1) for _ in range(PROBE_LETTERS))
         lead = text[trial * piece : trial * piece + PROBE_LEAD]
         mid = text[trial * piece + PROBE_LEAD : (trial + 1) * piece]
-        ids = [BOS_ID, *lead, *letters, *mid, *letters]
-        nats = token_nats(model, ids)  # nats[i - 1] scores ids[i]
         a = 1 + PROBE_LEAD  # position of the first copy's first letter
-        first += float(nats[a : a + PROBE_LETTERS - 1].mean())
         b = a + PROBE_DISTANCE
+        # nats[i - 1] scores ids[i]
+        nats = token_nats(model, [BOS_ID, *lead, *letters, *mid, *letters])
+        first += float(nats[a : a + PROBE_LETTERS - 1].mean())
         second += float(nats[b : b + PROBE_LETTERS - 1].mean())
+        nats = token_nats(model, [BOS_ID, *lead, *letters, *mid, *others])
+        control += float(nats[b : b + PROBE_LETTERS - 1].mean())
     model.train(was_training)
     return {
         "first_copy_bpb": round(first / PROBE_TRIALS / LN2, 4),
         "second_copy_bpb": round(second / PROBE_TRIALS / LN2, 4),
+        "control_bpb": round(control / PROBE_TRIALS / LN2, 4),
     }
 
 
@@ -218,7 +225,8 @@ def format_figures(f: dict[str, float | int | bool], probe: dict[str, float] | N
     if probe is not None:
         lines.append(
             f"copy probe               {probe['first_copy_bpb']:.3f} first copy, "
-            f"{probe['second_copy_bpb']:.3f} second ({PROBE_LETTERS} random letters said "
+            f"{probe['second_copy_bpb']:.3f} second, {probe['control_bpb']:.3f} other letters "
+            f"there ({PROBE_LETTERS} random letters said "
             f"again {PROBE_DISTANCE} tokens later)"
         )
     return "\n".join(lines)
