@@ -101,7 +101,8 @@ def test_checkpoint_reproduces_recorded_heldout_loss(model_and_log):
     for key in ("heldout_bpb", "repeat_span_bpb", "novel_bpb", "unigram_bpb"):
         assert got[key] == pytest.approx(want[key], abs=BPB_TOLERANCE), key
     assert got["heldout_bpb"] < got["unigram_bpb"] - 1.0
-    assert got["repeat_span_bpb"] < got["novel_bpb"]
+    # Long-range copying: spans seen > 256 tokens back cost far less than new text.
+    assert got["repeat_span_bpb"] < 0.6 * got["novel_bpb"]
 
 
 def _toy_corpus(root: Path):
@@ -126,7 +127,10 @@ def test_training_is_deterministic_for_a_seed(tmp_path: Path):
         max_position_embeddings=1024,
         tie_word_embeddings=True,
     )
-    cfg = TrainConfig(steps=2, batch_size=2, seq_len=800, warmup_steps=1, copy_fraction=1.0)
+    # The tiny model has no room for the copy circuit (tests/test_copy_circuit.py covers it).
+    cfg = TrainConfig(
+        steps=2, batch_size=2, seq_len=800, warmup_steps=1, copy_fraction=1.0, copy_circuit=False
+    )
     runs = [train(cfg, corpus, model_config=LlamaConfig(**tiny), progress=False) for _ in range(2)]
     (a, log_a), (b, log_b) = runs
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -136,7 +140,7 @@ def test_training_is_deterministic_for_a_seed(tmp_path: Path):
     ]
     assert log_a["steps_done"] == 2 and not log_a["stopped_early_by_budget"]
     other = train(
-        TrainConfig(steps=2, batch_size=2, seq_len=800, warmup_steps=1, seed=1),
+        TrainConfig(steps=2, batch_size=2, seq_len=800, warmup_steps=1, seed=1, copy_circuit=False),
         corpus,
         model_config=LlamaConfig(**tiny),
         progress=False,
@@ -175,4 +179,6 @@ def test_copy_probe_scores_both_copies_deterministically(model_and_log):
     # The first copy is uniformly random letters: no model can average below their
     # entropy, log2(26) = 4.70 bits per byte (sampling noise over 796 letters is ~0.05).
     assert probe["first_copy_bpb"] > 4.5
-    assert 0 < probe["second_copy_bpb"] < 20
+    # The shipped model copies: the second copy costs far less than other random letters in
+    # its place (the control), which nothing but attention back to the first copy explains.
+    assert 0 < probe["second_copy_bpb"] < probe["control_bpb"] - 2.0
