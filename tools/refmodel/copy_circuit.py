@@ -23,8 +23,9 @@ numerically against the model's own RoPE so the pattern holds at every position 
 
 Layer 1, KV head 0 / query head 0 (the induction head): key = ``PREV_DIMS`` placed on the
 slowest RoPE pairs (which turn by less than a radian over the 1024-token training context,
-so the match is by content, not distance), query = ``CURR_DIMS`` × ``MATCH_SCALE``: position ``s`` scores
-highest where the three tokens before it equal the three tokens ending at ``i``. Its value
+so the match is by content, not distance), query = ``CURR_DIMS`` × ``MATCH_SCALE``:
+position ``s`` scores highest where the three tokens before it equal the three tokens
+ending at ``i``. Its value
 is the code of token ``s``, written into ``CODE_DIMS``, where the tied unembedding turns it
 into a higher logit for token ``s``: the next token after the earlier occurrence.
 
