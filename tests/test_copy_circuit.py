@@ -67,8 +67,7 @@ def test_circuit_copies_before_any_training(fresh):
     assert second < first - 1.0
 
 
-def test_restore_undoes_an_optimizer_step_and_nothing_else(fresh):
-    model, circuit = fresh
+def test_restore_undoes_an_optimizer_step_and_nothing_else():
     model = build_model(reference_config())
     circuit = install_copy_circuit(model, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -169,13 +169,13 @@ def fit_offset_query(design: torch.Tensor, weights: dict[int, float]) -> torch.T
 
 
 def slow_rope_dims(config: LlamaConfig, head_dim: int, count: int) -> list[int]:
-    """The ``count`` head dims of the slowest-turning RoPE pairs (both halves of each)."""
+    """The ``count`` head dims of the slowest-turning RoPE pairs (both halves of each), by
+    the model's own rotary frequencies."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     half = head_dim // 2
-    rope = cast(dict[str, Any], config.rope_parameters)
-    base = float(rope["rope_theta"])
-    pairs = count // 2
-    freqs = [base ** (-2 * j / head_dim) for j in range(half)]
-    slow = sorted(range(half), key=lambda j: freqs[j])[:pairs]
+    inv_freq = LlamaRotaryEmbedding(config).inv_freq  # [half]
+    slow = torch.argsort(inv_freq)[: count // 2].tolist()
     return sorted(slow) + sorted(j + half for j in slow)
 
 
