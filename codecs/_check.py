@@ -34,12 +34,16 @@ def tensor(
     return t
 
 
-def version(params: Mapping[str, Any], codec: str, supported: int) -> None:
+def version(params: Mapping[str, Any], codec: str, supported: int | Sequence[int]) -> int:
+    """The object's format version, checked to be one this build reads."""
+    readable = (supported,) if isinstance(supported, int) else tuple(supported)
     got = params.get("version")
-    if got != supported:
+    if isinstance(got, bool) or got not in readable:
         raise CorruptObjectError(
-            f"{codec} object has format version {got!r}; this build reads {supported}"
+            f"{codec} object has format version {got!r}; this build reads "
+            f"{' or '.join(map(str, readable))}"
         )
+    return int(got)
 
 
 def int_param(

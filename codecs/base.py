@@ -22,11 +22,13 @@ class Codec(abc.ABC):
 
     @abc.abstractmethod
     def encode(
-        self, chunk: torch.Tensor, layout: KVLayout
+        self, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """chunk: canonical ``[layers, 2, tokens, kv_heads, head_dim]`` (MLA
-        ``[layers, tokens, latent_dim]``) of ``layout.torch_dtype``.
-        Returns (named tensors, JSON-serialisable params)."""
+        ``[layers, tokens, latent_dim]``) of ``layout.torch_dtype``. rope_start: the
+        positions K was rotated at (``rope_start, ...``; None: unknown or not rotated), for
+        codecs that code keys before RoPE; what they did is in their params, so decoding
+        needs only the stored object. Returns (named tensors, JSON-serialisable params)."""
 
     @abc.abstractmethod
     def decode_layers(

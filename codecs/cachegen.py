@@ -2,6 +2,18 @@
 
 Per layer ``l`` and plane (K or V), with ``x`` the plane ``[T, C]`` (``C = H * D``):
 
+0. **Keys before RoPE** (KVQuant's pre-RoPE keys). When the caller says which positions
+   the keys were rotated at (``rope_start``) and the layout's RoPE frequencies are known,
+   K is rotated back by each token's angle before coding and forward again after
+   decoding. RoPE spins every rotary pair at its own speed, so a channel of rotated keys
+   mixes the key's content with the position: per-channel statistics widen, and a key that
+   is the same at every position (the positional keys of previous-token heads) becomes a
+   sinusoid that costs bits and loses precision. Un-rotated, it is a constant the channel
+   mean stores exactly. On the reference model this alone took next-token KL at the
+   default level from 0.028 to 0.012 at equal bits (``docs/benchmarks.md``). Any rotation
+   round-trips exactly (the decoder applies the inverse of the stored angles), so a
+   layout whose RoPE is scaled in a way ``RopeSpec`` cannot express (llama3, yarn) is
+   simply coded after RoPE (``key_rope_start`` null).
 1. **Per-channel statistics.** ``mu_c``: each channel's mean over the chunk's tokens
    (fp16). K is scaled per channel (``sigma_c`` = mean ``|x - mu|`` over tokens, KIVI's K
    axis: K has persistent outlier channels); V per token and head (``sigma_{t,h}`` over
@@ -10,8 +22,11 @@ Per layer ``l`` and plane (K or V), with ``x`` the plane ``[T, C]`` (``C = H * D
    (``2^((code - 160) / 8)``, ~9% steps; the decoder uses exactly the coded value, so
    this costs no accuracy, only step choice).
 2. **Uniform quantization** ``z = round((x - mu) / (step[l] * sigma))``. ``step`` comes from
-   the level: smaller for early layers and for K than for V (CacheGen's layer-group bit
-   allocation: early layers' and keys' errors propagate further).
+   the level: half as large for K in the first ``ceil(10/32)`` of the layers (CacheGen's
+   layer-group allocation as LMCache configures it for 32-layer models: 32 bins for the
+   first 10 layers' keys, 16 after; early layers' errors propagate through every later
+   layer), and V's ``V_MULT`` times K's (errors in keys move attention itself; KIVI,
+   KVQuant and KVTuner all find keys the more sensitive).
 3. **Escapes.** Symbols are 4-bit (``|z| <= 7``) or 8-bit (``|z| <= 127``), chosen per
    plane by coded size (escapes included), with a 5% preference for 4-bit: two symbols per
    byte halve the entropy decoder's work (most of the decode time), and Huffman codes
@@ -46,16 +61,20 @@ byte, 4-bit planes ``z[:half]`` in the low and ``z[half:]`` in the high nibbles,
 int32 ``[E]`` (index into the plane's ``T * C``, increasing per plane), ``esc_val`` fp16
 ``[E]``, ``esc_offsets`` int64 ``[2L + 1]``.
 Params: ``version``, ``level``, ``k_steps``/``v_steps`` (``L`` floats), ``sym_bits``
-(``2L`` of 4 or 8). Decoding uses only what is stored, so any level decodes anywhere.
+(``2L`` of 4 or 8), ``key_rope_start`` (int: K was coded before RoPE and is rotated to
+positions ``key_rope_start, ...`` on decoding, with the layout's frequencies; null: as
+given). Decoding uses only what is stored, so any level decodes anywhere. Version 2
+objects (before pre-RoPE keys) still decode.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -65,19 +84,24 @@ import zstandard
 from kvcache.codecs import _check
 from kvcache.codecs.base import Codec
 from kvcache.kernels import cpu_native
-from kvcache.kvstore.errors import CorruptObjectError
-from kvcache.kvstore.layout import KVLayout
+from kvcache.kernels.rope_shift import rope_cos_sin, rotary_dim_of, rotate_cos_sin
+from kvcache.kvstore.errors import CorruptObjectError, LayoutMismatchError
+from kvcache.kvstore.layout import KVLayout, RopeSpec, RopeStyle
 
-VERSION = 2  # 2: two's-complement symbols, 4-bit planes packed by halves
+# 2: two's-complement symbols, 4-bit planes packed by halves; 3: keys coded before RoPE
+VERSION = 3
+READABLE_VERSIONS = (2, 3)
 _LOG_BIAS = 160
 _LOG_STEPS = 8  # codes per octave
 # level -> (base step, in units of sigma). Lower level = finer = more bytes.
 LEVEL_STEPS: dict[int, float] = {1: 0.25, 2: 0.5, 3: 0.8, 4: 1.0, 5: 1.7, 6: 2.4}
 DEFAULT_LEVEL = 4
-# Layer-group allocation: the first quarter of the layers quantizes finer; V coarser than K.
-EARLY_FRACTION = 0.25
-EARLY_MULT = 0.6
-V_MULT = 1.3
+# Layer-group allocation (CacheGen's, as LMCache sets it for 32-layer models: keys of the
+# first 10 layers get 32 bins, later ones 16): K steps halve in the first ceil(10/32) of
+# the layers; V steps are V_MULT times K's.
+EARLY_FRACTION = 10 / 32
+EARLY_MULT = 0.5
+V_MULT = 1.6
 _ESCAPE_BYTES = 6  # int32 index + fp16 value
 # A plane is coded with 8-bit symbols only when that is this much smaller than 4-bit ones
 # with their escapes: 4-bit planes halve the entropy decoder's work (zstd's Huffman
@@ -89,7 +113,7 @@ _MAD_TO_SIGMA = 1.2533  # sqrt(pi / 2)
 def level_steps(level: int, num_layers: int) -> tuple[list[float], list[float]]:
     """Per-layer quantization steps (units of sigma) of K and V at ``level``."""
     base = LEVEL_STEPS[level]
-    early = max(1, round(num_layers * EARLY_FRACTION))
+    early = math.ceil(num_layers * EARLY_FRACTION)
     k = [base * (EARLY_MULT if i < early else 1.0) for i in range(num_layers)]
     return k, [s * V_MULT for s in k]
 
@@ -143,6 +167,47 @@ def _code_plane(z: torch.Tensor, bits: int, cctx: zstandard.ZstdCompressor) -> _
 
 
 @dataclass(frozen=True)
+class _Rotation:
+    """RoPE angles of a chunk's tokens: keys are coded rotated back by them."""
+
+    cos: torch.Tensor  # fp32 [T, R]
+    sin: torch.Tensor  # fp32 [T, R]
+    neox: bool
+    rot: int  # rotary dims (2R); dims past it are not rotated
+
+    @classmethod
+    def of(cls, layout: KVLayout, start: int, T: int) -> _Rotation:
+        """Raises ``LayoutMismatchError`` when the layout's RoPE frequencies are unknown."""
+        if layout.rope is None:
+            raise LayoutMismatchError(f"layout {layout.model_id!r} has no RoPE")
+        return _rotation(layout.rope, layout.head_dim, start, T)
+
+    def apply(self, k: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """k: fp32 ``[..., T, H, D]`` -> a new tensor rotated forward (or back)."""
+        style = RopeStyle.NEOX if self.neox else RopeStyle.GPTJ
+        return rotate_cos_sin(k, self.cos, -self.sin if inverse else self.sin, style, self.rot)
+
+
+@lru_cache(maxsize=32)
+def _rotation(rope: RopeSpec, head_dim: int, start: int, T: int) -> _Rotation:
+    """Cached: the table costs ~60 us to build, a third of a small chunk's decode, and
+    prefix chunks of a model keep the same few starts. Never mutated."""
+    cos, sin = rope_cos_sin(rope, head_dim, start, T)
+    return _Rotation(cos, sin, rope.style is RopeStyle.NEOX, rotary_dim_of(rope, head_dim))
+
+
+def _encoder_rotation(layout: KVLayout, rope_start: int | None, T: int) -> _Rotation | None:
+    """The rotation keys are coded under, or None to code them as given: positions
+    unknown, no RoPE, or a scaled RoPE whose frequencies ``RopeSpec`` cannot give."""
+    if rope_start is None or layout.rope is None:
+        return None
+    try:
+        return _Rotation.of(layout, rope_start, T)
+    except LayoutMismatchError:
+        return None
+
+
+@dataclass(frozen=True)
 class _Parsed:
     """A validated object, ready for per-layer decoding; CPU tensors."""
 
@@ -158,8 +223,9 @@ class _Parsed:
     k_code: torch.Tensor  # uint8 [L, C]
     v_code: torch.Tensor  # uint8 [L, T, H]
     esc_idx: torch.Tensor  # int32 [E], checked to lie in [0, T * C)
-    esc_val: torch.Tensor  # fp16 [E]
+    esc_val: torch.Tensor  # fp32 [E] (stored as fp16)
     esc_off: list[int]  # [2L + 1]
+    rotation: _Rotation | None  # keys were coded before RoPE
 
 
 # _log_value of every code: decoding looks scales up instead of recomputing exp2
@@ -249,45 +315,65 @@ def _decode_layer_into(p: _Parsed, f: _Factors, i: int, layer: int, out: torch.T
     one pass (~2.5x faster on one core). Without it: 4-bit symbols unpacked in place with
     two shifts per half (see ``_pack``) -> fp32 scratch -> ``mu + z * delta`` in place ->
     one cast-copy into ``out`` (~1.6x faster than letting ``addcmul`` widen int8 itself or
-    write bf16 directly: both take torch's slow mixed-dtype loops). Then the layer's
-    escapes.
+    write bf16 directly: both take torch's slow mixed-dtype loops). Then the plane's
+    escapes. Keys coded before RoPE get their escapes (pre-RoPE values) before the
+    rotation: the C kernel does both per token row in the same pass; the torch path
+    decodes into the fp32 scratch, sets them there, and rotates into ``out``.
     """
     T, H, D = p.T, p.H, p.D
     C = H * D
     n = T * C
-    half = (n + 1) // 2
     dctx, z, zmem, x = _buffers(n)
     native = cpu_native.library_for(out.dtype)
     for kv in (0, 1):
         pl = 2 * layer + kv
         bits = p.sym_bits[pl]
         frame = p.sym[p.sym_off[pl] : p.sym_off[pl + 1]]
-        _inflate_into(dctx, frame, zmem[:half] if bits == 4 else zmem, pl)
-        if native is not None:
-            # one pass: unpack + mu + z * delta + cast, straight into the output
-            delta, group = (f.k_delta[i], 0) if kv == 0 else (f.v_delta[i], D)
-            cpu_native.dequant_plane(native, z, bits, f.mu[i, kv], delta, group,
-                                     out[kv].view(T, C))
+        _inflate_into(dctx, frame, zmem[: (n + 1) // 2] if bits == 4 else zmem, pl)
+        rotate = p.rotation if kv == 0 else None
+        esc = p.esc_idx[p.esc_off[pl] : p.esc_off[pl + 1]]
+        val = p.esc_val[p.esc_off[pl] : p.esc_off[pl + 1]]
+        if native is not None and rotate is not None:
+            # one pass: unpack + mu + z * delta + escapes + rotation + cast
+            cpu_native.dequant_plane_rope(native, z, bits, f.mu[i, 0], f.k_delta[i], esc, val,
+                                          rotate.cos, rotate.sin, rotate.neox, x, out[0])
             continue
-        if bits == 4:
-            # the packed bytes are in z[:half]; high nibbles (z[half:]) are taken out
-            # first, then the low ones in place; arithmetic shifts sign-extend the
-            # two's-complement nibbles
-            torch.bitwise_right_shift(z[: n - half], 4, out=z[half:])
-            z[:half].bitwise_left_shift_(4).bitwise_right_shift_(4)
-        x.copy_(z)
-        if kv == 0:
-            xv = x.view(T, C)
-            torch.addcmul(f.mu[i, 0], xv, f.k_delta[i], out=xv)
+        if native is not None:
+            # one pass: unpack + mu + z * delta + cast, then the escapes
+            delta, group = (f.k_delta[i], 0) if kv == 0 else (f.v_delta[i], D)
+            target = out[kv].view(T, C)
+            cpu_native.dequant_plane(native, z, bits, f.mu[i, kv], delta, group, target)
         else:
-            xv = x.view(T, H, D)
-            torch.addcmul(f.mu[i, 1].view(H, D), xv, f.v_delta[i], out=xv)
-        out[kv].copy_(x.view(T, H, D))
-    lo, mid, hi = p.esc_off[2 * layer : 2 * layer + 3]
-    if hi > lo:
-        pos = p.esc_idx[lo:hi].long()
-        pos[mid - lo :] += n  # V's escapes index the layer's second plane
-        out.view(-1).index_put_((pos,), p.esc_val[lo:hi].to(out.dtype))
+            target = x.view(T, C)
+            _dequant_torch(z, bits, f, i, kv, (T, H, D), x)
+        if esc.numel():
+            target.view(-1).index_put_((esc.long(),), val.to(target.dtype))
+        if native is None:
+            out[kv].copy_(x.view(T, H, D) if rotate is None else rotate.apply(x.view(T, H, D)))
+
+
+def _dequant_torch(
+    z: torch.Tensor, bits: int, f: _Factors, i: int, kv: int, shape: tuple[int, int, int],
+    x: torch.Tensor,
+) -> None:
+    """Torch path of one plane: symbols ``z`` (int8 scratch, 4-bit pairs in ``z[:half]``)
+    -> ``x`` (fp32 ``[T * C]``) = ``mu + z * delta``."""
+    T, H, D = shape
+    n = T * H * D
+    half = (n + 1) // 2
+    if bits == 4:
+        # the packed bytes are in z[:half]; high nibbles (z[half:]) are taken out first,
+        # then the low ones in place; arithmetic shifts sign-extend the two's-complement
+        # nibbles
+        torch.bitwise_right_shift(z[: n - half], 4, out=z[half:])
+        z[:half].bitwise_left_shift_(4).bitwise_right_shift_(4)
+    x.copy_(z)
+    if kv == 0:
+        xv = x.view(T, H * D)
+        torch.addcmul(f.mu[i, 0], xv, f.k_delta[i], out=xv)
+    else:
+        xv = x.view(T, H, D)
+        torch.addcmul(f.mu[i, 1].view(H, D), xv, f.v_delta[i], out=xv)
 
 
 class CacheGenCodec(Codec):
@@ -303,14 +389,18 @@ class CacheGenCodec(Codec):
 
     # -- encode ---------------------------------------------------------------------------
     def encode(
-        self, chunk: torch.Tensor, layout: KVLayout
+        self, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """chunk: ``[L, 2, T, H, D]``."""
+        """chunk: ``[L, 2, T, H, D]``; rope_start: K was rotated at positions
+        ``rope_start, ...`` (None: unknown, keys are coded as given)."""
         T = _check.check_chunk(chunk, layout, self.name, mla_ok=False)
         L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
         C = H * D
         k_steps, v_steps = level_steps(self.level, L)
         x = chunk.detach().to("cpu", torch.float32).reshape(L, 2, T, C)
+        rotation = _encoder_rotation(layout, rope_start, T)
+        if rotation is not None:
+            x[:, 0] = rotation.apply(x[:, 0].view(L, T, H, D), inverse=True).view(L, T, C)
         mu = x.mean(2).half()  # [L, 2, C]
         r = x - mu.float()[:, :, None]
         # Robust scales (mean |x - mu|, scaled to equal sigma on Gaussian data): one sink
@@ -329,7 +419,7 @@ class CacheGenCodec(Codec):
         esc_idx: list[torch.Tensor] = []
         esc_val: list[torch.Tensor] = []
         flat_z = z.reshape(L * 2, T * C)
-        flat_x = chunk.detach().cpu().reshape(L * 2, T * C)
+        flat_x = x.reshape(L * 2, T * C)  # escapes are exact values of what was coded
         sym_bits: list[int] = []
         for p in range(L * 2):
             zp = flat_z[p]
@@ -357,6 +447,7 @@ class CacheGenCodec(Codec):
         params = {
             "version": VERSION, "level": self.level, "k_steps": k_steps, "v_steps": v_steps,
             "sym_bits": sym_bits,
+            "key_rope_start": None if rotation is None else rope_start,
         }
         return tensors, params
 
@@ -372,7 +463,15 @@ class CacheGenCodec(Codec):
         name = self.name
         if layout.is_mla:
             raise CorruptObjectError("cachegen object for an MLA layout")
-        _check.version(params, name, VERSION)
+        version = _check.version(params, name, READABLE_VERSIONS)
+        rotation = None
+        if version >= 3 and params.get("key_rope_start") is not None:
+            start = _check.int_param(params, "key_rope_start", name, hi=1 << 40)
+            try:
+                rotation = _Rotation.of(layout, start, T)
+            except LayoutMismatchError as e:
+                raise CorruptObjectError(f"{name} keys were coded before a RoPE this "
+                                         f"layout cannot give: {e}") from e
         _check.int_param(params, "level", name, tuple(LEVEL_STEPS))
         L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
         C = H * D
@@ -401,9 +500,18 @@ class CacheGenCodec(Codec):
         v_code = _check.tensor(tensors, "v_scale", torch.uint8, (L, T, H), name)
         if E and (int(esc_idx.min()) < 0 or int(esc_idx.max()) >= T * C):
             raise CorruptObjectError("cachegen escape index out of range")
+        if E > 1:
+            # increasing within each plane (the C kernel merges them row by row); numpy:
+            # torch's per-op overhead made this 10% of a small chunk's decode
+            idx = esc_idx.cpu().numpy()
+            ok = idx[1:] > idx[:-1]
+            ok[[o - 1 for o in esc_off[1:-1] if 0 < o < E]] = True  # a new plane starts
+            if not ok.all():
+                raise CorruptObjectError("cachegen escape indices are not increasing per plane")
         return _Parsed(
             T, H, D, sym.cpu().contiguous().numpy().data, sym_off, sym_bits, k_steps, v_steps,
-            mu.cpu(), k_code.cpu(), v_code.cpu(), esc_idx.cpu(), esc_val.cpu(), esc_off,
+            mu.cpu(), k_code.cpu(), v_code.cpu(), esc_idx.cpu().contiguous(),
+            esc_val.cpu().float(), esc_off, rotation,
         )
 
     def decode_into(

@@ -29,7 +29,7 @@ class Fp8Codec(Codec):
     lossless = False
 
     def encode(
-        self, chunk: torch.Tensor, layout: KVLayout
+        self, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """chunk: ``[L, 2, T, H, D]``."""
         _check.check_chunk(chunk, layout, self.name, mla_ok=False)

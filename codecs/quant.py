@@ -73,7 +73,7 @@ class QuantCodec(Codec):
 
     # -- encode ---------------------------------------------------------------------------
     def encode(
-        self, chunk: torch.Tensor, layout: KVLayout
+        self, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """chunk: ``[L, 2, T, H, D]``."""
         tokens = _check.check_chunk(chunk, layout, self.name, mla_ok=False)

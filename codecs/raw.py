@@ -17,7 +17,7 @@ class RawCodec(Codec):
     lossless = True
 
     def encode(
-        self, chunk: torch.Tensor, layout: KVLayout
+        self, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {"kv": chunk}, {}
 

@@ -45,7 +45,7 @@ class ZstdCodec(Codec):
         self.level = level
 
     def encode(
-        self, chunk: torch.Tensor, layout: KVLayout
+        self, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """chunk: canonical ``[layers, 2, tokens, kv_heads, head_dim]`` (or MLA)."""
         _check.check_chunk(chunk, layout, self.name, mla_ok=True)

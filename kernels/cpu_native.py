@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from kvcache.kernels.rope_shift import rotate_cos_sin
 from kvcache.kvstore.config import ENV_NATIVE, default_store_dir
+from kvcache.kvstore.layout import RopeStyle
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -88,15 +90,38 @@ static inline __attribute__((always_inline)) void row(
     }
 }
 
-#define ROW_KIND(src, mode, dk, dv)                                            \
+#define ROW_KIND(src, mode, dk, dv, ob)                                        \
     switch (out_kind) {                                                        \
-    case BF16: row(src, mode, mu, dk, dv, C, D, out, i0, BF16); break;         \
-    case F16: row(src, mode, mu, dk, dv, C, D, out, i0, F16); break;           \
-    default: row(src, mode, mu, dk, dv, C, D, out, i0, F32); break;            \
+    case BF16: row(src, mode, mu, dk, dv, C, D, out, ob, BF16); break;         \
+    case F16: row(src, mode, mu, dk, dv, C, D, out, ob, F16); break;           \
+    default: row(src, mode, mu, dk, dv, C, D, out, ob, F32); break;            \
     }
-#define ROW(src, mode)                                                         \
-    if (per_token_group) { ROW_KIND(src, mode, (const float *)0, dv) }        \
-    else { ROW_KIND(src, mode, delta, (const float *)0) }
+#define ROW(src, mode, ob)                                                     \
+    if (per_token_group) { ROW_KIND(src, mode, (const float *)0, dv, ob) }    \
+    else { ROW_KIND(src, mode, delta, (const float *)0, ob) }
+
+/* Row t of a plane (symbols t * C ..., see kvc_dequant_plane) into out[ob .. ob + C). */
+static inline __attribute__((always_inline)) void plane_row(
+        const int8_t *sym, int bits, int64_t t, int64_t C, int64_t half, const float *mu,
+        const float *delta, int64_t per_token_group, void *out, int64_t ob, int out_kind) {
+    const int64_t D = per_token_group ? per_token_group : C;
+    const int64_t i0 = t * C, i1 = i0 + C;
+    const float *dv = per_token_group ? delta + i0 / per_token_group : 0;
+    if (bits == 8) { ROW(sym + i0, FULL, ob) }
+    else if (i1 <= half) { ROW(sym + i0, LOW, ob) }
+    else if (i0 >= half) { ROW(sym + i0 - half, HIGH, ob) }
+    else {  /* the row the two halves meet in (odd T * C / 2 boundary) */
+        for (int64_t c = 0; c < C; c++) {
+            const int64_t i = i0 + c;
+            const int8_t z = i < half ? (int8_t)(sym[i] << 4) >> 4 : sym[i - half] >> 4;
+            const float d = per_token_group ? dv[c / per_token_group] : delta[c];
+            const float v = mu[c] + (float)z * d;
+            if (out_kind == BF16) put(out, ob + c, v, BF16);
+            else if (out_kind == F16) put(out, ob + c, v, F16);
+            else put(out, ob + c, v, F32);
+        }
+    }
+}
 
 /*
  * One plane of cachegen symbols -> values: out[t, c] = mu[c] + z[t, c] * delta, with
@@ -108,24 +133,57 @@ static inline __attribute__((always_inline)) void row(
 void kvc_dequant_plane(const int8_t *sym, int bits, int64_t T, int64_t C,
                        const float *mu, const float *delta, int64_t per_token_group,
                        void *out, int out_kind) {
-    const int64_t n = T * C, half = (n + 1) / 2;
-    const int64_t D = per_token_group ? per_token_group : C;
+    const int64_t half = (T * C + 1) / 2;
+    for (int64_t t = 0; t < T; t++)
+        plane_row(sym, bits, t, C, half, mu, delta, per_token_group, out, t * C, out_kind);
+}
+
+/* One row of a rotation: pairs (i1[j], i2[j]) = (j, j + R) (NeoX) or (2j, 2j + 1) (GPT-J). */
+static inline __attribute__((always_inline)) void rot_row(
+        const float *x, const float *c, const float *s, int64_t R, int64_t D, int neox,
+        void *out, int64_t base, int kind) {
+    for (int64_t j = 0; j < R; j++) {
+        const int64_t i1 = neox ? j : 2 * j, i2 = neox ? j + R : 2 * j + 1;
+        const float a = x[i1], b = x[i2];
+        put(out, base + i1, a * c[j] - b * s[j], kind);
+        put(out, base + i2, b * c[j] + a * s[j], kind);
+    }
+    for (int64_t i = 2 * R; i < D; i++) put(out, base + i, x[i], kind);
+}
+
+#define ROT_KIND(neox)                                                         \
+    switch (out_kind) {                                                        \
+    case BF16: rot_row(xr, c, s, R, D, neox, out, b, BF16); break;             \
+    case F16: rot_row(xr, c, s, R, D, neox, out, b, F16); break;               \
+    default: rot_row(xr, c, s, R, D, neox, out, b, F32); break;                \
+    }
+
+/*
+ * A K plane coded before RoPE -> rotated values, in one pass: per token row t,
+ * mu[c] + z[t, c] * delta[c] (see kvc_dequant_plane, per-channel delta) into row_buf
+ * (C fp32, stays in L1), the row's escapes written over it (esc_idx: plane indices,
+ * increasing; esc_val: their exact pre-RoPE values), then every head's rotary pairs turned
+ * by the token's angle: (a, b) -> (a cos - b sin, b cos + a sin), cos/sin [T, R]
+ * (R = rotary_dim / 2), pairs (j, j + R) if neox else (2j, 2j + 1); dims past 2R copied.
+ * out: [T, H, D] of out_kind. Escapes out of order are skipped, never read out of bounds.
+ */
+void kvc_dequant_plane_rope(const int8_t *sym, int bits, int64_t T, int64_t H, int64_t D,
+                            const float *mu, const float *delta, const int32_t *esc_idx,
+                            const float *esc_val, int64_t n_esc, int64_t R, int neox,
+                            const float *cos, const float *sin, float *row_buf, void *out,
+                            int out_kind) {
+    const int64_t C = H * D, half = (T * C + 1) / 2;
+    int64_t e = 0;
     for (int64_t t = 0; t < T; t++) {
         const int64_t i0 = t * C, i1 = i0 + C;
-        const float *dv = per_token_group ? delta + i0 / per_token_group : 0;
-        if (bits == 8) { ROW(sym + i0, FULL) }
-        else if (i1 <= half) { ROW(sym + i0, LOW) }
-        else if (i0 >= half) { ROW(sym + i0 - half, HIGH) }
-        else {  /* the row the two halves meet in (odd T * C / 2 boundary) */
-            for (int64_t c = 0; c < C; c++) {
-                const int64_t i = i0 + c;
-                const int8_t z = i < half ? (int8_t)(sym[i] << 4) >> 4 : sym[i - half] >> 4;
-                const float d = per_token_group ? dv[c / per_token_group] : delta[c];
-                const float v = mu[c] + (float)z * d;
-                if (out_kind == BF16) put(out, i, v, BF16);
-                else if (out_kind == F16) put(out, i, v, F16);
-                else put(out, i, v, F32);
-            }
+        plane_row(sym, bits, t, C, half, mu, delta, 0, row_buf, 0, F32);
+        for (; e < n_esc && esc_idx[e] < i1; e++)
+            if (esc_idx[e] >= i0) row_buf[esc_idx[e] - i0] = esc_val[e];
+        const float *c = cos + t * R, *s = sin + t * R;
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t b = i0 + h * D;
+            const float *xr = row_buf + h * D;
+            if (neox) { ROT_KIND(1) } else { ROT_KIND(0) }
         }
     }
 }
@@ -181,6 +239,14 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]
+    fn = lib.kvc_dequant_plane_rope
+    fn.restype = None
+    fn.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int,
+    ]
     lib.kvc_has_f16.restype = ctypes.c_int
     lib.kvc_has_f16.argtypes = []
     return lib
@@ -235,3 +301,46 @@ def dequant_plane_reference(
         z = torch.cat([low, high]).float()
     d = delta.repeat_interleave(per_token_group)[:n] if per_token_group else delta.repeat(T)
     out.copy_((mu.repeat(T) + z * d).view(T, C))
+
+
+def dequant_plane_rope(
+    lib: ctypes.CDLL,
+    sym: torch.Tensor,
+    bits: int,
+    mu: torch.Tensor,
+    delta: torch.Tensor,
+    esc_idx: torch.Tensor,
+    esc_val: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    neox: bool,
+    row_buf: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """``out`` ``[T, H, D]`` (contiguous; bf16, fp16 or fp32) = the K plane
+    ``mu + z * delta`` (as ``dequant_plane`` with a per-channel delta fp32 ``[C]``), with
+    the escapes ``esc_idx`` (int32 ``[E]``, increasing plane indices) set to ``esc_val``
+    (fp32 ``[E]``), then rotated by RoPE angles: ``cos``/``sin`` fp32 ``[T, R]``,
+    ``R = rotary_dim / 2``, pairs ``(j, j + R)`` if ``neox`` else ``(2j, 2j + 1)``.
+    row_buf: fp32 scratch of at least ``H * D``. All contiguous CPU tensors; the caller
+    checks shapes (this is the inner loop)."""
+    T, H, D = out.shape
+    lib.kvc_dequant_plane_rope(
+        sym.data_ptr(), bits, T, H, D, mu.data_ptr(), delta.data_ptr(), esc_idx.data_ptr(),
+        esc_val.data_ptr(), esc_idx.numel(), cos.shape[1], int(neox), cos.data_ptr(),
+        sin.data_ptr(), row_buf.data_ptr(), out.data_ptr(), OUT_KINDS[out.dtype],
+    )
+
+
+def dequant_plane_rope_reference(
+    sym: torch.Tensor, bits: int, mu: torch.Tensor, delta: torch.Tensor,
+    esc_idx: torch.Tensor, esc_val: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    neox: bool, out: torch.Tensor,
+) -> None:
+    """Torch reference of ``dequant_plane_rope`` (same arguments but the scratch)."""
+    T, H, D = out.shape
+    x = torch.empty(T, H * D)
+    dequant_plane_reference(sym, bits, mu, delta, 0, x)
+    x.view(-1)[esc_idx.long()] = esc_val
+    style = RopeStyle.NEOX if neox else RopeStyle.GPTJ
+    out.copy_(rotate_cos_sin(x.view(T, H, D), cos, sin, style, 2 * cos.shape[1]))

@@ -69,16 +69,37 @@ def _pairs(rope: RopeSpec, rot: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _rotate(x: torch.Tensor, angle: torch.Tensor, rope: RopeSpec, rot: int) -> torch.Tensor:
     """x: ``[..., T, H, D]``; angle: ``[T, rot/2]`` fp32/64. Returns x rotated, x's dtype."""
-    i1, i2 = _pairs(rope, rot)
-    i1, i2 = i1.to(x.device), i2.to(x.device)
     math = torch.float64 if angle.dtype == torch.float64 else torch.float32
-    xf = x.to(math)
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]  # [T, 1, rot/2]
-    x1, x2 = xf[..., i1], xf[..., i2]
-    out = xf.clone()
-    out[..., i1] = x1 * cos - x2 * sin
-    out[..., i2] = x2 * cos + x1 * sin
-    return out.to(x.dtype)
+    return rotate_cos_sin(x.to(math), angle.cos(), angle.sin(), rope.style, rot).to(x.dtype)
+
+
+def rotate_cos_sin(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: RopeStyle, rot: int
+) -> torch.Tensor:
+    """x: ``[..., T, H, D]``; cos, sin: ``[T, rot/2]`` of x's dtype (``-sin`` rotates
+    back). Returns a new tensor: each pair ``(a, b)`` -> ``(a cos - b sin, b cos + a sin)``,
+    dims past ``rot`` copied."""
+    i1, i2 = _pairs(RopeSpec(style=style), rot)
+    i1, i2 = i1.to(x.device), i2.to(x.device)
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, rot/2]
+    x1, x2 = x[..., i1], x[..., i2]
+    out = x.clone()
+    out[..., i1] = x1 * c - x2 * s
+    out[..., i2] = x2 * c + x1 * s
+    return out
+
+
+def rope_cos_sin(
+    rope: RopeSpec, head_dim: int, start: int, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``cos, sin`` ``[num_tokens, rotary_dim // 2]`` of the angles RoPE turns
+    positions ``start, start + 1, ...`` by. Angles are formed in fp64 (an fp32 product
+    loses ~0.01 rad at position 1e5), then rounded once. Raises ``LayoutMismatchError``
+    where ``rope_inv_freq`` does."""
+    freq = rope_inv_freq(rope, head_dim).double()
+    pos = torch.arange(start, start + num_tokens, dtype=torch.float64)
+    angle = pos[:, None] * freq[None, :]
+    return angle.cos().float(), angle.sin().float()
 
 
 def rope_reference(

@@ -57,7 +57,7 @@ def transcode(obj: StoredObject, codec_name: str) -> StoredObject:
         return obj
     chunk = get_codec(h.codec).decode(obj.tensors, h.codec_params, h.layout, h.num_tokens)
     codec = get_codec(codec_name)
-    tensors, params = codec.encode(chunk, h.layout)
+    tensors, params = codec.encode(chunk, h.layout, rope_start=h.rope_start)
     header = ObjectHeader(
         h.key, h.layout, h.num_tokens, codec_name, params, h.rope_start, h.created_at
     )
@@ -217,7 +217,7 @@ class TieredStore:
         if rope_start is not None and rope_start < 0:
             raise LayoutMismatchError(f"rope_start must be >= 0 or None, got {rope_start}")
         codec = get_codec(self.codecs[0])
-        tensors, params = codec.encode(chunk, layout)
+        tensors, params = codec.encode(chunk, layout, rope_start=rope_start)
         obj = StoredObject(
             ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start), tensors
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 from kvcache.codecs.registry import get_codec
 from kvcache.kvstore.errors import CorruptObjectError
-from kvcache.kvstore.layout import KVLayout
+from kvcache.kvstore.layout import KVLayout, RopeSpec
 from kvcache.tools.synthetic_kv import synthetic_kv
 
 LAYOUT = KVLayout("fuzz", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16")
@@ -25,7 +26,8 @@ NAMES = ["raw", "zstd", "quant", "quant-int2", "quant-int4-hadamard", "fp8", "ca
 
 
 def _encoded(name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    return get_codec(name).encode(synthetic_kv(LAYOUT, TOKENS), LAYOUT)
+    # rope_start: cachegen codes keys before RoPE, so its rotation is fuzzed too
+    return get_codec(name).encode(synthetic_kv(LAYOUT, TOKENS), LAYOUT, rope_start=5)
 
 
 def _decode_all(name: str, tensors, params, tokens: int = TOKENS) -> None:
@@ -113,6 +115,15 @@ def test_other_codecs_objects_raise(source, target):
         _decode_all(target, tensors, params)
 
 
+def test_cachegen_pre_rope_keys_need_the_layouts_rope():
+    tensors, params = _encoded("cachegen")
+    assert params["key_rope_start"] == 5
+    for rope in (None, RopeSpec(scaling_type="yarn", scaling_factor=4.0)):
+        other = dataclasses.replace(LAYOUT, rope=rope)
+        with pytest.raises(CorruptObjectError, match="RoPE"):
+            get_codec("cachegen").decode(tensors, params, other, TOKENS)
+
+
 def test_cachegen_escape_index_out_of_range():
     tensors, params = _encoded("cachegen-6")
     tensors = dict(tensors)
@@ -121,6 +132,19 @@ def test_cachegen_escape_index_out_of_range():
     tensors["esc_val"] = torch.zeros(n, dtype=torch.float16)
     tensors["esc_offsets"] = torch.tensor([0, n, n, n, n], dtype=torch.int64)
     with pytest.raises(CorruptObjectError):
+        _decode_all("cachegen", tensors, params)
+
+
+def test_cachegen_escapes_must_increase_per_plane():
+    tensors, params = _encoded("cachegen-6")
+    tensors = dict(tensors)
+    tensors["esc_val"] = torch.zeros(3, dtype=torch.float16)
+    # increasing within each plane, restarting in the next: fine
+    tensors["esc_idx"] = torch.tensor([4, 9, 2], dtype=torch.int32)
+    tensors["esc_offsets"] = torch.tensor([0, 2, 3, 3, 3], dtype=torch.int64)
+    _decode_all("cachegen", tensors, params)
+    tensors["esc_offsets"] = torch.tensor([0, 3, 3, 3, 3], dtype=torch.int64)
+    with pytest.raises(CorruptObjectError, match="increasing"):
         _decode_all("cachegen", tensors, params)
 
 

@@ -63,6 +63,50 @@ def test_cachegen_native_decode_matches_torch_path(lib, monkeypatch):
         assert nmse(native, chunk) < 0.2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("neox,rot", [(True, 16), (False, 16), (True, 8)])
+def test_dequant_plane_rope_matches_reference(lib, dtype, bits, neox, rot):
+    if cpu_native.library_for(dtype) is None:
+        pytest.skip(f"this compiler has no {dtype} conversion")
+    T, H, D = 7, 3, 16  # 7 * 48 / 2 puts the 4-bit halves' seam mid-row
+    n = T * H * D
+    g = torch.Generator().manual_seed(rot + bits)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    z = torch.randint(lo, hi, (n,), generator=g, dtype=torch.int8)
+    sym = cachegen._pack(z, bits).view(torch.int8).contiguous()
+    mu = torch.randn(H * D, generator=g)
+    delta = torch.rand(H * D, generator=g) + 0.01
+    esc_idx = torch.tensor([0, 5, 47, 48, 100, n - 1], dtype=torch.int32)  # row ends too
+    esc_val = torch.randn(6, generator=g) * 30
+    angle = torch.rand(T, rot // 2, generator=g) * 6.3
+    cos, sin = angle.cos(), angle.sin()
+    got = torch.full((T, H, D), float("nan"), dtype=dtype)
+    want = torch.empty(T, H, D, dtype=dtype)
+    args = (sym, bits, mu, delta, esc_idx, esc_val, cos, sin, neox)
+    cpu_native.dequant_plane_rope(lib, *args, torch.empty(H * D), got)
+    cpu_native.dequant_plane_rope_reference(*args, want)
+    # one rounding of the output dtype apart at most (the C loop may fuse multiply-adds)
+    pre = mu.abs().repeat(T) + (z.float() * delta.repeat(T)).abs()
+    pre[esc_idx.long()] = esc_val.abs()
+    scale = 4 * torch.finfo(dtype).eps * (pre.view(T, H, D).amax(-1, keepdim=True) + 1)
+    assert ((got.float() - want.float()).abs() <= scale).all()
+
+
+def test_cachegen_native_pre_rope_decode_matches_torch_path(lib, monkeypatch):
+    layout = KVLayout("native", num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16")
+    chunk = synthetic_kv(layout, 33)
+    codec = cachegen.CacheGenCodec()
+    tensors, params = codec.encode(chunk, layout, rope_start=300)
+    assert params["key_rope_start"] == 300
+    native = codec.decode(tensors, params, layout, 33)
+    monkeypatch.setattr(cachegen.cpu_native, "library", lambda: None)
+    torch_path = codec.decode(tensors, params, layout, 33)
+    scale = torch.finfo(torch.bfloat16).eps * 2 * (chunk.float().abs() + 1)
+    assert ((native.float() - torch_path.float()).abs() <= scale).all()
+    assert nmse(native, chunk) < 0.2
+
+
 def test_library_is_optional(monkeypatch, tmp_path):
     cpu_native.library.cache_clear()
     try:

@@ -37,12 +37,14 @@ from typing import Any
 import torch
 
 from kvcache.codecs.base import Codec
+from kvcache.codecs.cachegen import DEFAULT_LEVEL
 from kvcache.codecs.registry import get_codec
 from kvcache.codecs.zstd import ZstdCodec
-from kvcache.connectors.hf import cache_to_canonical
+from kvcache.connectors.hf import cache_to_canonical, layout_from_hf_config
 from kvcache.kernels import cpu_native
+from kvcache.kernels.rope_shift import rope_reference
 from kvcache.kvstore.config import ENV_LMCACHE_PYTHON
-from kvcache.kvstore.layout import KVLayout
+from kvcache.kvstore.layout import KVLayout, RopeSpec
 from kvcache.tools.fidelity import FidelityResult, continuation_logits, measure_fidelity
 from kvcache.tools.synthetic_kv import synthetic_kv
 
@@ -137,13 +139,17 @@ def _disk_read_gbps(nbytes: int) -> float:
 
 
 def _codec_record(name: str, codec: Codec, windows: list[_Window], layout: KVLayout,
-                  model: Any, repeat: int) -> dict[str, Any]:
+                  model: Any, repeat: int, rope_start: int | None = 0) -> dict[str, Any]:
+    """rope_start: what the store tells codecs (each window's keys were rotated at
+    positions 0..PREFIX-1); None withholds it, so cachegen codes keys after RoPE."""
     enc_bytes = raw_bytes = 0
     enc_s = dec_s = 0.0
     fid: list[FidelityResult] = []
     for win in windows:
         chunk = win.chunk
-        (tensors, params), te = _timed(lambda: codec.encode(chunk, layout), repeat)  # noqa: B023
+        (tensors, params), te = _timed(
+            lambda: codec.encode(chunk, layout, rope_start=rope_start), repeat  # noqa: B023
+        )
         out, td = _timed(
             lambda: codec.decode(tensors, params, layout, PREFIX), repeat  # noqa: B023
         )
@@ -285,9 +291,10 @@ def _interp_bits(rows: list[dict[str, Any]], nmse: float) -> float | None:
     return None
 
 
-# The served shape: Llama-3-8B (32 layers, 8 KV heads of 128), one 256-token chunk (32 MiB).
+# The served shape: Llama-3-8B (32 layers, 8 KV heads of 128, RoPE theta 500000), one
+# 256-token chunk (32 MiB).
 LLAMA_LAYOUT = KVLayout("llama-3-8b-shaped", num_layers=32, num_kv_heads=8, head_dim=128,
-                        dtype="bfloat16")
+                        dtype="bfloat16", rope=RopeSpec(theta=500000.0))
 LOAD_CODECS = ("cachegen", "cachegen-1", "quant")
 
 
@@ -298,8 +305,12 @@ def _served_chunk_load(disk_gbps: float, repeat: int) -> list[dict[str, Any]]:
 
     The KV is synthetic (heavy-tailed, outlier channels, a sink token: ``synthetic_kv``):
     tiling the reference model's small KV up to this size would repeat byte strings that
-    zstd's match finder exploits, flattering the sizes."""
+    zstd's match finder exploits, flattering the sizes. Its keys are rotated at positions
+    0..255 as an engine's would be, and the store says so (``rope_start=0``): cachegen's
+    decode includes turning its pre-RoPE keys back."""
     big = synthetic_kv(LLAMA_LAYOUT, 256)
+    assert LLAMA_LAYOUT.rope is not None
+    big[:, 0] = rope_reference(big[:, 0], 0, LLAMA_LAYOUT.rope)
     raw_bytes = big.numel() * big.element_size()
     raw_s = raw_bytes / (disk_gbps * 1e9)
     out = torch.empty_like(big)
@@ -307,7 +318,7 @@ def _served_chunk_load(disk_gbps: float, repeat: int) -> list[dict[str, Any]]:
              "load_ms": raw_s * 1e3, "effective_gb_s": disk_gbps, "vs_raw": 1.0}]
     for name in LOAD_CODECS:
         codec = get_codec(name)
-        tensors, params = codec.encode(big, LLAMA_LAYOUT)
+        tensors, params = codec.encode(big, LLAMA_LAYOUT, rope_start=0)
         enc = sum(t.numel() * t.element_size() for t in tensors.values())
         enc += len(json.dumps(params, separators=(",", ":")))
         into = getattr(codec, "decode_into", None)
@@ -336,17 +347,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     # pool degrades badly when the cores are busy) and is the per-stream figure anyway.
     torch.set_num_threads(1)
     model, windows, model_id, notes = _model_and_windows(quick)
-    cfg = model.config
-    layout = KVLayout(model_id, num_layers=cfg.num_hidden_layers,
-                      num_kv_heads=cfg.num_key_value_heads,
-                      head_dim=getattr(cfg, "head_dim", None)
-                      or cfg.hidden_size // cfg.num_attention_heads, dtype="bfloat16")
+    layout = layout_from_hf_config(model.config, torch.bfloat16, model_id)  # its RoPE too
     wins = [_window(model, w) for w in windows]
     chunks = [w.chunk for w in wins]
     repeat = 2 if quick else 3
     codecs: list[tuple[str, Codec]] = [(n, get_codec(n)) for n in CODECS]
     codecs.insert(2, ("zstd-noshuffle", ZstdCodec(shuffle=False)))
     records = [_codec_record(n, c, wins, layout, model, repeat) for n, c in codecs]
+    # the default level with keys coded after RoPE, as before format 3: what pre-RoPE buys
+    records.append(_codec_record("cachegen-keys-after-rope", get_codec("cachegen"), wins,
+                                 layout, model, repeat, rope_start=None))
     lm = _lmcache(wins, model, layout, notes)
     if lm is not None:
         records.append(lm)
@@ -359,7 +369,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             del r[k]
     rows = []
     for r in records:
-        goal_bits = 4.0 if r["name"] == "cachegen" else None
+        goal_bits = 4.0 if r["name"] == f"cachegen-{DEFAULT_LEVEL}" else None
         rows.append({"figure": "size vs int8/token", "shape": f"{len(chunks)}x{PREFIX} tok",
                      "variant": r["name"], "unit": "bits/elem", "value": r["bits_per_element"],
                      "baseline": "int8 per-token", "baseline_value": 8 + 32 / layout.head_dim,
@@ -392,6 +402,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             "kv": f"{model_id}: {len(chunks)} held-out windows, KV of {PREFIX} prefix tokens "
                   f"as bf16 chunks, fidelity over the next {CONT} tokens",
             "sizes": "all tensors + JSON params; int8 per-token = 8 + 32/head_dim bits",
+            "rope": "codecs are told the keys' positions (rope_start=0), as the store does; "
+                    "cachegen codes keys before RoPE (cachegen-keys-after-rope: not told). "
+                    "The anchor/delta study codes keys as given on both sides",
             "timing": "best of N, one thread, CPU; decode = whole chunk",
             "disk": f"plain sequential read, page cache dropped: {disk:.2f} GB/s",
             "served_chunk": "synthetic heavy-tailed KV of Llama-3-8B's shape (32 MiB); load "
