@@ -73,12 +73,23 @@ def _rope_from_config(config: PretrainedConfig, head_dim: int) -> RopeSpec:
     rotary_dim = None
     if partial is not None and float(partial) != 1.0:
         rotary_dim = int(head_dim * float(partial))
+    llama3: dict[str, Any] = {}
+    if rope_type == "llama3":
+        # with them the frequencies are known: shifts and pre-RoPE coding need no inv_freq
+        low, high, original = (
+            params.get(k, scaling.get(k))
+            for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        )
+        if None not in (low, high, original):
+            llama3 = {"low_freq_factor": float(low), "high_freq_factor": float(high),
+                      "original_max_position": int(original)}
     return RopeSpec(
         theta=float(theta),
         style=RopeStyle.NEOX,
         rotary_dim=rotary_dim,
         scaling_type=None if rope_type in (None, "default") else str(rope_type),
         scaling_factor=float(factor) if factor is not None else 1.0,
+        **llama3,
     )
 
 

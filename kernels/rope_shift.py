@@ -8,13 +8,16 @@ cached at one offset be reused at another (blending, non-prefix reuse).
 Pairing follows ``RopeSpec.style``: NeoX rotates ``(j, j + rot/2)``, GPT-J ``(2j, 2j + 1)``;
 dims past ``rotary_dim`` are left as they are. Math is fp32; keys may be fp16/bf16/fp32.
 
-Scaled RoPE: ``linear`` scaling divides ``inv_freq`` by the factor; other schemes (llama3,
-yarn, ...) need the model's own ``inv_freq`` (e.g. ``model.model.rotary_emb.inv_freq``),
-passed as ``inv_freq=``. Yarn's attention factor scales cos and sin together in the model;
+Scaled RoPE: ``linear`` scaling divides ``inv_freq`` by the factor; ``llama3`` (Llama 3.1+)
+is computed when the spec carries its three parameters; other schemes (yarn, ...) need the
+model's own ``inv_freq`` (e.g. ``model.model.rotary_emb.inv_freq``), passed as
+``inv_freq=``. Yarn's attention factor scales cos and sin together in the model;
 a shift is a pure rotation and must not apply it again, which this module never does.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -39,7 +42,8 @@ def rope_inv_freq(
     scaling). Raises ``LayoutMismatchError`` for schemes whose frequencies need more than
     ``RopeSpec`` records; pass the model's ``inv_freq`` to the shift instead."""
     rot = rotary_dim_of(rope, head_dim)
-    if rope.scaling_type not in (None, "default", "linear"):
+    llama3 = rope.llama3_params if rope.scaling_type == "llama3" else None
+    if rope.scaling_type not in (None, "default", "linear") and llama3 is None:
         raise LayoutMismatchError(
             f"RoPE scaling {rope.scaling_type!r} needs the model's own frequencies: pass "
             "inv_freq=model.model.rotary_emb.inv_freq (fp32 [rotary_dim // 2])")
@@ -48,7 +52,23 @@ def rope_inv_freq(
     inv = 1.0 / (rope.theta ** (j / rot))
     if rope.scaling_type == "linear":
         inv = inv / rope.scaling_factor
+    if llama3 is not None:
+        inv = _llama3_scaled(inv, rope.scaling_factor, *llama3)
     return inv.to(torch.float32).to(device)
+
+
+def _llama3_scaled(
+    inv: torch.Tensor, factor: float, low: float, high: float, original: int
+) -> torch.Tensor:
+    """Llama 3.1's frequency scaling (as transformers' ``_compute_llama3_parameters``):
+    wavelengths past ``original / low`` slow down by ``factor``, those under
+    ``original / high`` stay, the ones between blend linearly in ``original / wavelen``."""
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > original / low, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(medium, blended, scaled)
 
 
 def _positions(p: torch.Tensor | int, num_tokens: int, device: torch.device) -> torch.Tensor:

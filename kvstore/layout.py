@@ -41,15 +41,27 @@ class RopeStyle(str, Enum):
     GPTJ = "gptj"  # rotate interleaved pairs (2i, 2i + 1)
 
 
+# RopeSpec fields that are left out of ``to_dict`` (and so of fingerprints) while unset:
+# added after layouts were first keyed, so layouts that do not use them keep their keys.
+_ROPE_OPTIONAL = ("low_freq_factor", "high_freq_factor", "original_max_position")
+
+
 @dataclass(frozen=True)
 class RopeSpec:
-    """How keys were rotated, so cached keys can later be shifted to new positions."""
+    """How keys were rotated, so cached keys can later be shifted to new positions (and
+    coded before RoPE). ``llama3`` scaling (Llama 3.1+) needs its three extra parameters
+    for the frequencies to be known; without them shifts need the model's ``inv_freq``."""
 
     theta: float = 10000.0
     style: RopeStyle = RopeStyle.NEOX
     rotary_dim: int | None = None  # None: the whole head_dim
     scaling_type: str | None = None  # e.g. "llama3", "linear", "yarn"
     scaling_factor: float = 1.0
+    # llama3 scaling: frequencies with wavelengths between original_max_position /
+    # high_freq_factor and original_max_position / low_freq_factor are blended
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "style", RopeStyle(self.style))
@@ -59,6 +71,26 @@ class RopeSpec:
             raise LayoutMismatchError(
                 f"rope rotary_dim must be even and > 0, got {self.rotary_dim}"
             )
+        llama3 = [getattr(self, f) for f in _ROPE_OPTIONAL]
+        if any(v is not None for v in llama3):
+            if self.scaling_type != "llama3" or any(v is None for v in llama3):
+                raise LayoutMismatchError(
+                    f"{', '.join(_ROPE_OPTIONAL)} go together, with scaling_type 'llama3'"
+                )
+            lo, hi, orig = llama3
+            if not (0 < lo < hi and orig > 0 and self.scaling_factor > 0):
+                raise LayoutMismatchError(
+                    f"llama3 RoPE needs 0 < low_freq_factor < high_freq_factor and "
+                    f"original_max_position > 0, got {lo}, {hi}, {orig}"
+                )
+
+    @property
+    def llama3_params(self) -> tuple[float, float, int] | None:
+        """(low_freq_factor, high_freq_factor, original_max_position), when all are set."""
+        if self.original_max_position is None:
+            return None
+        assert self.low_freq_factor is not None and self.high_freq_factor is not None
+        return self.low_freq_factor, self.high_freq_factor, self.original_max_position
 
 
 @dataclass(frozen=True)
@@ -133,6 +165,9 @@ class KVLayout:
         d["attention"] = self.attention.value
         if self.rope is not None:
             d["rope"]["style"] = self.rope.style.value
+            for f in _ROPE_OPTIONAL:
+                if d["rope"][f] is None:
+                    del d["rope"][f]
         return d
 
     @classmethod

@@ -183,7 +183,9 @@ def test_cachegen_codes_keys_before_rope():
     RopeSpec(style=RopeStyle.GPTJ),
     RopeSpec(rotary_dim=16),  # partial rotary: dims past 16 are coded as given
     RopeSpec(scaling_type="linear", scaling_factor=4.0),
-], ids=["neox", "gptj", "partial", "linear"])
+    RopeSpec(theta=500000.0, scaling_type="llama3", scaling_factor=8.0, low_freq_factor=1.0,
+             high_freq_factor=4.0, original_max_position=8192),
+], ids=["neox", "gptj", "partial", "linear", "llama3"])
 def test_cachegen_pre_rope_roundtrip(rope):
     layout = KVLayout("rope", num_layers=3, num_kv_heads=2, head_dim=32, dtype="bfloat16",
                       rope=rope)
@@ -203,8 +205,8 @@ def test_cachegen_pre_rope_roundtrip(rope):
 
 
 def test_cachegen_codes_keys_as_given_without_known_rope():
-    """Positions unknown, no RoPE, or a scaling ``RopeSpec`` cannot give frequencies for:
-    keys are coded as given (and still round-trip)."""
+    """Positions unknown, no RoPE, or a scaling ``RopeSpec`` cannot give frequencies for
+    (llama3 without its parameters): keys are coded as given (and still round-trip)."""
     chunk = synthetic_kv(LAYOUT, 24)
     llama3 = KVLayout("s", num_layers=4, num_kv_heads=2, head_dim=32, dtype="bfloat16",
                       rope=RopeSpec(scaling_type="llama3", scaling_factor=8.0))

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from kvcache.connectors.hf import HFConnector, layout_from_hf_config
-from kvcache.kvstore.config import CpuTierConfig, StoreConfig
+from kvcache.kvstore.config import CpuTierConfig, DiskTierConfig, StoreConfig
 from kvcache.kvstore.errors import LayoutMismatchError, StoreFullError
 from kvcache.kvstore.layout import RopeStyle
 from kvcache.kvstore.tiered_store import TieredStore
@@ -97,6 +97,26 @@ def test_layout_from_config_reads_shape_and_rope():
     r = layout_from_hf_config(scaled, torch.float16, "m").rope
     assert r is not None
     assert (r.theta, r.scaling_type, r.scaling_factor, r.rotary_dim) == (5e5, "linear", 4.0, 8)
+
+
+def test_llama3_rope_frequencies_match_the_model():
+    """Llama 3.1's scaled RoPE: the layout records its parameters, so the frequencies (for
+    shifts and pre-RoPE coding) equal the model's own without passing them."""
+    from kvcache.kernels.rope_shift import rope_inv_freq, rope_shift
+
+    params = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    model = build_model("llama", rope_parameters=params)
+    layout = layout_from_hf_config(model.config, torch.float32, "m")
+    r = layout.rope
+    assert r is not None and r.llama3_params == (1.0, 4.0, 8192)
+    want = model.model.rotary_emb.inv_freq.float()
+    # head_dim 16 at theta 5e5 has wavelengths below, inside and above the blended band
+    torch.testing.assert_close(rope_inv_freq(r, 16), want, rtol=1e-6, atol=0)
+    keys = torch.randn(5, 2, 16)
+    # fp32 angles of ~900 rad: ~1e-4 apart for frequencies one rounding apart
+    torch.testing.assert_close(rope_shift(keys, 3, 900, r),
+                               rope_shift(keys, 3, 900, r, inv_freq=want), rtol=0, atol=3e-4)
 
 
 @pytest.mark.parametrize(
@@ -184,6 +204,39 @@ def test_reuse_from_disk_only(family_model, tmp_path: Path):
         res = conn.prefill([*ids, 5])
     assert res.reused_tokens == 48 and res.hits_by_tier == {"disk": 3}
     torch.testing.assert_close(res.logits, full_logits(model, [*ids, 5]), atol=ATOL, rtol=RTOL)
+
+
+def test_reuse_from_a_cachegen_disk_tier(tmp_path: Path):
+    """A lossy disk tier: each chunk's keys are coded before RoPE at the positions the
+    connector stored them at, and the reused prefix gives nearly the full prefill's
+    logits."""
+    from kvcache.tools.synthetic_kv import nmse
+
+    model = build_model("llama")
+    ids = prompt(61)
+    exact = HFConnector(model, TieredStore.in_memory(1 << 24), chunk_size=CHUNK, model_id="m")
+    exact.prefill(ids)
+    with disk_store(tmp_path, disk=DiskTierConfig(codec="cachegen-1")) as store:
+        conn = HFConnector(model, store, chunk_size=CHUNK, model_id="m")
+        conn.prefill(ids)
+        store.flush()
+        disk = store.tiers[1]
+        for c in conn.chunks(ids):
+            header = disk.header(c.prefix_key)
+            assert header is not None and header.codec == "cachegen-1"
+            assert header.codec_params["key_rope_start"] == c.start == header.rope_start
+            store.tiers[0].delete(c.prefix_key)
+        res = conn.prefill([*ids, 5])
+        # keys come back at the positions they were cached at (this random model's logits
+        # barely depend on its keys, so compare the keys themselves)
+        for c in conn.chunks(ids):
+            got, want = store.get(c.prefix_key), exact.store.get(c.prefix_key)
+            assert got is not None and want is not None
+            assert nmse(got[:, 0], want[:, 0]) < 0.01
+    assert res.reused_tokens == 48 and res.hits_by_tier == {"disk": 3}
+    full = full_logits(model, [*ids, 5])
+    assert int(res.logits.argmax()) == int(full.argmax())
+    assert float((res.logits - full).abs().max()) < 0.02 * float(full.abs().max())
 
 
 def test_reuse_with_a_cpu_tier_smaller_than_the_prompt(tmp_path: Path):

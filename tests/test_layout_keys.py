@@ -35,6 +35,26 @@ def test_layout_roundtrips_through_dict(layout):
     assert KVLayout.from_dict(layout.to_dict()) == layout
 
 
+def test_llama3_rope_params_keep_older_layouts_keys():
+    """The llama3 fields came after layouts were first keyed: unset, they are left out of
+    the dict (so fingerprints, and every stored key, are unchanged); set, they count."""
+    plain = KVLayout("m", 2, 2, 8, rope=RopeSpec(theta=5e5, scaling_type="llama3"))
+    assert set(plain.to_dict()["rope"]) == {
+        "theta", "style", "rotary_dim", "scaling_type", "scaling_factor"}
+    full = KVLayout("m", 2, 2, 8, rope=RopeSpec(
+        theta=5e5, scaling_type="llama3", scaling_factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position=8192))
+    assert full.fingerprint != plain.fingerprint
+    assert KVLayout.from_dict(full.to_dict()) == full
+    for bad in (dict(low_freq_factor=1.0),  # not all three
+                dict(scaling_type="linear", low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position=8192),
+                dict(scaling_type="llama3", low_freq_factor=4.0, high_freq_factor=1.0,
+                     original_max_position=8192)):
+        with pytest.raises(LayoutMismatchError):
+            RopeSpec(**bad)
+
+
 def test_fingerprint_and_keys_agree_across_processes(layout):
     code = (
         "from kvcache.kvstore.layout import KVLayout;"
