@@ -399,6 +399,10 @@ class CacheGenCodec(Codec):
         k_steps, v_steps = level_steps(self.level, L)
         x = chunk.detach().to("cpu", torch.float32).reshape(L, 2, T, C)
         rotation = _encoder_rotation(layout, rope_start, T)
+        if rotation is not None and not bool(torch.isfinite(x[:, 0]).all()):
+            # a rotation would spread an inf/nan into its pair partner; as given, it stays
+            # one exact escape
+            rotation = None
         if rotation is not None:
             x[:, 0] = rotation.apply(x[:, 0].view(L, T, H, D), inverse=True).view(L, T, C)
         mu = x.mean(2).half()  # [L, 2, C]

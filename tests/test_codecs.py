@@ -219,6 +219,19 @@ def test_cachegen_codes_keys_as_given_without_known_rope():
         assert nmse(codec.decode(tensors, params, layout, 24), chunk) < 0.1
 
 
+def test_cachegen_keeps_non_finite_keys_exact_without_rotating():
+    """A rotation would smear an inf into its pair partner: such chunks code keys as given,
+    and the inf comes back exactly where it was, its partner intact."""
+    chunk = synthetic_kv(LAYOUT, 24)
+    chunk[1, 0, 5, 0, 3] = float("inf")
+    codec = CacheGenCodec()
+    tensors, params = codec.encode(chunk, LAYOUT, rope_start=100)
+    assert params["key_rope_start"] is None
+    out = codec.decode(tensors, params, LAYOUT, 24)
+    assert out[1, 0, 5, 0, 3] == float("inf")
+    assert torch.isfinite(out[1, 0, 5, 0, 3 + 16])  # NeoX partner of dim 3 (head_dim 32)
+
+
 def test_cachegen_reads_version_2_objects():
     """Objects written before keys were coded pre-RoPE (format 2) still decode."""
     chunk = synthetic_kv(LAYOUT, 24)
