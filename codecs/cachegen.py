@@ -11,9 +11,10 @@ Per layer ``l`` and plane (K or V), with ``x`` the plane ``[T, C]`` (``C = H * D
    sinusoid that costs bits and loses precision. Un-rotated, it is a constant the channel
    mean stores exactly. On the reference model this alone took next-token KL at the
    default level from 0.028 to 0.012 at equal bits (``docs/benchmarks.md``). Any rotation
-   round-trips exactly (the decoder applies the inverse of the stored angles), so a
-   layout whose RoPE frequencies ``RopeSpec`` does not give (yarn; llama3 without its
-   three parameters) is simply coded after RoPE (``key_rope_start`` null).
+   round-trips exactly (the decoder turns keys by the same angles, from
+   ``key_rope_start`` and the layout), so a layout whose RoPE frequencies ``RopeSpec``
+   does not give (yarn; llama3 without its three parameters) is simply coded after RoPE
+   (``key_rope_start`` null).
 1. **Per-channel statistics.** ``mu_c``: each channel's mean over the chunk's tokens
    (fp16). K is scaled per channel (``sigma_c`` = mean ``|x - mu|`` over tokens, KIVI's K
    axis: K has persistent outlier channels); V per token and head (``sigma_{t,h}`` over
