@@ -84,14 +84,18 @@ import zstandard
 
 from kvcache.codecs import _check
 from kvcache.codecs.base import Codec
-from kvcache.kernels import cpu_native
+from kvcache.kernels import cpu_native, rans
+from kvcache.kernels.dispatch import IMPLS, Impl
 from kvcache.kernels.rope_shift import rope_cos_sin, rotary_dim_of, rotate_cos_sin
 from kvcache.kvstore.errors import CorruptObjectError, LayoutMismatchError
 from kvcache.kvstore.layout import KVLayout, RopeSpec, RopeStyle
 
-# 2: two's-complement symbols, 4-bit planes packed by halves; 3: keys coded before RoPE
-VERSION = 3
-READABLE_VERSIONS = (2, 3)
+# 2: two's-complement symbols, 4-bit planes packed by halves; 3: keys coded before RoPE;
+# 4: the entropy coder is a param (zstd's Huffman, or lane-interleaved rANS for GPUs)
+VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
+ENTROPY_CODERS = ("huffman", "rans")
+MAX_RANS_STEPS = 1 << 16
 _LOG_BIAS = 160
 _LOG_STEPS = 8  # codes per octave
 # level -> (base step, in units of sigma). Lower level = finer = more bytes.
@@ -167,6 +171,96 @@ def _code_plane(z: torch.Tensor, bits: int, cctx: zstandard.ZstdCompressor) -> _
     return _CodedPlane(bits, frame, esc.nonzero().squeeze(1))
 
 
+def _code_huffman(
+    flat_z: torch.Tensor, zstd_level: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[torch.Tensor]]:
+    """Planes ``[P, n]`` of rounded steps -> zstd (Huffman) frames: tensors, params and
+    each plane's escaped positions."""
+    cctx = zstandard.ZstdCompressor(level=zstd_level)
+    frames: list[bytes] = []
+    escapes: list[torch.Tensor] = []
+    sym_bits: list[int] = []
+    for zp in flat_z:
+        # 8-bit only when clearly smaller: 4-bit planes decode ~2x faster. Always
+        # compared, even when nothing escapes: zstd also finds repeated rows (layer 0's
+        # V depends only on the token), which 4-bit pairs of rows hide
+        nib, byte = (_code_plane(zp, bits, cctx) for bits in (4, 8))
+        bits, frame, idx = byte if byte.cost * NIBBLE_PREFERENCE < nib.cost else nib
+        sym_bits.append(bits)
+        frames.append(frame)
+        escapes.append(idx)
+    tensors = {
+        "sym": torch.from_numpy(np.frombuffer(b"".join(frames), np.uint8).copy()),
+        "sym_offsets": torch.tensor(np.cumsum([0, *map(len, frames)]), dtype=torch.int64),
+    }
+    return tensors, {"entropy": "huffman", "sym_bits": sym_bits}, escapes
+
+
+def _rans_range(counts: np.ndarray) -> tuple[int, int]:
+    """counts ``[256]`` (by value + 128) of a plane's codable symbols -> the value range
+    ``[lo, hi]`` its table covers (the rest are escapes). The table costs 16 bits per
+    value in the range, an escape 48 (index and fp16 value) less the bits its symbol would
+    have cost, so an end is trimmed while the entries it frees (itself and the empty ones
+    up to the next value that occurs) cost more than escaping its occurrences."""
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        return 0, 0
+    total = float(counts.sum())
+
+    def escape_cost(v: int) -> float:
+        c = float(counts[v])
+        return c * (8 * _ESCAPE_BYTES + math.log2(c / total))
+
+    a, b = 0, nz.size - 1
+    while a < b:
+        if 16 * (nz[b] - nz[b - 1]) > escape_cost(nz[b]):
+            b -= 1
+        elif 16 * (nz[a + 1] - nz[a]) > escape_cost(nz[a]):
+            a += 1
+        else:
+            break
+    return int(nz[a]) - 128, int(nz[b]) - 128
+
+
+def _code_rans(
+    flat_z: torch.Tensor, steps: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[torch.Tensor]]:
+    """Planes ``[P, n]`` of rounded steps -> lane-interleaved rANS (``kernels/rans.py``):
+    tensors, params and each plane's escaped positions (coded as the plane's most frequent
+    value, which costs the least; decoding overwrites them)."""
+    P = flat_z.shape[0]
+    zf = flat_z.numpy()
+    codable = np.isfinite(zf) & (np.abs(zf) <= 127)
+    v = np.where(codable, zf, 0).astype(np.int64) + 128
+    rows = np.arange(P, dtype=np.int64)[:, None] * rans.ALPHABET
+    counts = np.bincount((v + rows)[codable], minlength=P * rans.ALPHABET)
+    counts = counts.reshape(P, rans.ALPHABET)
+    ranges = [_rans_range(c) for c in counts]
+    lo = np.array([r[0] for r in ranges])[:, None] + 128
+    hi = np.array([r[1] for r in ranges])[:, None] + 128
+    esc = ~codable | (v < lo) | (v > hi)
+    in_range = (np.arange(rans.ALPHABET)[None] >= lo) & (np.arange(rans.ALPHABET)[None] <= hi)
+    mode = np.argmax(np.where(in_range, counts, -1), axis=1)[:, None]
+    v = np.where(esc, mode, v)
+    sym = (v - 128).astype(np.int8)
+    freq = rans.quantize_counts(
+        np.bincount((v + rows).reshape(-1), minlength=P * rans.ALPHABET).reshape(P, -1)
+    )
+    coded = rans.encode(sym, freq, steps)
+    table = np.concatenate([freq[p, lo[p, 0] : hi[p, 0] + 1] for p in range(P)])
+    tensors = {
+        "words": torch.from_numpy(coded.words.view(np.int16)),
+        "states": torch.from_numpy(coded.states.view(np.int32)),
+        "block_offsets": torch.from_numpy(coded.offsets.astype(np.int64)),
+        "rans_freq": torch.from_numpy(table.astype(np.int16)),
+    }
+    params = {
+        "entropy": "rans", "rans_steps": steps,
+        "rans_lo": [r[0] for r in ranges], "rans_hi": [r[1] for r in ranges],
+    }
+    return tensors, params, [torch.from_numpy(np.flatnonzero(e)) for e in esc]
+
+
 @dataclass(frozen=True)
 class _Rotation:
     """RoPE angles of a chunk's tokens: keys are coded rotated back by them."""
@@ -227,6 +321,37 @@ class _Parsed:
     esc_val: torch.Tensor  # fp32 [E] (stored as fp16)
     esc_off: list[int]  # [2L + 1]
     rotation: _Rotation | None  # keys were coded before RoPE
+    rans: _RansStream | None  # entropy "rans" (then sym is empty and sym_bits all 8)
+
+
+@dataclass(frozen=True)
+class _RansStream:
+    """A validated rANS-coded object's symbols (``kernels/rans.py``): plane ``pl``'s
+    blocks are ``pl * nb ...`` with ``nb = num_blocks(T * C, steps)``."""
+
+    words: torch.Tensor  # int16 [W] (uint16 bits), as stored (left on its device)
+    states: torch.Tensor  # int32 [2L * nb, LANES] (uint32 bits), as stored
+    offsets: np.ndarray  # int64 [2L * nb + 1]
+    steps: int
+    freq: np.ndarray  # int64 [2L, 256], rows summing to rans.M
+
+    def symbols_into(self, plane: int, n: int, out: torch.Tensor) -> None:
+        """Plane ``plane``'s ``n`` symbols into ``out`` (int8 ``[n]``, CPU)."""
+        lut = rans.lut_of(self.freq[plane : plane + 1])
+        words, states = self.words.cpu(), self.states.cpu()
+        if cpu_native.library() is None:
+            z, ok = rans.decode_reference(words, states, self.offsets, [plane], n,
+                                          self.steps, torch.from_numpy(lut))
+            out.copy_(z[0])
+        else:
+            nb = rans.num_blocks(n, self.steps)
+            ok = rans.decode_plane(
+                words.numpy().view(np.uint16), self.offsets[plane * nb :],
+                states[plane * nb :].numpy().view(np.uint32), n, self.steps, lut[0],
+                out.numpy(),
+            )
+        if not ok:
+            raise CorruptObjectError(f"cachegen rANS plane {plane} did not decode as coded")
 
 
 # _log_value of every code: decoding looks scales up instead of recomputing exp2
@@ -329,8 +454,11 @@ def _decode_layer_into(p: _Parsed, f: _Factors, i: int, layer: int, out: torch.T
     for kv in (0, 1):
         pl = 2 * layer + kv
         bits = p.sym_bits[pl]
-        frame = p.sym[p.sym_off[pl] : p.sym_off[pl + 1]]
-        _inflate_into(dctx, frame, zmem[: (n + 1) // 2] if bits == 4 else zmem, pl)
+        if p.rans is not None:
+            p.rans.symbols_into(pl, n, z)
+        else:
+            frame = p.sym[p.sym_off[pl] : p.sym_off[pl + 1]]
+            _inflate_into(dctx, frame, zmem[: (n + 1) // 2] if bits == 4 else zmem, pl)
         rotate = p.rotation if kv == 0 else None
         esc = p.esc_idx[p.esc_off[pl] : p.esc_off[pl + 1]]
         val = p.esc_val[p.esc_off[pl] : p.esc_off[pl + 1]]
@@ -351,6 +479,42 @@ def _decode_layer_into(p: _Parsed, f: _Factors, i: int, layer: int, out: torch.T
             target.view(-1).index_put_((esc.long(),), val.to(target.dtype))
         if native is None:
             out[kv].copy_(x.view(T, H, D) if rotate is None else rotate.apply(x.view(T, H, D)))
+
+
+def _decode_rans_lanes(
+    p: _Parsed, f: _Factors, layers: Sequence[int], out: torch.Tensor, impl: Impl
+) -> None:
+    """The lane-parallel path of rANS objects (GPU; any device with ``impl``): every
+    selected plane's blocks decoded and dequantised by one kernel (``rans.decode_dequant``)
+    into ``out`` (or an fp32 buffer when keys are to be rotated), then the escapes set in
+    one indexed write, then K rotated into ``out``."""
+    assert p.rans is not None
+    dev = out.device
+    T, H, D = p.T, p.H, p.D
+    C, n, nl = H * D, p.T * H * D, len(layers)
+    planes = [2 * layer + kv for layer in layers for kv in (0, 1)]
+    buf = out.view(nl * 2, n) if p.rotation is None \
+        else torch.empty(nl * 2, n, dtype=torch.float32, device=dev)
+    ok = rans.decode_dequant(
+        p.rans.words.to(dev, non_blocking=True), p.rans.states.to(dev, non_blocking=True),
+        p.rans.offsets, planes, n, p.rans.steps,
+        torch.from_numpy(rans.lut_of(p.rans.freq[planes])).to(dev, non_blocking=True),
+        f.mu.reshape(nl * 2, C).to(dev), f.k_delta.to(dev), f.v_delta[..., 0].to(dev), D,
+        buf, impl,
+    )
+    if not ok:
+        raise CorruptObjectError("cachegen rANS blocks did not decode as coded")
+    where = [(q * n, p.esc_off[pl], p.esc_off[pl + 1]) for q, pl in enumerate(planes)]
+    idx = torch.cat([p.esc_idx[a:b].long() + base for base, a, b in where])
+    if idx.numel():
+        val = torch.cat([p.esc_val[a:b] for _, a, b in where])
+        buf.view(-1)[idx.to(dev)] = val.to(dev, buf.dtype)
+    if p.rotation is not None:
+        r = p.rotation
+        k = buf.view(nl, 2, T, H, D)[:, 0]
+        style = RopeStyle.NEOX if r.neox else RopeStyle.GPTJ
+        out[:, 0] = rotate_cos_sin(k, r.cos.to(dev), r.sin.to(dev), style, r.rot)
+        out[:, 1] = buf.view(nl, 2, T, H, D)[:, 1]
 
 
 def _dequant_torch(
@@ -382,11 +546,20 @@ class CacheGenCodec(Codec):
     lossless = False
     levels = tuple(LEVEL_STEPS)
 
-    def __init__(self, level: int = DEFAULT_LEVEL, zstd_level: int = 1) -> None:
+    def __init__(
+        self, level: int = DEFAULT_LEVEL, zstd_level: int = 1, entropy: str = "huffman",
+        rans_steps: int = rans.DEFAULT_STEPS,
+    ) -> None:
         if level not in LEVEL_STEPS:
             raise ValueError(f"cachegen level must be one of {sorted(LEVEL_STEPS)}, got {level}")
+        if entropy not in ENTROPY_CODERS:
+            raise ValueError(f"cachegen entropy must be one of {ENTROPY_CODERS}, got {entropy!r}")
+        if not 1 <= rans_steps <= MAX_RANS_STEPS:
+            raise ValueError(f"rans_steps must be in [1, {MAX_RANS_STEPS}], got {rans_steps}")
         self.level = level
         self.zstd_level = zstd_level
+        self.entropy = entropy
+        self.rans_steps = rans_steps
 
     # -- encode ---------------------------------------------------------------------------
     def encode(
@@ -419,27 +592,15 @@ class CacheGenCodec(Codec):
             (_log_value(v_code)[..., None] * vst).expand(L, T, H, D).reshape(L, T, C),
         ], 1)  # [L, 2, T, C]
         z = torch.where(delta > 0, r / delta.clamp_min(1e-30), torch.zeros_like(r)).round_()
-        cctx = zstandard.ZstdCompressor(level=self.zstd_level)
-        frames: list[bytes] = []
-        esc_idx: list[torch.Tensor] = []
-        esc_val: list[torch.Tensor] = []
         flat_z = z.reshape(L * 2, T * C)
         flat_x = x.reshape(L * 2, T * C)  # escapes are exact values of what was coded
-        sym_bits: list[int] = []
-        for p in range(L * 2):
-            zp = flat_z[p]
-            # 8-bit only when clearly smaller: 4-bit planes decode ~2x faster. Always
-            # compared, even when nothing escapes: zstd also finds repeated rows (layer 0's
-            # V depends only on the token), which 4-bit pairs of rows hide
-            nib, byte = (_code_plane(zp, bits, cctx) for bits in (4, 8))
-            bits, frame, idx = byte if byte.cost * NIBBLE_PREFERENCE < nib.cost else nib
-            sym_bits.append(bits)
-            frames.append(frame)
-            esc_idx.append(idx.to(torch.int32))
-            esc_val.append(flat_x[p, idx].half())
-        tensors = {
-            "sym": torch.from_numpy(np.frombuffer(b"".join(frames), np.uint8).copy()),
-            "sym_offsets": torch.tensor(np.cumsum([0, *map(len, frames)]), dtype=torch.int64),
+        if self.entropy == "rans":
+            tensors, extra, escapes = _code_rans(flat_z, self.rans_steps)
+        else:
+            tensors, extra, escapes = _code_huffman(flat_z, self.zstd_level)
+        esc_idx = [idx.to(torch.int32) for idx in escapes]
+        esc_val = [flat_x[p, idx].half() for p, idx in enumerate(escapes)]
+        tensors |= {
             "mu": mu,
             "k_scale": k_code,
             "v_scale": v_code,
@@ -451,8 +612,7 @@ class CacheGenCodec(Codec):
         }
         params = {
             "version": VERSION, "level": self.level, "k_steps": k_steps, "v_steps": v_steps,
-            "sym_bits": sym_bits,
-            "key_rope_start": None if rotation is None else rope_start,
+            "key_rope_start": None if rotation is None else rope_start, **extra,
         }
         return tensors, params
 
@@ -482,14 +642,25 @@ class CacheGenCodec(Codec):
         C = H * D
         k_steps = _check.float_list(params, "k_steps", L, name)
         v_steps = _check.float_list(params, "v_steps", L, name)
-        sym_bits = _check.int_list(params, "sym_bits", 2 * L, name, (4, 8))
-        sym = tensors.get("sym")
-        if not isinstance(sym, torch.Tensor) or sym.dtype != torch.uint8 or sym.dim() != 1:
-            raise CorruptObjectError("cachegen object lacks a uint8 'sym' tensor")
-        sym_off = _check.offsets(
-            _check.tensor(tensors, "sym_offsets", torch.int64, (2 * L + 1,), name),
-            2 * L, sym.numel(), name, "sym_offsets",
-        )
+        entropy = params.get("entropy", "huffman") if version >= 4 else "huffman"
+        if entropy not in ENTROPY_CODERS:
+            raise CorruptObjectError(f"{name} entropy coder {entropy!r} is not one of "
+                                     f"{ENTROPY_CODERS}")
+        stream = None
+        sym: torch.Tensor | None
+        if entropy == "rans":
+            stream = self._parse_rans(tensors, params, 2 * L, T * C)
+            sym, sym_off, sym_bits = torch.empty(0, dtype=torch.uint8), [], [8] * (2 * L)
+        else:
+            sym_bits = _check.int_list(params, "sym_bits", 2 * L, name, (4, 8))
+            sym = tensors.get("sym")
+            if not isinstance(sym, torch.Tensor) or sym.dtype != torch.uint8 \
+                    or sym.dim() != 1:
+                raise CorruptObjectError("cachegen object lacks a uint8 'sym' tensor")
+            sym_off = _check.offsets(
+                _check.tensor(tensors, "sym_offsets", torch.int64, (2 * L + 1,), name),
+                2 * L, sym.numel(), name, "sym_offsets",
+            )
         esc_idx = tensors.get("esc_idx")
         if not isinstance(esc_idx, torch.Tensor) or esc_idx.dtype != torch.int32 \
                 or esc_idx.dim() != 1:
@@ -516,8 +687,44 @@ class CacheGenCodec(Codec):
         return _Parsed(
             T, H, D, sym.cpu().contiguous().numpy().data, sym_off, sym_bits, k_steps, v_steps,
             mu.cpu(), k_code.cpu(), v_code.cpu(), esc_idx.cpu().contiguous(),
-            esc_val.cpu().float(), esc_off, rotation,
+            esc_val.cpu().float(), esc_off, rotation, stream,
         )
+
+    def _parse_rans(
+        self, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any], planes: int,
+        n: int,
+    ) -> _RansStream:
+        name = self.name
+        steps = _check.int_param(params, "rans_steps", name, lo=1, hi=MAX_RANS_STEPS)
+        values = range(-128, 128)
+        lo = _check.int_list(params, "rans_lo", planes, name, values)
+        hi = _check.int_list(params, "rans_hi", planes, name, values)
+        if any(a > b for a, b in zip(lo, hi, strict=True)):
+            raise CorruptObjectError(f"{name} rANS table range has lo > hi")
+        sizes = [b - a + 1 for a, b in zip(lo, hi, strict=True)]
+        table = _check.tensor(tensors, "rans_freq", torch.int16, (sum(sizes),), name)
+        flat = table.cpu().numpy().astype(np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() > rans.M):
+            raise CorruptObjectError(f"{name} rANS frequency out of [0, {rans.M}]")
+        freq = np.zeros((planes, rans.ALPHABET), np.int64)
+        at = 0
+        for p, (a, size) in enumerate(zip(lo, sizes, strict=True)):
+            freq[p, a + 128 : a + 128 + size] = flat[at : at + size]
+            at += size
+        if (freq.sum(1) != rans.M).any():
+            raise CorruptObjectError(f"{name} rANS frequencies do not sum to {rans.M}")
+        words = tensors.get("words")
+        if not isinstance(words, torch.Tensor) or words.dtype != torch.int16 \
+                or words.dim() != 1:
+            raise CorruptObjectError(f"{name} object lacks an int16 'words' tensor")
+        nb = planes * rans.num_blocks(n, steps)
+        states = _check.tensor(tensors, "states", torch.int32, (nb, rans.LANES), name)
+        offsets = _check.offsets(
+            _check.tensor(tensors, "block_offsets", torch.int64, (nb + 1,), name),
+            nb, words.numel(), name, "block_offsets",
+        )
+        return _RansStream(words.contiguous(), states.contiguous(),
+                           np.asarray(offsets, dtype=np.int64), steps, freq)
 
     def decode_into(
         self,
@@ -528,9 +735,17 @@ class CacheGenCodec(Codec):
         layers: Sequence[int],
         out: torch.Tensor,
         threads: int = 1,
+        impl: Impl = "auto",
     ) -> torch.Tensor:
-        """Decode ``layers`` into ``out`` (CPU, contiguous ``[len(layers), 2, T, H, D]`` of
-        the layout's dtype), e.g. a buffer reused across chunks.
+        """Decode ``layers`` into ``out`` (contiguous ``[len(layers), 2, T, H, D]`` of the
+        layout's dtype, on the CPU or a GPU), e.g. a buffer reused across chunks.
+
+        On a GPU, rANS-coded objects decode there (one Triton kernel: entropy decode +
+        dequantisation; then escapes and the keys' rotation as tensor ops); Huffman-coded
+        ones decode on the CPU and are copied. ``impl`` picks the rANS decoder:
+        ``"auto"`` (the kernel for CUDA outputs, C per plane on the CPU), ``"triton"``
+        (the kernel; on CPU tensors only under ``TRITON_INTERPRET=1``) or ``"torch"`` (the
+        vectorised torch reference); Huffman objects ignore it.
 
         ``threads > 1`` decodes layers on that many threads (zstd and torch release the
         GIL): 25 -> 18 ms for a Llama-3-8B chunk with 2 on our 2-vCPU VM when its second
@@ -540,12 +755,21 @@ class CacheGenCodec(Codec):
         """
         expected = (len(layers), *layout.chunk_shape(num_tokens)[1:])
         if tuple(out.shape) != expected or out.dtype != layout.torch_dtype \
-                or out.device.type != "cpu" or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous CPU {expected} {layout.dtype} tensor")
+                or out.device.type not in ("cpu", "cuda") or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {expected} {layout.dtype} tensor")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         parsed = self._parse(tensors, params, layout, num_tokens)
         factors = _Factors.of(parsed, layers)
+        if parsed.rans is not None and (out.device.type == "cuda" or impl != "auto"):
+            _decode_rans_lanes(parsed, factors, layers, out, impl)
+            return out
+        if out.device.type != "cpu":
+            staged = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            self.decode_into(tensors, params, layout, num_tokens, layers, staged, threads)
+            return out.copy_(staged, non_blocking=True)
         jobs = list(enumerate(layers))
         workers = min(threads, len(jobs))
         if workers <= 1:

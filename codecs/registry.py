@@ -32,6 +32,14 @@ _CODECS: dict[str, tuple[str, dict[str, Any]]] = {
         f"cachegen-{level}": ("kvcache.codecs.cachegen:CacheGenCodec", {"level": level})
         for level in range(1, 7)
     },
+    # the same codec with lane-interleaved rANS instead of Huffman: decodes on a GPU
+    "cachegen-rans": ("kvcache.codecs.cachegen:CacheGenCodec", {"entropy": "rans"}),
+    **{
+        f"cachegen-rans-{level}": (
+            "kvcache.codecs.cachegen:CacheGenCodec", {"level": level, "entropy": "rans"}
+        )
+        for level in range(1, 7)
+    },
 }
 
 def codec_names() -> list[str]:

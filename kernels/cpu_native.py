@@ -187,6 +187,122 @@ void kvc_dequant_plane_rope(const int8_t *sym, int bits, int64_t T, int64_t H, i
         }
     }
 }
+
+/*
+ * Lane-interleaved rANS (kernels/rans.py has the format and the numpy/torch references).
+ * A block of nsym symbols: symbol k belongs to lane k % RANS_LANES; each lane is a 32-bit
+ * state in [RANS_L, 2^32), probabilities out of 2^RANS_SCALE, 16-bit renormalisation
+ * (at most one word per symbol); the lanes share the block's word stream in (step, lane)
+ * order. lut: per slot (x mod 2^RANS_SCALE), sym | (freq - 1) << 8 | cum << 20, sym being
+ * the int8 value + 128.
+ */
+#define RANS_LANES 32
+#define RANS_SCALE 12
+#define RANS_L (1u << 16)
+
+/* Decode one block into out[0 .. nsym). Returns 1 when every lane ends at RANS_L having
+ * read exactly words[w0 .. w1) (the block decoded as it was coded), else 0; never reads
+ * outside [w0, w1). */
+static int rans_decode_block(const uint16_t *restrict words, int64_t w0, int64_t w1,
+                             const uint32_t *restrict state, int64_t nsym,
+                             const uint32_t *restrict lut, int8_t *restrict out) {
+    uint32_t x[RANS_LANES];
+    memcpy(x, state, sizeof x);
+    int64_t p = w0;
+    /* branch-free renormalisation (a lane reads a word on ~1 symbol in 8, too rarely and
+     * irregularly to predict): every symbol loads a word from a valid address and keeps
+     * it only when needed; words[w1 - 1] stands in past the end (0 when there is none) */
+    const int64_t last = w1 > w0 ? w1 - 1 : -1;
+    int64_t k0 = 0;
+    if (last >= 0) {
+        /* full steps in separate passes over the lanes, each a loop the compiler turns
+         * into vector code (gathers from the table and the words) */
+        for (; k0 + RANS_LANES <= nsym; k0 += RANS_LANES) {
+            uint32_t need[RANS_LANES], pos[RANS_LANES];
+            int8_t sym[RANS_LANES];
+            for (int j = 0; j < RANS_LANES; j++) {
+                const uint32_t s = x[j], slot = s & ((1u << RANS_SCALE) - 1), e = lut[slot];
+                sym[j] = (int8_t)((int)(e & 0xffu) - 128);
+                x[j] = (((e >> 8) & 0xfffu) + 1) * (s >> RANS_SCALE) + slot - (e >> 20);
+                need[j] = x[j] < RANS_L;
+            }
+            memcpy(out + k0, sym, RANS_LANES);
+            uint32_t at = 0;
+            for (int j = 0; j < RANS_LANES; j++) { pos[j] = at; at += need[j]; }
+            for (int j = 0; j < RANS_LANES; j++) {
+                const int64_t q = p + pos[j];
+                const uint32_t w = words[q < w1 ? q : last];
+                x[j] = need[j] ? (x[j] << 16) | (q < w1 ? w : 0u) : x[j];
+            }
+            p += at;
+        }
+    }
+    for (; k0 < nsym; k0 += RANS_LANES) {
+        const int64_t m = nsym - k0 < RANS_LANES ? nsym - k0 : RANS_LANES;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t s = x[j];
+            const uint32_t slot = s & ((1u << RANS_SCALE) - 1), e = lut[slot];
+            out[k0 + j] = (int8_t)((int)(e & 0xffu) - 128);
+            s = (((e >> 8) & 0xfffu) + 1) * (s >> RANS_SCALE) + slot - (e >> 20);
+            const int need = s < RANS_L;
+            const uint32_t w = last < 0 ? 0u : words[p < w1 ? p : last];
+            const uint32_t in = p < w1 ? w : 0u;
+            x[j] = need ? (s << 16) | in : s;
+            p += need;
+        }
+    }
+    int ok = p == w1;
+    for (int j = 0; j < RANS_LANES; j++) ok &= x[j] == RANS_L;
+    return ok;
+}
+
+/* One plane of n symbols in blocks of RANS_LANES * steps: block b's words are
+ * words[offsets[b] .. offsets[b + 1]), its states state[b * RANS_LANES ...]. Returns the
+ * number of blocks that did not decode as coded (0: all good). */
+int64_t kvc_rans_decode_plane(const uint16_t *words, const int64_t *offsets,
+                              const uint32_t *state, int64_t n, int64_t steps,
+                              const uint32_t *lut, int8_t *out) {
+    const int64_t B = RANS_LANES * steps;
+    int64_t bad = 0;
+    for (int64_t b = 0; b * B < n; b++) {
+        const int64_t nsym = n - b * B < B ? n - b * B : B;
+        bad += !rans_decode_block(words, offsets[b], offsets[b + 1], state + b * RANS_LANES,
+                                  nsym, lut, out + b * B);
+    }
+    return bad;
+}
+
+/* Encode one plane (the inverse of kvc_rans_decode_plane). freq/cum: [256] by sym + 128;
+ * every symbol present must have freq > 0. words: capacity n (one word per symbol at
+ * most), filled block after block in decoding order; scratch: n uint16. Writes each
+ * block's final states and its word count; returns the words written. */
+int64_t kvc_rans_encode_plane(const int8_t *sym, int64_t n, int64_t steps,
+                              const uint32_t *freq, const uint32_t *cum, uint16_t *words,
+                              uint16_t *scratch, uint32_t *state, int64_t *block_words) {
+    const int64_t B = RANS_LANES * steps;
+    int64_t total = 0;
+    for (int64_t b = 0; b * B < n; b++) {
+        const int64_t nsym = n - b * B < B ? n - b * B : B;
+        const int8_t *s = sym + b * B;
+        uint32_t *x = state + b * RANS_LANES;
+        for (int j = 0; j < RANS_LANES; j++) x[j] = RANS_L;
+        int64_t cnt = 0;  /* words emitted, in reverse decoding order */
+        for (int64_t k = nsym - 1; k >= 0; k--) {
+            const int j = (int)(k % RANS_LANES);
+            const uint32_t v = (uint32_t)((int)s[k] + 128), f = freq[v];
+            uint32_t xs = x[j];
+            if ((uint64_t)xs >= ((uint64_t)f << (32 - RANS_SCALE))) {
+                scratch[cnt++] = (uint16_t)(xs & 0xffffu);
+                xs >>= 16;
+            }
+            x[j] = ((xs / f) << RANS_SCALE) + xs % f + cum[v];
+        }
+        for (int64_t i = 0; i < cnt; i++) words[total + i] = scratch[cnt - 1 - i];
+        block_words[b] = cnt;
+        total += cnt;
+    }
+    return total;
+}
 """
 # -O3 vectorises the loop; -march=native is safe because the cache key includes the CPU.
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing"]
@@ -247,6 +363,15 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int,
     ]
+    fn = lib.kvc_rans_decode_plane
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    fn = lib.kvc_rans_encode_plane
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p]
     lib.kvc_has_f16.restype = ctypes.c_int
     lib.kvc_has_f16.argtypes = []
     return lib

@@ -22,7 +22,10 @@ from kvcache.tools.synthetic_kv import synthetic_kv
 
 LAYOUT = KVLayout("fuzz", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16")
 TOKENS = 20
-NAMES = ["raw", "zstd", "quant", "quant-int2", "quant-int4-hadamard", "fp8", "cachegen"]
+NAMES = [
+    "raw", "zstd", "quant", "quant-int2", "quant-int4-hadamard", "fp8", "cachegen",
+    "cachegen-rans",
+]
 
 
 def _encoded(name: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -52,7 +52,7 @@ PREFIX, CONT = 256, 64
 LINKS_GBIT = {"1gbit": 1.0, "10gbit": 10.0, "100gbit": 100.0}
 CODECS = [
     "raw", "zstd", "quant-int8", "quant", "quant-int4-hadamard", "quant-int2", "fp8",
-    *[f"cachegen-{i}" for i in range(1, 7)],
+    *[f"cachegen-{i}" for i in range(1, 7)], "cachegen-rans",
 ]
 LMCACHE_PYTHON = Path("/work/lmcache-venv/bin/python")
 ANCHOR_GROUP = 10  # CacheGen's token group size
@@ -295,7 +295,7 @@ def _interp_bits(rows: list[dict[str, Any]], nmse: float) -> float | None:
 # 256-token chunk (32 MiB).
 LLAMA_LAYOUT = KVLayout("llama-3-8b-shaped", num_layers=32, num_kv_heads=8, head_dim=128,
                         dtype="bfloat16", rope=RopeSpec(theta=500000.0))
-LOAD_CODECS = ("cachegen", "cachegen-1", "quant")
+LOAD_CODECS = ("cachegen", "cachegen-1", "cachegen-rans", "quant")
 
 
 def _served_chunk_load(disk_gbps: float, repeat: int) -> list[dict[str, Any]]:
@@ -342,6 +342,61 @@ def _served_chunk_load(disk_gbps: float, repeat: int) -> list[dict[str, Any]]:
     return recs
 
 
+def _gpu_decode(repeat: int) -> list[dict[str, Any]]:
+    """On a CUDA GPU: the Llama-3-8B-shaped chunk (as in ``_served_chunk_load``) decoded
+    into GPU memory, in GB/s of bf16 output. ``cachegen-rans`` from a GPU-resident object:
+    the Triton kernel alone (tables and factors prepared), and all of ``decode_into``
+    (validation and tables on the CPU, escapes, the keys' rotation); ``cachegen`` (Huffman)
+    decodes on the CPU and copies its output, its only way onto a GPU. Empty without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    from kvcache.codecs.cachegen import _Factors
+    from kvcache.kernels import rans
+
+    big = synthetic_kv(LLAMA_LAYOUT, 256)
+    assert LLAMA_LAYOUT.rope is not None
+    big[:, 0] = rope_reference(big[:, 0], 0, LLAMA_LAYOUT.rope)
+    T, L = big.shape[2], big.shape[0]
+    out = torch.empty(big.shape, dtype=big.dtype, device="cuda")
+    raw_bytes = big.numel() * big.element_size()
+
+    def cuda_timed(fn: Callable[[], Any]) -> float:
+        fn()
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    recs = []
+    for name in ("cachegen-rans", "cachegen"):
+        codec = get_codec(name)
+        tensors, params = codec.encode(big, LLAMA_LAYOUT, rope_start=0)
+        on_gpu = {k: v.cuda() for k, v in tensors.items()} if name == "cachegen-rans" \
+            else tensors
+        into = codec.decode_into
+        s = cuda_timed(lambda: into(on_gpu, params, LLAMA_LAYOUT, T, range(L), out))  # noqa: B023
+        recs.append({"codec": name, "stage": "decode_into", "decode_ms": s * 1e3,
+                     "gb_s": raw_bytes / s / 1e9})
+        if name == "cachegen-rans":
+            p = codec._parse(on_gpu, params, LLAMA_LAYOUT, T)
+            f = _Factors.of(p, range(L))
+            assert p.rans is not None
+            planes = list(range(2 * L))
+            C, n = p.H * p.D, T * p.H * p.D
+            args = (p.rans.words, p.rans.states, p.rans.offsets, planes, n, p.rans.steps,
+                    torch.from_numpy(rans.lut_of(p.rans.freq)).cuda(),
+                    f.mu.reshape(2 * L, C).cuda(), f.k_delta.cuda(), f.v_delta[..., 0].cuda(),
+                    p.D, out.view(2 * L, n))
+            s = cuda_timed(lambda: rans.decode_dequant(*args))  # noqa: B023
+            recs.append({"codec": name, "stage": "kernel", "decode_ms": s * 1e3,
+                         "gb_s": raw_bytes / s / 1e9})
+    return recs
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     # Teammates share this machine: one thread keeps timings stable (torch's intra-op
     # pool degrades badly when the cores are busy) and is the per-stream figure anyway.
@@ -364,6 +419,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     disk = _disk_read_gbps((64 if quick else 256) << 20)
     _effective_bw(records, {**LINKS_GBIT, "disk": disk})
     served = _served_chunk_load(disk, 3 if quick else 10)
+    gpu = _gpu_decode(3 if quick else 10)
     for r in records:
         for k in [k for k in r if k.startswith("_")]:
             del r[k]
@@ -385,6 +441,12 @@ def run(quick: bool = False) -> dict[str, Any]:
                      "value": r["effective_gb_s"], "baseline": "raw",
                      "baseline_value": served[0]["effective_gb_s"], "ratio": r["vs_raw"],
                      "goal": 1.0 if r["codec"] == "cachegen" else None})
+    for r in gpu:
+        rows.append({"figure": "Llama-3-8B chunk GPU decode", "shape": "32 MiB",
+                     "variant": f"{r['codec']}, {r['stage']}", "unit": "GB/s",
+                     "value": r["gb_s"], "baseline": "goal", "baseline_value": 50.0,
+                     "ratio": r["gb_s"] / 50.0, "goal": 50.0 if r["stage"] == "kernel"
+                     else None})
     for a in anchor_delta:
         if a["plain_bits_at_delta_nmse"] is not None:
             rows.append({"figure": "anchor/delta bits at equal NMSE",
@@ -418,6 +480,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "records": records,
         "anchor_delta": anchor_delta,
         "served_chunk_load": served,
+        "gpu_decode": gpu,
     }
 
 

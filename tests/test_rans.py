@@ -1,0 +1,222 @@
+"""Lane-interleaved rANS (``kernels/rans.py``): the C coder against the numpy/torch
+references, the Triton decode (interpreted on CPU, and on a GPU when there is one) against
+the torch reference, the end-of-block check, and cachegen objects coded with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvcache.codecs.cachegen import CacheGenCodec
+from kvcache.codecs.registry import get_codec
+from kvcache.kernels import cpu_native, rans
+from kvcache.kvstore.errors import CorruptObjectError
+from kvcache.kvstore.layout import KVLayout, RopeSpec
+from kvcache.tools.synthetic_kv import nmse, synthetic_kv
+
+needs_c = pytest.mark.skipif(cpu_native.library() is None, reason="no C compiler")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _planes(P: int, n: int, seed: int = 0, spread: float = 1.5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(np.round(rng.laplace(0, spread, (P, n))), -100, 100).astype(np.int8)
+
+
+def _freq(sym: np.ndarray) -> np.ndarray:
+    counts = np.stack([np.bincount(s.astype(np.int64) + 128, minlength=256) for s in sym])
+    return rans.quantize_counts(counts)
+
+
+def _as_torch(coded: rans.Coded) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(coded.words.view(np.int16)),
+            torch.from_numpy(coded.states.view(np.int32)))
+
+
+def test_quantized_tables_sum_to_m_and_keep_every_symbol():
+    counts = np.zeros((3, 256), np.int64)
+    counts[0, 128] = 10**9
+    counts[0, [0, 5, 255]] = 1  # rarer than 1/M: still codable
+    counts[1, 100:200] = np.arange(1, 101)
+    freq = rans.quantize_counts(counts)  # row 2 is empty
+    assert (freq.sum(1) == rans.M).all()
+    assert ((freq > 0) == (counts > 0))[:2].all()
+    assert freq[2, 128] == rans.M
+    lut = rans.lut_of(freq)
+    assert lut.shape == (3, rans.M)
+    # every slot of a row names a symbol with its frequency and cumulative frequency
+    cum = np.cumsum(freq[1]) - freq[1]
+    e = lut[1].astype(np.int64) & 0xFFFFFFFF
+    s = e & 0xFF
+    assert ((e >> 8 & 0xFFF) + 1 == freq[1][s]).all() and (e >> 20 == cum[s]).all()
+
+
+@needs_c
+@pytest.mark.parametrize(("n", "steps"), [(1, 1), (31, 2), (3000, 8), (4096, 4), (5000, 3)])
+def test_c_encoder_matches_the_reference_and_round_trips(n, steps):
+    sym = _planes(3, n, seed=n)
+    sym[2] = 7  # one symbol only: frequency M, states never move
+    freq = _freq(sym)
+    c, ref = rans.encode(sym, freq, steps), rans.encode_reference(sym, freq, steps)
+    for a, b in zip(c, ref, strict=True):
+        assert np.array_equal(a, b)
+    nb = rans.num_blocks(n, steps)
+    assert c.states.shape == (3 * nb, rans.LANES) and len(c.offsets) == 3 * nb + 1
+    lut = rans.lut_of(freq)
+    out = np.empty(n, np.int8)
+    for p in range(3):
+        assert rans.decode_plane(c.words, c.offsets[p * nb:], c.states[p * nb:], n, steps,
+                                 lut[p], out)
+        assert np.array_equal(out, sym[p])
+    words, states = _as_torch(c)
+    z, ok = rans.decode_reference(words, states, c.offsets, [2, 0], n, steps,
+                                  torch.from_numpy(lut[[2, 0]]))
+    assert ok and torch.equal(z, torch.from_numpy(sym[[2, 0]]))
+
+
+def test_reference_codes_near_the_entropy():
+    n = 1 << 16
+    sym = _planes(1, n, spread=1.0)
+    freq = _freq(sym)
+    coded = rans.encode_reference(sym, freq, steps=1024)
+    p = np.bincount(sym[0].astype(np.int64) + 128) / n
+    entropy = -(p[p > 0] * np.log2(p[p > 0])).sum() * n
+    bits = coded.words.size * 16 + coded.states.size * 32
+    assert entropy < bits < entropy * 1.02
+
+
+@needs_c
+def test_a_changed_word_or_state_fails_the_end_of_block_check():
+    n, steps = 2048, 16
+    sym = _planes(1, n)
+    freq = _freq(sym)
+    coded = rans.encode(sym, freq, steps)
+    lut = rans.lut_of(freq)
+    nb = rans.num_blocks(n, steps)
+    out = np.empty(n, np.int8)
+    for field, at in [("words", 17), ("states", 40)]:
+        bad = rans.Coded(*(a.copy() for a in coded))
+        getattr(bad, field).reshape(-1)[at] ^= 0x5A5A
+        assert not rans.decode_plane(bad.words, bad.offsets, bad.states, n, steps, lut[0], out)
+        words, states = _as_torch(bad)
+        _, ok = rans.decode_reference(words, states, bad.offsets, [0], n, steps,
+                                      torch.from_numpy(lut))
+        assert not ok
+    # a block claiming fewer words than it reads is caught and never read past
+    short = coded.offsets.copy()
+    short[1:] -= np.minimum(short[1:], 3)
+    short[1:nb] = np.maximum(short[1:nb], short[:nb - 1])
+    assert not rans.decode_plane(coded.words, short, coded.states, n, steps, lut[0], out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_decode_dequant_matches_the_torch_reference(dtype):
+    """Interpreted on CPU (TRITON_INTERPRET=1); few blocks, few steps: ~1 ms a step."""
+    T, H, D, steps = 24, 2, 8, 4
+    C, n, Q = H * D, T * H * D, 4
+    sym = _planes(Q, n, seed=3)
+    freq = _freq(sym)
+    coded = rans.encode_reference(sym, freq, steps)
+    words, states = _as_torch(coded)
+    planes = [2, 3, 0, 1]  # layers decoded out of order
+    lut = torch.from_numpy(rans.lut_of(freq[planes]))
+    g = torch.Generator().manual_seed(0)
+    mu, kd = torch.randn(Q, C, generator=g), torch.rand(Q // 2, C, generator=g)
+    vd = torch.rand(Q // 2, T, H, generator=g)
+    outs = {}
+    for impl in ("torch", "triton"):
+        out = torch.full((Q, n), float("nan"), dtype=dtype)
+        assert rans.decode_dequant(words, states, coded.offsets, planes, n, steps, lut, mu,
+                                   kd, vd, D, out, impl=impl)
+        outs[impl] = out.float()
+    z = torch.from_numpy(sym[planes]).float().view(2, 2, T, C)
+    want = torch.stack([mu.view(2, 2, C)[:, 0, None] + z[:, 0] * kd[:, None],
+                        mu.view(2, 2, C)[:, 1, None] + z[:, 1] * vd.repeat_interleave(D, -1)],
+                       1).view(Q, n).to(dtype).float()
+    assert torch.equal(outs["torch"], want)
+    # the interpreter truncates fp32 -> bf16 stores (1 ulp); fp32 and fp16 are exact
+    tol = 2 ** -7 * want.abs() if dtype == torch.bfloat16 else torch.zeros_like(want)
+    assert ((outs["triton"] - want).abs() <= tol).all()
+    # a corrupt word: the kernel reports it (and reads nothing outside the block)
+    bad = words.clone()
+    bad[5] ^= 0x1234
+    out = torch.empty(Q, n, dtype=dtype)
+    assert not rans.decode_dequant(bad, states, coded.offsets, planes, n, steps, lut, mu, kd,
+                                   vd, D, out, impl="triton")
+
+
+# -- cachegen objects coded with rANS ------------------------------------------------------
+
+ROPE_LAYOUT = KVLayout("rans-rope", num_layers=2, num_kv_heads=2, head_dim=8,
+                       dtype="bfloat16", rope=RopeSpec(theta=10000.0))
+
+
+@pytest.mark.parametrize("rope_start", [None, 7])
+def test_cachegen_rans_decoders_agree(rope_start):
+    """C per plane (auto), the torch reference and the Triton kernel give one chunk."""
+    chunk = synthetic_kv(ROPE_LAYOUT, 40, seed=2)
+    chunk[1, 0, 3, 1, 2] = 30000.0  # an outlier: escapes (|z| > 127) in its channel
+    codec = CacheGenCodec(entropy="rans", rans_steps=2)
+    tensors, params = codec.encode(chunk, ROPE_LAYOUT, rope_start=rope_start)
+    assert params["entropy"] == "rans" and params["key_rope_start"] == rope_start
+    assert tensors["esc_idx"].numel() >= 1
+    whole = codec.decode(tensors, params, ROPE_LAYOUT, 40)
+    assert nmse(whole, chunk) < 0.1
+    for impl in ("torch", "triton"):
+        out = torch.empty((1, *whole.shape[1:]), dtype=whole.dtype)
+        codec.decode_into(tensors, params, ROPE_LAYOUT, 40, [1], out, impl=impl)
+        # bf16 stores: the interpreter truncates where the CPU rounds (1 ulp)
+        assert torch.allclose(out[0].float(), whole[1].float(), rtol=2 ** -7, atol=0)
+
+
+def test_cachegen_rans_is_the_same_quantizer_with_another_entropy_coder():
+    layout = KVLayout("rans-big", num_layers=2, num_kv_heads=4, head_dim=32, dtype="bfloat16")
+    chunk = synthetic_kv(layout, 256, seed=1)
+    huff, rns = get_codec("cachegen"), get_codec("cachegen-rans")
+    th, ph = huff.encode(chunk, layout)
+    tr, pr = rns.encode(chunk, layout)
+    assert ph["level"] == pr["level"] and ph["k_steps"] == pr["k_steps"]
+    a, b = huff.decode(th, ph, layout, 256), rns.decode(tr, pr, layout, 256)
+    # identical where neither escaped (escapes are exact values in either)
+    same = (a == b).float().mean()
+    assert same > 0.99
+    assert abs(nmse(a, chunk) - nmse(b, chunk)) < 0.01 * nmse(a, chunk)
+
+
+def test_cachegen_rans_corrupt_stream_is_a_typed_error():
+    chunk = synthetic_kv(ROPE_LAYOUT, 40)
+    codec = get_codec("cachegen-rans")
+    tensors, params = codec.encode(chunk, ROPE_LAYOUT)
+    bad = dict(tensors, words=tensors["words"].clone())
+    bad["words"][3] ^= 0x0F0F
+    with pytest.raises(CorruptObjectError, match="did not decode as coded"):
+        codec.decode(bad, params, ROPE_LAYOUT, 40)
+    freq = dict(tensors, rans_freq=tensors["rans_freq"].clone())
+    freq["rans_freq"][0] += 1
+    with pytest.raises(CorruptObjectError, match="sum"):
+        codec.decode(freq, params, ROPE_LAYOUT, 40)
+    with pytest.raises(CorruptObjectError, match="lo > hi"):
+        codec.decode(tensors, {**params, "rans_lo": [5] * 4, "rans_hi": [4] * 4},
+                     ROPE_LAYOUT, 40)
+
+
+def test_cachegen_rans_range_trades_table_entries_for_escapes():
+    from kvcache.codecs.cachegen import _rans_range
+
+    counts = np.zeros(256, np.int64)
+    counts[128 - 3 : 128 + 4] = 1000
+    counts[128 + 90] = 1  # one far outlier: 87 table entries cost more than an escape
+    counts[128 - 4] = 1  # a neighbour: one more entry is cheaper than escaping it
+    assert _rans_range(counts) == (-4, 3)
+
+
+@needs_cuda
+def test_cachegen_rans_decodes_on_the_gpu():
+    chunk = synthetic_kv(ROPE_LAYOUT, 256, seed=4)
+    codec = get_codec("cachegen-rans")
+    tensors, params = codec.encode(chunk, ROPE_LAYOUT, rope_start=3)
+    cpu = codec.decode(tensors, params, ROPE_LAYOUT, 256)
+    out = torch.empty(cpu.shape, dtype=cpu.dtype, device="cuda")
+    codec.decode_into(tensors, params, ROPE_LAYOUT, 256, [0, 1], out)
+    assert torch.allclose(out.cpu().float(), cpu.float(), rtol=2 ** -7, atol=1e-6)
