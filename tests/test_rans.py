@@ -220,3 +220,16 @@ def test_cachegen_rans_decodes_on_the_gpu():
     out = torch.empty(cpu.shape, dtype=cpu.dtype, device="cuda")
     codec.decode_into(tensors, params, ROPE_LAYOUT, 256, [0, 1], out)
     assert torch.allclose(out.cpu().float(), cpu.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_format_3_objects_decode_as_huffman():
+    chunk = synthetic_kv(ROPE_LAYOUT, 40)
+    codec = get_codec("cachegen")
+    tensors, params = codec.encode(chunk, ROPE_LAYOUT, rope_start=2)
+    assert params["version"] == 4 and params["entropy"] == "huffman"
+    v3 = {k: v for k, v in params.items() if k != "entropy"} | {"version": 3}
+    assert torch.equal(codec.decode(tensors, v3, ROPE_LAYOUT, 40),
+                       codec.decode(tensors, params, ROPE_LAYOUT, 40))
+    # a version 3 object cannot claim another entropy coder
+    with pytest.raises(CorruptObjectError):
+        codec.decode(tensors, {**v3, "entropy": "rans"} | {"version": 4}, ROPE_LAYOUT, 40)
