@@ -93,7 +93,7 @@ import numpy as np
 import torch
 import zstandard
 
-from kvcache.codecs import _check
+from kvcache.codecs import _cachegen_rans, _check
 from kvcache.codecs.base import Codec
 from kvcache.kernels import cpu_native, rans
 from kvcache.kernels.dispatch import IMPLS, Impl
@@ -106,7 +106,6 @@ from kvcache.kvstore.layout import KVLayout, RopeSpec, RopeStyle
 VERSION = 4
 READABLE_VERSIONS = (2, 3, 4)
 ENTROPY_CODERS = ("huffman", "rans")
-MAX_RANS_STEPS = 1 << 16
 _LOG_BIAS = 160
 _LOG_STEPS = 8  # codes per octave
 # level -> (base step, in units of sigma). Lower level = finer = more bytes.
@@ -207,71 +206,6 @@ def _code_huffman(
     return tensors, {"entropy": "huffman", "sym_bits": sym_bits}, escapes
 
 
-def _rans_range(counts: np.ndarray) -> tuple[int, int]:
-    """counts ``[256]`` (by value + 128) of a plane's codable symbols -> the value range
-    ``[lo, hi]`` its table covers (the rest are escapes). The table costs 16 bits per
-    value in the range, an escape 48 (index and fp16 value) less the bits its symbol would
-    have cost, so an end is trimmed while the entries it frees (itself and the empty ones
-    up to the next value that occurs) cost more than escaping its occurrences."""
-    nz = np.flatnonzero(counts)
-    if nz.size == 0:
-        return 0, 0
-    total = float(counts.sum())
-
-    def escape_cost(v: int) -> float:
-        c = float(counts[v])
-        return c * (8 * _ESCAPE_BYTES + math.log2(c / total))
-
-    a, b = 0, nz.size - 1
-    while a < b:
-        if 16 * (nz[b] - nz[b - 1]) > escape_cost(nz[b]):
-            b -= 1
-        elif 16 * (nz[a + 1] - nz[a]) > escape_cost(nz[a]):
-            a += 1
-        else:
-            break
-    return int(nz[a]) - 128, int(nz[b]) - 128
-
-
-def _code_rans(
-    flat_z: torch.Tensor, steps: int
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[torch.Tensor]]:
-    """Planes ``[P, n]`` of rounded steps -> lane-interleaved rANS (``kernels/rans.py``):
-    tensors, params and each plane's escaped positions (coded as the plane's most frequent
-    value, which costs the least; decoding overwrites them)."""
-    P = flat_z.shape[0]
-    zf = flat_z.numpy()
-    codable = np.isfinite(zf) & (np.abs(zf) <= 127)
-    v = np.where(codable, zf, 0).astype(np.int64) + 128
-    rows = np.arange(P, dtype=np.int64)[:, None] * rans.ALPHABET
-    counts = np.bincount((v + rows)[codable], minlength=P * rans.ALPHABET)
-    counts = counts.reshape(P, rans.ALPHABET)
-    ranges = [_rans_range(c) for c in counts]
-    lo = np.array([r[0] for r in ranges])[:, None] + 128
-    hi = np.array([r[1] for r in ranges])[:, None] + 128
-    esc = ~codable | (v < lo) | (v > hi)
-    in_range = (np.arange(rans.ALPHABET)[None] >= lo) & (np.arange(rans.ALPHABET)[None] <= hi)
-    mode = np.argmax(np.where(in_range, counts, -1), axis=1)[:, None]
-    v = np.where(esc, mode, v)
-    sym = (v - 128).astype(np.int8)
-    freq = rans.quantize_counts(
-        np.bincount((v + rows).reshape(-1), minlength=P * rans.ALPHABET).reshape(P, -1)
-    )
-    coded = rans.encode(sym, freq, steps)
-    table = np.concatenate([freq[p, lo[p, 0] : hi[p, 0] + 1] for p in range(P)])
-    tensors = {
-        "words": torch.from_numpy(coded.words.view(np.int16)),
-        "states": torch.from_numpy(coded.states.view(np.int32)),
-        "block_offsets": torch.from_numpy(coded.offsets.astype(np.int64)),
-        "rans_freq": torch.from_numpy(table.astype(np.int16)),
-    }
-    params = {
-        "entropy": "rans", "rans_steps": steps,
-        "rans_lo": [r[0] for r in ranges], "rans_hi": [r[1] for r in ranges],
-    }
-    return tensors, params, [torch.from_numpy(np.flatnonzero(e)) for e in esc]
-
-
 @dataclass(frozen=True)
 class _Rotation:
     """RoPE angles of a chunk's tokens: keys are coded rotated back by them."""
@@ -332,37 +266,7 @@ class _Parsed:
     esc_val: torch.Tensor  # fp32 [E] (stored as fp16)
     esc_off: list[int]  # [2L + 1]
     rotation: _Rotation | None  # keys were coded before RoPE
-    rans: _RansStream | None  # entropy "rans" (then sym is empty and sym_bits all 8)
-
-
-@dataclass(frozen=True)
-class _RansStream:
-    """A validated rANS-coded object's symbols (``kernels/rans.py``): plane ``pl``'s
-    blocks are ``pl * nb ...`` with ``nb = num_blocks(T * C, steps)``."""
-
-    words: torch.Tensor  # int16 [W] (uint16 bits), as stored (left on its device)
-    states: torch.Tensor  # int32 [2L * nb, LANES] (uint32 bits), as stored
-    offsets: np.ndarray  # int64 [2L * nb + 1]
-    steps: int
-    freq: np.ndarray  # int64 [2L, 256], rows summing to rans.M
-
-    def symbols_into(self, plane: int, n: int, out: torch.Tensor) -> None:
-        """Plane ``plane``'s ``n`` symbols into ``out`` (int8 ``[n]``, CPU)."""
-        lut = rans.lut_of(self.freq[plane : plane + 1])
-        words, states = self.words.cpu(), self.states.cpu()
-        if cpu_native.library() is None:
-            z, ok = rans.decode_reference(words, states, self.offsets, [plane], n,
-                                          self.steps, torch.from_numpy(lut))
-            out.copy_(z[0])
-        else:
-            nb = rans.num_blocks(n, self.steps)
-            ok = rans.decode_plane(
-                words.numpy().view(np.uint16), self.offsets[plane * nb :],
-                states[plane * nb :].numpy().view(np.uint32), n, self.steps, lut[0],
-                out.numpy(),
-            )
-        if not ok:
-            raise CorruptObjectError(f"cachegen rANS plane {plane} did not decode as coded")
+    rans: _cachegen_rans.RansStream | None  # entropy "rans" (then sym is empty and sym_bits all 8)
 
 
 # _log_value of every code: decoding looks scales up instead of recomputing exp2
@@ -565,8 +469,9 @@ class CacheGenCodec(Codec):
             raise ValueError(f"cachegen level must be one of {sorted(LEVEL_STEPS)}, got {level}")
         if entropy not in ENTROPY_CODERS:
             raise ValueError(f"cachegen entropy must be one of {ENTROPY_CODERS}, got {entropy!r}")
-        if not 1 <= rans_steps <= MAX_RANS_STEPS:
-            raise ValueError(f"rans_steps must be in [1, {MAX_RANS_STEPS}], got {rans_steps}")
+        if not 1 <= rans_steps <= _cachegen_rans.MAX_STEPS:
+            raise ValueError(
+                f"rans_steps must be in [1, {_cachegen_rans.MAX_STEPS}], got {rans_steps}")
         self.level = level
         self.zstd_level = zstd_level
         self.entropy = entropy
@@ -606,7 +511,9 @@ class CacheGenCodec(Codec):
         flat_z = z.reshape(L * 2, T * C)
         flat_x = x.reshape(L * 2, T * C)  # escapes are exact values of what was coded
         if self.entropy == "rans":
-            tensors, extra, escapes = _code_rans(flat_z, self.rans_steps)
+            tensors, extra, escapes = _cachegen_rans.code_planes(
+                flat_z, self.rans_steps, _ESCAPE_BYTES
+            )
         else:
             tensors, extra, escapes = _code_huffman(flat_z, self.zstd_level)
         esc_idx = [idx.to(torch.int32) for idx in escapes]
@@ -660,7 +567,7 @@ class CacheGenCodec(Codec):
         stream = None
         sym: torch.Tensor | None
         if entropy == "rans":
-            stream = self._parse_rans(tensors, params, 2 * L, T * C)
+            stream = _cachegen_rans.parse(tensors, params, 2 * L, T * C, name)
             sym, sym_off, sym_bits = torch.empty(0, dtype=torch.uint8), [], [8] * (2 * L)
         else:
             sym_bits = _check.int_list(params, "sym_bits", 2 * L, name, (4, 8))
@@ -700,42 +607,6 @@ class CacheGenCodec(Codec):
             mu.cpu(), k_code.cpu(), v_code.cpu(), esc_idx.cpu().contiguous(),
             esc_val.cpu().float(), esc_off, rotation, stream,
         )
-
-    def _parse_rans(
-        self, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any], planes: int,
-        n: int,
-    ) -> _RansStream:
-        name = self.name
-        steps = _check.int_param(params, "rans_steps", name, lo=1, hi=MAX_RANS_STEPS)
-        values = range(-128, 128)
-        lo = _check.int_list(params, "rans_lo", planes, name, values)
-        hi = _check.int_list(params, "rans_hi", planes, name, values)
-        if any(a > b for a, b in zip(lo, hi, strict=True)):
-            raise CorruptObjectError(f"{name} rANS table range has lo > hi")
-        sizes = [b - a + 1 for a, b in zip(lo, hi, strict=True)]
-        table = _check.tensor(tensors, "rans_freq", torch.int16, (sum(sizes),), name)
-        flat = table.cpu().numpy().astype(np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() > rans.M):
-            raise CorruptObjectError(f"{name} rANS frequency out of [0, {rans.M}]")
-        freq = np.zeros((planes, rans.ALPHABET), np.int64)
-        at = 0
-        for p, (a, size) in enumerate(zip(lo, sizes, strict=True)):
-            freq[p, a + 128 : a + 128 + size] = flat[at : at + size]
-            at += size
-        if (freq.sum(1) != rans.M).any():
-            raise CorruptObjectError(f"{name} rANS frequencies do not sum to {rans.M}")
-        words = tensors.get("words")
-        if not isinstance(words, torch.Tensor) or words.dtype != torch.int16 \
-                or words.dim() != 1:
-            raise CorruptObjectError(f"{name} object lacks an int16 'words' tensor")
-        nb = planes * rans.num_blocks(n, steps)
-        states = _check.tensor(tensors, "states", torch.int32, (nb, rans.LANES), name)
-        offsets = _check.offsets(
-            _check.tensor(tensors, "block_offsets", torch.int64, (nb + 1,), name),
-            nb, words.numel(), name, "block_offsets",
-        )
-        return _RansStream(words.contiguous(), states.contiguous(),
-                           np.asarray(offsets, dtype=np.int64), steps, freq)
 
     def decode_into(
         self,

@@ -202,13 +202,13 @@ def test_cachegen_rans_corrupt_stream_is_a_typed_error():
 
 
 def test_cachegen_rans_range_trades_table_entries_for_escapes():
-    from kvcache.codecs.cachegen import _rans_range
+    from kvcache.codecs._cachegen_rans import value_range
 
     counts = np.zeros(256, np.int64)
     counts[128 - 3 : 128 + 4] = 1000
     counts[128 + 90] = 1  # one far outlier: 87 table entries cost more than an escape
     counts[128 - 4] = 1  # a neighbour: one more entry is cheaper than escaping it
-    assert _rans_range(counts) == (-4, 3)
+    assert value_range(counts, escape_bytes=6) == (-4, 3)
 
 
 @needs_cuda

@@ -298,6 +298,15 @@ LLAMA_LAYOUT = KVLayout("llama-3-8b-shaped", num_layers=32, num_kv_heads=8, head
 LOAD_CODECS = ("cachegen", "cachegen-1", "cachegen-rans", "quant")
 
 
+def _llama_chunk() -> torch.Tensor:
+    """256 tokens of synthetic KV of ``LLAMA_LAYOUT`` (32 MiB), keys rotated at positions
+    0..255 as an engine's are."""
+    big = synthetic_kv(LLAMA_LAYOUT, 256)
+    assert LLAMA_LAYOUT.rope is not None
+    big[:, 0] = rope_reference(big[:, 0], 0, LLAMA_LAYOUT.rope)
+    return big
+
+
 def _served_chunk_load(disk_gbps: float, repeat: int) -> list[dict[str, Any]]:
     """Load of one Llama-3-8B-sized chunk from local disk per codec: read the encoded bytes
     at the measured disk bandwidth, then decode into a reused buffer (how the layer loader
@@ -308,9 +317,7 @@ def _served_chunk_load(disk_gbps: float, repeat: int) -> list[dict[str, Any]]:
     zstd's match finder exploits, flattering the sizes. Its keys are rotated at positions
     0..255 as an engine's would be, and the store says so (``rope_start=0``): cachegen's
     decode includes turning its pre-RoPE keys back."""
-    big = synthetic_kv(LLAMA_LAYOUT, 256)
-    assert LLAMA_LAYOUT.rope is not None
-    big[:, 0] = rope_reference(big[:, 0], 0, LLAMA_LAYOUT.rope)
+    big = _llama_chunk()
     raw_bytes = big.numel() * big.element_size()
     raw_s = raw_bytes / (disk_gbps * 1e9)
     out = torch.empty_like(big)
@@ -353,9 +360,7 @@ def _gpu_decode(repeat: int) -> list[dict[str, Any]]:
     from kvcache.codecs.cachegen import _Factors
     from kvcache.kernels import rans
 
-    big = synthetic_kv(LLAMA_LAYOUT, 256)
-    assert LLAMA_LAYOUT.rope is not None
-    big[:, 0] = rope_reference(big[:, 0], 0, LLAMA_LAYOUT.rope)
+    big = _llama_chunk()
     T, L = big.shape[2], big.shape[0]
     out = torch.empty(big.shape, dtype=big.dtype, device="cuda")
     raw_bytes = big.numel() * big.element_size()
