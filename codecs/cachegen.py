@@ -47,8 +47,16 @@ Per layer ``l`` and plane (K or V), with ``x`` the plane ``[T, C]`` (``C = H * D
    lane-interleaved rANS instead (``kernels/rans.py``): one frequency table per
    (layer, plane) over the value range worth a table entry (the rest are escapes), 32
    independent lanes per block, so a GPU decodes every lane at once (Triton, fused with
-   the dequantisation). 7% smaller than Huffman on KV without repeated rows, larger where
-   zstd's matches find them, and ~3.6x slower to decode on a CPU: for GPU-loaded tiers.
+   the dequantisation). A plane whose rows repeat codes each distinct row once, with a
+   row map. 7% smaller than Huffman on KV without repeated rows, larger where zstd's
+   matches find partial ones, and ~3.6x slower to decode on a CPU: for GPU-loaded tiers.
+5. **Repeated tokens.** Layer 0's K and V are functions of the token alone, so every
+   repeated token repeats their rows. V's repeat exactly; K's went through RoPE at
+   another position in the KV's dtype and back, so a copy whose V row (symbols and
+   scales) repeats an earlier row's takes that row's K symbols when it is within two
+   roundings of the dtype on every channel (``_snap_repeated_keys``). Either coder then
+   codes the row once: 9% fewer bits at every level on the reference model, at unchanged
+   fidelity.
 
 Because the statistics normalize every channel, symbols of one (layer, plane) share one
 distribution, so one table per (layer, plane) is close to per-channel tables at a fraction
@@ -68,15 +76,19 @@ byte, 4-bit planes ``z[:half]`` in the low and ``z[half:]`` in the high nibbles,
 ``[L, 2, C]``; ``k_scale`` uint8 ``[L, C]``; ``v_scale`` uint8 ``[L, T, H]``; ``esc_idx``
 int32 ``[E]`` (index into the plane's ``T * C``, increasing per plane), ``esc_val`` fp16
 ``[E]``, ``esc_offsets`` int64 ``[2L + 1]``.
-rANS objects hold ``words`` int16 ``[W]``, ``states`` int32 ``[2L * nb, 32]``,
-``block_offsets`` int64 ``[2L * nb + 1]`` and ``rans_freq`` int16 (each plane's table over
-``rans_lo[p] .. rans_hi[p]``, summing to 4096) instead of ``sym``/``sym_offsets``.
+rANS objects hold ``words`` int16 ``[W]``, ``states`` int32 ``[NB, 32]``,
+``block_offsets`` int64 ``[NB + 1]`` (plane ``p``: ``rans_rows[p] * C`` symbols in
+``ceil(rans_rows[p] * C / (32 * rans_steps))`` blocks, planes back to back), ``rans_freq``
+int16 (each plane's table over ``rans_lo[p] .. rans_hi[p]``, summing to 4096) and
+``row_map`` int16 (``T`` entries per plane coded in fewer than ``T`` rows: each token's
+coded row, in first-occurrence order) instead of ``sym``/``sym_offsets``.
 Params: ``version``, ``level``, ``entropy`` (``"huffman"`` or ``"rans"``; version 4),
 ``k_steps``/``v_steps`` (``L`` floats), ``sym_bits`` (Huffman: ``2L`` of 4 or 8),
-``rans_steps``/``rans_lo``/``rans_hi`` (rANS), ``key_rope_start`` (int: K was coded
+``rans_steps``/``rans_lo``/``rans_hi``/``rans_rows`` (rANS), ``key_rope_start`` (int: K was coded
 before RoPE and is rotated to positions ``key_rope_start, ...`` on decoding, with the
 layout's frequencies; null: as given). Decoding uses only what is stored, so any level
-decodes anywhere. Versions 2 (before pre-RoPE keys) and 3 (Huffman only) still decode.
+decodes anywhere. Versions 2 (before pre-RoPE keys), 3 (Huffman only) and 4 (rANS
+without row maps) still decode.
 """
 
 from __future__ import annotations
@@ -102,9 +114,10 @@ from kvcache.kvstore.errors import CorruptObjectError, LayoutMismatchError
 from kvcache.kvstore.layout import KVLayout, RopeSpec, RopeStyle
 
 # 2: two's-complement symbols, 4-bit planes packed by halves; 3: keys coded before RoPE;
-# 4: the entropy coder is a param (zstd's Huffman, or lane-interleaved rANS for GPUs)
-VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)
+# 4: the entropy coder is a param (zstd's Huffman, or lane-interleaved rANS for GPUs);
+# 5: rANS planes may code their distinct rows only, with a row map
+VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, 5)
 ENTROPY_CODERS = ("huffman", "rans")
 _LOG_BIAS = 160
 _LOG_STEPS = 8  # codes per octave
@@ -245,6 +258,35 @@ def _encoder_rotation(layout: KVLayout, rope_start: int | None, T: int) -> _Rota
         return _Rotation.of(layout, rope_start, T)
     except LayoutMismatchError:
         return None
+
+
+def _snap_repeated_keys(
+    z: torch.Tensor, x: torch.Tensor, v_code: torch.Tensor, eps: float
+) -> None:
+    """z ``[L, 2, T, C]`` symbols of x ``[L, 2, T, C]`` (keys before RoPE); v_code
+    ``[L, T, H]``; eps: the relative precision of the dtype the KV came in.
+
+    In layer 0 K and V are functions of the token alone, so a repeated token repeats
+    their rows, which the entropy coders then code once (zstd's matches; rANS row maps).
+    V's rows repeat exactly, but K's have been through RoPE at another position, rounded
+    to the KV's dtype, and back: copies differ by that rounding, and channels with little
+    spread have steps finer than it, so their symbols differ and the row does not repeat.
+    Rows whose V (symbols and scales) repeats an earlier row's take that row's K symbols
+    when every channel is within two roundings (``2 * eps * max |x|`` of the row) of it:
+    the copies are the same keys as far as their dtype can tell."""
+    L, _, T, _ = z.shape
+    for layer in range(L):
+        v_key = np.concatenate([z[layer, 1].numpy().view(np.uint8).reshape(T, -1),
+                                v_code[layer].numpy().reshape(T, -1)], axis=1)
+        reps, row_map = _cachegen_rans.distinct_rows(v_key)
+        if reps.size == T:
+            continue
+        ref = torch.from_numpy(reps[row_map])
+        rows = torch.nonzero(ref != torch.arange(T))[:, 0]
+        k, k_ref = x[layer, 0, rows], x[layer, 0, ref[rows]]
+        near = (k - k_ref).abs().amax(1) <= 2 * eps * k_ref.abs().amax(1)
+        rows = rows[near]
+        z[layer, 0, rows] = z[layer, 0, ref[rows]]
 
 
 @dataclass(frozen=True)
@@ -396,40 +438,64 @@ def _decode_layer_into(p: _Parsed, f: _Factors, i: int, layer: int, out: torch.T
             out[kv].copy_(x.view(T, H, D) if rotate is None else rotate.apply(x.view(T, H, D)))
 
 
+def _plane_rows(out: torch.Tensor) -> torch.Tensor | None:
+    """``out`` ``[nl, 2, T, H, D]`` with contiguous planes as ``[2 * nl, T * H * D]`` (a
+    view), or None when its planes are not evenly spaced."""
+    nl, _, T, H, D = out.shape
+    if nl > 1 and out.stride(0) != 2 * out.stride(1):
+        return None
+    return out.as_strided((2 * nl, T * H * D), (out.stride(1), 1))
+
+
 def _decode_rans_lanes(
     p: _Parsed, f: _Factors, layers: Sequence[int], out: torch.Tensor, impl: Impl
 ) -> None:
     """The lane-parallel path of rANS objects (GPU; any device with ``impl``): every
     selected plane's blocks decoded and dequantised by one kernel (``rans.decode_dequant``)
-    into ``out`` (or an fp32 buffer when keys are to be rotated), then the escapes set in
-    one indexed write, then K rotated into ``out``."""
-    assert p.rans is not None
+    into ``out`` (or a buffer: fp32 when keys are to be rotated), then planes coded as
+    distinct rows expanded, the escapes set in one indexed write, and K rotated into
+    ``out``. Only the selected planes' blocks are sent to the device."""
+    s = p.rans
+    assert s is not None
     dev = out.device
     T, H, D = p.T, p.H, p.D
     C, n, nl = H * D, p.T * H * D, len(layers)
     planes = [2 * layer + kv for layer in layers for kv in (0, 1)]
-    buf = out.view(nl * 2, n) if p.rotation is None \
-        else torch.empty(nl * 2, n, dtype=torch.float32, device=dev)
+    view = _plane_rows(out) if p.rotation is None else None
+    buf = view if view is not None else torch.empty(
+        2 * nl, n, device=dev, dtype=out.dtype if p.rotation is None else torch.float32)
+    words, states, offsets, first, ns = s.selection(planes)
+    maps = {q: s.maps[pl] for q, pl in enumerate(planes) if pl in s.maps}
+    v_delta = f.v_delta[..., 0].clone()  # [nl, T, H]
+    for q in (q for q in maps if q % 2):
+        # a distinct V row is dequantised once, with the scales of its first token (the
+        # encoder codes rows as one only where those match)
+        reps = torch.from_numpy(_cachegen_rans.first_rows(maps[q]))
+        v_delta[q // 2, : len(reps)] = v_delta[q // 2, reps]
     ok = rans.decode_dequant(
-        p.rans.words.to(dev, non_blocking=True), p.rans.states.to(dev, non_blocking=True),
-        p.rans.offsets, planes, n, p.rans.steps,
-        torch.from_numpy(rans.lut_of(p.rans.freq[planes])).to(dev, non_blocking=True),
-        f.mu.reshape(nl * 2, C).to(dev), f.k_delta.to(dev), f.v_delta[..., 0].to(dev), D,
-        buf, impl,
+        words.to(dev, non_blocking=True), states.to(dev, non_blocking=True), offsets, first,
+        ns, s.steps, torch.from_numpy(rans.lut_of(s.freq[planes])).to(dev, non_blocking=True),
+        f.mu.reshape(nl * 2, C).to(dev), f.k_delta.to(dev), v_delta.to(dev), D, buf, impl,
     )
     if not ok:
         raise CorruptObjectError("cachegen rANS blocks did not decode as coded")
-    where = [(q * n, p.esc_off[pl], p.esc_off[pl + 1]) for q, pl in enumerate(planes)]
-    idx = torch.cat([p.esc_idx[a:b].long() + base for base, a, b in where])
+    for q, row_map in maps.items():
+        _cachegen_rans.expand_rows(buf[q].view(T, C), torch.from_numpy(row_map).to(dev),
+                                   s.rows[planes[q]])
+    spans = [(q, p.esc_off[pl], p.esc_off[pl + 1]) for q, pl in enumerate(planes)]
+    idx = torch.cat([p.esc_idx[a:b].long() for _, a, b in spans])
     if idx.numel():
-        val = torch.cat([p.esc_val[a:b] for _, a, b in where])
-        buf.view(-1)[idx.to(dev)] = val.to(dev, buf.dtype)
+        which = torch.cat([torch.full((b - a,), q, dtype=torch.long) for q, a, b in spans])
+        val = torch.cat([p.esc_val[a:b] for _, a, b in spans])
+        buf[which.to(dev), idx.to(dev)] = val.to(dev, buf.dtype)
     if p.rotation is not None:
         r = p.rotation
         k = buf.view(nl, 2, T, H, D)[:, 0]
         style = RopeStyle.NEOX if r.neox else RopeStyle.GPTJ
         out[:, 0] = rotate_cos_sin(k, r.cos.to(dev), r.sin.to(dev), style, r.rot)
         out[:, 1] = buf.view(nl, 2, T, H, D)[:, 1]
+    elif view is None:
+        out.copy_(buf.view(out.shape))
 
 
 def _dequant_torch(
@@ -508,11 +574,16 @@ class CacheGenCodec(Codec):
             (_log_value(v_code)[..., None] * vst).expand(L, T, H, D).reshape(L, T, C),
         ], 1)  # [L, 2, T, C]
         z = torch.where(delta > 0, r / delta.clamp_min(1e-30), torch.zeros_like(r)).round_()
+        _snap_repeated_keys(z, x, v_code, torch.finfo(layout.torch_dtype).eps)
         flat_z = z.reshape(L * 2, T * C)
         flat_x = x.reshape(L * 2, T * C)  # escapes are exact values of what was coded
         if self.entropy == "rans":
+            # V's per-token scales must match for V rows to be coded once (K's are per
+            # channel)
+            tags = [None if kv == 0 else v_code[layer].numpy()
+                    for layer in range(L) for kv in (0, 1)]
             tensors, extra, escapes = _cachegen_rans.code_planes(
-                flat_z, self.rans_steps, _ESCAPE_BYTES
+                flat_z, self.rans_steps, _ESCAPE_BYTES, C, tags
             )
         else:
             tensors, extra, escapes = _code_huffman(flat_z, self.zstd_level)
@@ -567,7 +638,7 @@ class CacheGenCodec(Codec):
         stream = None
         sym: torch.Tensor | None
         if entropy == "rans":
-            stream = _cachegen_rans.parse(tensors, params, 2 * L, T * C, name)
+            stream = _cachegen_rans.parse(tensors, params, 2 * L, T, C, name, version)
             sym, sym_off, sym_bits = torch.empty(0, dtype=torch.uint8), [], [8] * (2 * L)
         else:
             sym_bits = _check.int_list(params, "sym_bits", 2 * L, name, (4, 8))
@@ -619,8 +690,9 @@ class CacheGenCodec(Codec):
         threads: int = 1,
         impl: Impl = "auto",
     ) -> torch.Tensor:
-        """Decode ``layers`` into ``out`` (contiguous ``[len(layers), 2, T, H, D]`` of the
-        layout's dtype, on the CPU or a GPU), e.g. a buffer reused across chunks.
+        """Decode ``layers`` into ``out`` (``[len(layers), 2, T, H, D]`` of the layout's
+        dtype, on the CPU or a GPU, each ``[T, H, D]`` plane contiguous: a whole buffer, or
+        a chunk's slice of a longer one along tokens), e.g. a buffer reused across chunks.
 
         On a GPU, rANS-coded objects decode there (one Triton kernel: entropy decode +
         dequantisation; then escapes and the keys' rotation as tensor ops); Huffman-coded
@@ -637,8 +709,10 @@ class CacheGenCodec(Codec):
         """
         expected = (len(layers), *layout.chunk_shape(num_tokens)[1:])
         if tuple(out.shape) != expected or out.dtype != layout.torch_dtype \
-                or out.device.type not in ("cpu", "cuda") or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {expected} {layout.dtype} tensor")
+                or out.device.type not in ("cpu", "cuda") \
+                or (out.numel() and not out[0, 0].is_contiguous()):
+            raise ValueError(f"out must be a {expected} {layout.dtype} tensor with "
+                             "contiguous planes")
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if impl not in IMPLS:
@@ -665,6 +739,20 @@ class CacheGenCodec(Codec):
             for f in futures:
                 f.result()
         return out
+
+    def decode_layer_into(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        params: Mapping[str, Any],
+        layout: KVLayout,
+        num_tokens: int,
+        layer: int,
+        out: torch.Tensor,
+    ) -> None:
+        """``decode_into`` of one layer: rANS objects decode on ``out``'s GPU."""
+        if not 0 <= layer < layout.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {layout.num_layers})")
+        self.decode_into(tensors, params, layout, num_tokens, [layer], out.unsqueeze(0))
 
     def decode_layers(
         self,

@@ -109,29 +109,54 @@ def lut_of(freq: np.ndarray) -> np.ndarray:
 # -- encode ------------------------------------------------------------------------------
 
 
-def encode(sym: np.ndarray, freq: np.ndarray, steps: int = DEFAULT_STEPS) -> Coded:
-    """sym int8 ``[P, n]``, freq ``[P, 256]`` -> the planes' coded blocks (C kernel when
-    available, else ``encode_reference``; the same bytes either way)."""
+def encode(
+    planes: np.ndarray | Sequence[np.ndarray], freq: np.ndarray, steps: int = DEFAULT_STEPS
+) -> Coded:
+    """planes: int8 ``[P, n]``, or ``P`` int8 ``[n_p]`` of any lengths; freq ``[P, 256]``
+    -> the planes' blocks, plane after plane (plane ``p``'s start at block
+    ``first_blocks(ns, steps)[p]``). C kernel when available, else ``encode_reference``;
+    the same bytes either way."""
+    flat = [np.ascontiguousarray(p, dtype=np.int8).reshape(-1) for p in planes]
+    ns = [p.size for p in flat]
     lib = cpu_native.library()
     if lib is None:
-        return encode_reference(sym, freq, steps)
-    sym = np.ascontiguousarray(sym, dtype=np.int8)
-    P, n = sym.shape
-    nb = num_blocks(n, steps)
+        if len(set(ns)) <= 1:  # one vectorised pass
+            return encode_reference(np.stack(flat) if flat else np.empty((0, 0), np.int8),
+                                    freq, steps)
+        return _concat([encode_reference(p[None], freq[i : i + 1], steps)
+                        for i, p in enumerate(flat)])
+    first = first_blocks(ns, steps)
     freq32 = np.ascontiguousarray(freq, dtype=np.uint32)
     cum32 = (np.cumsum(freq32, axis=1, dtype=np.uint32) - freq32).astype(np.uint32)
-    words = np.empty(P * n, np.uint16)
-    scratch = np.empty(max(n, 1), np.uint16)
-    states = np.empty((P * nb, LANES), np.uint32)
-    counts = np.empty(P * nb, np.int64)
+    words = np.empty(sum(ns), np.uint16)
+    scratch = np.empty(max(ns, default=1) or 1, np.uint16)
+    states = np.empty((first[-1], LANES), np.uint32)
+    counts = np.empty(first[-1], np.int64)
     total = 0
-    for p in range(P):
+    for p, sym in enumerate(flat):
         total += lib.kvc_rans_encode_plane(
-            sym[p].ctypes.data, n, steps, freq32[p].ctypes.data, cum32[p].ctypes.data,
-            words[total:].ctypes.data, scratch.ctypes.data, states[p * nb:].ctypes.data,
-            counts[p * nb:].ctypes.data,
+            sym.ctypes.data, sym.size, steps, freq32[p].ctypes.data, cum32[p].ctypes.data,
+            words[total:].ctypes.data, scratch.ctypes.data, states[first[p]:].ctypes.data,
+            counts[first[p]:].ctypes.data,
         )
     return Coded(words[:total].copy(), states, np.concatenate([[0], np.cumsum(counts)]))
+
+
+def _concat(parts: Sequence[Coded]) -> Coded:
+    """Blocks coded separately, back to back."""
+    base = np.cumsum([0] + [c.words.size for c in parts])
+    return Coded(
+        np.concatenate([c.words for c in parts] or [np.empty(0, np.uint16)]),
+        np.concatenate([c.states for c in parts] or [np.empty((0, LANES), np.uint32)]),
+        np.concatenate([[0]] + [c.offsets[1:] + b for c, b in zip(parts, base, strict=False)])
+        .astype(np.int64),
+    )
+
+
+def first_blocks(ns: Sequence[int], steps: int) -> np.ndarray:
+    """int64 ``[P + 1]``: the first block of each of ``P`` planes of ``ns`` symbols coded
+    back to back (the last entry: the number of blocks)."""
+    return np.concatenate([[0], np.cumsum([num_blocks(n, steps) for n in ns])]).astype(np.int64)
 
 
 def encode_reference(sym: np.ndarray, freq: np.ndarray, steps: int = DEFAULT_STEPS) -> Coded:
@@ -192,35 +217,43 @@ def decode_plane(
 
 
 def _block_table(
-    offsets: np.ndarray, planes: Sequence[int], n: int, steps: int, out_strides: tuple[int, int]
+    offsets: np.ndarray, first: Sequence[int], ns: Sequence[int], steps: int,
+    out_offsets: Sequence[int],
 ) -> np.ndarray:
-    """int64 ``[NBs, 7]``, one row per block of the selected planes (output plane ``q``
-    decodes stored plane ``planes[q]``): word start, word end, symbols, q, output offset
-    (``q * out_strides[0] + position``), position in the plane, stored block index."""
-    nb = num_blocks(n, steps)
+    """int64 ``[NBs, 7]``, one row per block of the selected planes (plane ``q`` of the
+    selection: ``ns[q]`` symbols in the blocks from ``first[q]`` on, written from
+    ``out_offsets[q]``): word start, word end, symbols, q, output offset, position in the
+    plane, stored block index."""
     B = LANES * steps
-    q = np.repeat(np.arange(len(planes), dtype=np.int64), nb)
-    j = np.tile(np.arange(nb, dtype=np.int64), len(planes))
-    stored = np.asarray(planes, dtype=np.int64)[q] * nb + j
+    nb = [num_blocks(n, steps) for n in ns]
+    q = np.repeat(np.arange(len(ns), dtype=np.int64), nb)
+    j = np.concatenate([np.arange(k, dtype=np.int64) for k in nb] or [np.empty(0, np.int64)])
+    stored = np.asarray(first, dtype=np.int64)[q] + j
     pos0 = j * B
     return np.stack([
-        offsets[stored], offsets[stored + 1], np.minimum(B, n - pos0), q,
-        q * out_strides[0] + pos0 * out_strides[1], pos0, stored,
+        offsets[stored], offsets[stored + 1],
+        np.minimum(B, np.asarray(ns, dtype=np.int64)[q] - pos0), q,
+        np.asarray(out_offsets, dtype=np.int64)[q] + pos0, pos0, stored,
     ], axis=1)
 
 
 def decode_reference(
-    words: torch.Tensor, states: torch.Tensor, offsets: np.ndarray, planes: Sequence[int],
-    n: int, steps: int, lut: torch.Tensor,
+    words: torch.Tensor, states: torch.Tensor, offsets: np.ndarray, first: Sequence[int],
+    ns: Sequence[int], steps: int, lut: torch.Tensor,
 ) -> tuple[torch.Tensor, bool]:
     """Torch decoder, vectorised over every lane of every selected block (the reference
     of the C and Triton decoders). words int16 ``[W]`` (uint16 bits); states int32
-    ``[NB, LANES]`` (uint32 bits); offsets int64 ``[NB + 1]``; planes: the stored planes
-    to decode; lut int32 ``[len(planes), M]``. Returns (int8 ``[len(planes), n]``, every
-    block decoded as coded)."""
+    ``[NB, LANES]`` (uint32 bits); offsets int64 ``[NB + 1]``; the selection: plane ``q``
+    is ``ns[q]`` symbols in the blocks from ``first[q]`` on; lut int32 ``[Q, M]``.
+    Returns (int8 ``[Q, max(ns)]``, plane ``q``'s symbols in ``[:ns[q]]``; every block
+    decoded as coded)."""
     dev = words.device
-    table = torch.from_numpy(_block_table(offsets, planes, n, steps, (n, 1))).to(dev)
-    w0, w1, nsym, q, stored = table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 6]
+    width = num_blocks(max(ns, default=0), steps) * LANES * steps
+    table = torch.from_numpy(
+        _block_table(offsets, first, ns, steps, [q * width for q in range(len(ns))])
+    ).to(dev)
+    w0, w1, nsym, out0, stored = table[:, 0], table[:, 1], table[:, 2], table[:, 4], table[:, 6]
+    q = table[:, 3]
     x = states.to(dev)[stored].long() & 0xFFFFFFFF  # [NBs, LANES]
     rows = lut.to(dev).long()[q]  # [NBs, M]
     w = torch.cat([words.long() & 0xFFFF, torch.zeros(1, dtype=torch.long, device=dev)])
@@ -241,7 +274,10 @@ def decode_reference(
         x = torch.where(need, (x << 16) | w[pos], x)
         wpos += ni.sum(1)
     ok = bool((x == RANS_L).all()) and bool((wpos == w1).all())
-    return z.view(len(planes), -1)[:, :n], ok
+    out = torch.zeros(len(ns) * width, dtype=torch.int8, device=dev)
+    idx = out0[:, None] + torch.arange(steps * LANES, device=dev)[None, :]
+    out[idx.reshape(-1)] = z.view(len(table), -1).reshape(-1)
+    return out.view(len(ns), width)[:, : max(ns, default=0)], ok
 
 
 # -- the GPU path: decode fused with dequantisation --------------------------------------
@@ -251,8 +287,8 @@ def decode_dequant(
     words: torch.Tensor,
     states: torch.Tensor,
     offsets: np.ndarray,
-    planes: Sequence[int],
-    n: int,
+    first: Sequence[int],
+    ns: Sequence[int],
     steps: int,
     lut: torch.Tensor,
     mu: torch.Tensor,
@@ -262,31 +298,37 @@ def decode_dequant(
     out: torch.Tensor,
     impl: Impl = "auto",
 ) -> bool:
-    """Decode cachegen planes and dequantise them in one pass: output plane ``q`` (stored
-    plane ``planes[q]``; layer ``q // 2`` of the selection, K when ``q`` is even) is
-    ``mu[q, c] + z * delta`` with delta ``k_delta[q // 2, c]`` (K, per channel) or
-    ``v_delta[q // 2, t, c // head_dim]`` (V, per token and head).
+    """Decode cachegen planes and dequantise them in one pass. Plane ``q`` of the
+    selection (``ns[q]`` symbols in the blocks from ``first[q]`` on; layer ``q // 2`` of
+    the selection, K when ``q`` is even) fills ``out[q, :ns[q]]`` with
+    ``mu[q, c] + z * delta``, delta being ``k_delta[q // 2, c]`` (K, per channel) or
+    ``v_delta[q // 2, t, c // head_dim]`` (V, per row ``t`` and head).
 
     words int16 ``[W]``, states int32 ``[NB, LANES]``, lut int32 ``[Q, M]``, mu fp32
     ``[Q, C]``, k_delta fp32 ``[Q / 2, C]``, v_delta fp32 ``[Q / 2, T, H]``: all on
-    ``out``'s device; offsets int64 ``[NB + 1]`` on the host. out: ``[Q, n]`` (``n = T *
-    C``) of bf16/fp16/fp32 with unit stride along ``n``. Returns whether every block
-    decoded as it was coded (on a GPU this waits for the kernel). Escapes are not this
-    function's business.
+    ``out``'s device; offsets int64 ``[NB + 1]`` on the host. out: ``[Q, T * C]`` of
+    bf16/fp16/fp32 with unit stride along its rows (planes may be apart); a plane coded
+    in fewer rows leaves the rest of its row of ``out`` undefined. Returns whether every
+    block decoded as it was coded (on a GPU this waits for the kernel). Escapes are not
+    this function's business.
     """
-    Q = len(planes)
+    Q, n = out.shape
     C = mu.shape[1]
     T = n // C
+    if max(ns, default=0) > n:
+        raise ValueError(f"a plane of {max(ns)} symbols does not fit rows of {n}")
     if not use_triton(impl, out.device):
-        z, ok = decode_reference(words, states, offsets, planes, n, steps, lut)
-        zf = z.to(out.device).float().view(Q // 2, 2, T, C)
+        z, ok = decode_reference(words, states, offsets, first, ns, steps, lut)
+        zf = torch.zeros(Q, n, device=out.device)
+        zf[:, : z.shape[1]] = z.to(out.device)
+        zf = zf.view(Q // 2, 2, T, C)
         k = mu.view(Q // 2, 2, 1, C)[:, 0] + zf[:, 0] * k_delta[:, None, :]
         v = mu.view(Q // 2, 2, 1, C)[:, 1] + zf[:, 1] * v_delta.repeat_interleave(head_dim, -1)
         out.copy_(torch.stack([k, v], 1).view(Q, n))
         return ok
     from kvcache.kernels._triton.rans import rans_dequant_kernel
 
-    table = _block_table(offsets, planes, n, steps, (out.stride(0), out.stride(1)))
+    table = _block_table(offsets, first, ns, steps, [q * out.stride(0) for q in range(Q)])
     meta = torch.from_numpy(np.ascontiguousarray(table)).to(out.device)
     status = torch.empty(len(table), dtype=torch.int32, device=out.device)
     if len(table):

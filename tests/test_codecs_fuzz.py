@@ -54,10 +54,8 @@ def _mutations(tensors: dict[str, torch.Tensor], rng: random.Random):
         t = dict(tensors)
         t[name] = v.to(torch.int16) if v.dtype != torch.int16 else v.to(torch.int32)
         yield f"dtype {name}", t
-        for _ in range(3):
+        for _ in range(3 if v.numel() else 0):
             raw = v.clone().reshape(-1).view(torch.uint8)
-            if not raw.numel():
-                break
             for _ in range(rng.randint(1, 8)):
                 raw[rng.randrange(raw.numel())] = rng.randrange(256)
             t = dict(tensors)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from kvcache.codecs import cachegen
 from kvcache.codecs.cachegen import CacheGenCodec
 from kvcache.codecs.registry import get_codec
 from kvcache.kernels import cpu_native, rans
@@ -70,7 +71,7 @@ def test_c_encoder_matches_the_reference_and_round_trips(n, steps):
                                  lut[p], out)
         assert np.array_equal(out, sym[p])
     words, states = _as_torch(c)
-    z, ok = rans.decode_reference(words, states, c.offsets, [2, 0], n, steps,
+    z, ok = rans.decode_reference(words, states, c.offsets, [2 * nb, 0], [n, n], steps,
                                   torch.from_numpy(lut[[2, 0]]))
     assert ok and torch.equal(z, torch.from_numpy(sym[[2, 0]]))
 
@@ -100,7 +101,7 @@ def test_a_changed_word_or_state_fails_the_end_of_block_check():
         getattr(bad, field).reshape(-1)[at] ^= 0x5A5A
         assert not rans.decode_plane(bad.words, bad.offsets, bad.states, n, steps, lut[0], out)
         words, states = _as_torch(bad)
-        _, ok = rans.decode_reference(words, states, bad.offsets, [0], n, steps,
+        _, ok = rans.decode_reference(words, states, bad.offsets, [0], [n], steps,
                                       torch.from_numpy(lut))
         assert not ok
     # a block claiming fewer words than it reads is caught and never read past
@@ -120,6 +121,8 @@ def test_triton_decode_dequant_matches_the_torch_reference(dtype):
     coded = rans.encode_reference(sym, freq, steps)
     words, states = _as_torch(coded)
     planes = [2, 3, 0, 1]  # layers decoded out of order
+    nb = rans.num_blocks(n, steps)
+    first, ns = [p * nb for p in planes], [n] * Q
     lut = torch.from_numpy(rans.lut_of(freq[planes]))
     g = torch.Generator().manual_seed(0)
     mu, kd = torch.randn(Q, C, generator=g), torch.rand(Q // 2, C, generator=g)
@@ -127,7 +130,7 @@ def test_triton_decode_dequant_matches_the_torch_reference(dtype):
     outs = {}
     for impl in ("torch", "triton"):
         out = torch.full((Q, n), float("nan"), dtype=dtype)
-        assert rans.decode_dequant(words, states, coded.offsets, planes, n, steps, lut, mu,
+        assert rans.decode_dequant(words, states, coded.offsets, first, ns, steps, lut, mu,
                                    kd, vd, D, out, impl=impl)
         outs[impl] = out.float()
     z = torch.from_numpy(sym[planes]).float().view(2, 2, T, C)
@@ -142,7 +145,7 @@ def test_triton_decode_dequant_matches_the_torch_reference(dtype):
     bad = words.clone()
     bad[5] ^= 0x1234
     out = torch.empty(Q, n, dtype=dtype)
-    assert not rans.decode_dequant(bad, states, coded.offsets, planes, n, steps, lut, mu, kd,
+    assert not rans.decode_dequant(bad, states, coded.offsets, first, ns, steps, lut, mu, kd,
                                    vd, D, out, impl="triton")
 
 
@@ -211,11 +214,170 @@ def test_cachegen_rans_range_trades_table_entries_for_escapes():
     assert value_range(counts, escape_bytes=6) == (-4, 3)
 
 
+def _layer0_from_tokens(layout: KVLayout, T: int, vocab: int, seed: int) -> torch.Tensor:
+    """A chunk whose layer 0 is what a model computes there: K and V functions of the
+    token alone (keys as given, not rotated), ``vocab`` distinct tokens."""
+    chunk = synthetic_kv(layout, T, seed=seed)
+    table = synthetic_kv(layout, vocab, seed=seed + 1)[0]  # [2, vocab, H, D]
+    tokens = torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(seed))
+    chunk[0] = table[:, tokens]
+    chunk[0, 1, 5, 0, 3] = 30000.0  # an escape inside a repeated row: coded exactly
+    return chunk
+
+
+ROWS_LAYOUT = KVLayout("rans-rows", num_layers=2, num_kv_heads=2, head_dim=16,
+                       dtype="bfloat16")
+
+
+def _escaped(tensors: dict[str, torch.Tensor], planes: int, n: int) -> torch.Tensor:
+    """bool ``[planes, n]``: where an object stores exact values."""
+    mask = torch.zeros(planes, n, dtype=torch.bool)
+    off = tensors["esc_offsets"]
+    for p in range(planes):
+        mask[p, tensors["esc_idx"][off[p] : off[p + 1]].long()] = True
+    return mask
+
+
+def test_cachegen_rans_codes_repeated_rows_once():
+    T, vocab = 64, 8
+    chunk = _layer0_from_tokens(ROWS_LAYOUT, T, vocab, seed=5)
+    codec = CacheGenCodec(entropy="rans", rans_steps=4)
+    tensors, params = codec.encode(chunk, ROWS_LAYOUT)
+    distinct = [len(torch.unique(chunk[0, kv].reshape(T, -1), dim=0)) for kv in (0, 1)]
+    assert distinct == [8, 9]  # the changed V row is a row of its own
+    assert params["rans_rows"] == [*distinct, T, T]
+    assert tensors["row_map"].shape == (2 * T,)
+    whole = codec.decode(tensors, params, ROWS_LAYOUT, T)
+    # the quantizer's values, row for row: equal to Huffman cachegen's wherever neither
+    # stores an exact value
+    huff = CacheGenCodec()
+    th, ph = huff.encode(chunk, ROWS_LAYOUT)
+    ref = huff.decode(th, ph, ROWS_LAYOUT, T)
+    n = T * ROWS_LAYOUT.num_kv_heads * ROWS_LAYOUT.head_dim
+    exact = (_escaped(tensors, 4, n) | _escaped(th, 4, n)).view(whole.shape)
+    assert torch.equal(whole[~exact], ref[~exact])
+    assert whole[0, 1, 5, 0, 3] == 30000.0
+    # the lane-parallel decoders expand rows the same way (and scale V rows by their
+    # first token's scales, which the encoder made sure are every copy's)
+    for impl in ("torch", "triton"):
+        out = torch.empty_like(whole)
+        codec.decode_into(tensors, params, ROWS_LAYOUT, T, [0, 1], out, impl=impl)
+        assert torch.allclose(out.float(), whole.float(), rtol=2 ** -7, atol=0)
+    # fewer bytes than coding every row
+    flat = dict(tensors, words=tensors["words"])
+    jittered = chunk.clone()
+    jittered[0] += 0.3 * torch.randn(jittered[0].shape, generator=torch.Generator().manual_seed(1))
+    tj, pj = codec.encode(jittered, ROWS_LAYOUT)
+    assert pj["rans_rows"] == [T] * 4 and tj["row_map"].numel() == 0
+    assert flat["words"].numel() < 0.8 * tj["words"].numel()
+
+
+@pytest.mark.parametrize("name", ["cachegen", "cachegen-rans"])
+def test_a_repeated_tokens_keys_are_coded_as_one_despite_rope_rounding(name, monkeypatch):
+    """Layer 0 as a model stores it: keys rotated at their positions and rounded to bf16.
+    Before RoPE a repeated token's keys then differ by that rounding; the codec codes
+    them as one row (rANS: a row map; Huffman: zstd's matches), at no loss a bf16 key
+    would notice."""
+    T, start = 128, 40
+    chunk = _layer0_from_tokens(ROPE_LAYOUT, T, vocab=6, seed=11)
+    k = chunk[0, 0].float()  # [T, H, D], the same for every copy of a token
+    # channels with a large mean and little spread, as real keys have: steps finer than
+    # bf16's rounding there
+    k[..., :4] = 3.0 + 0.002 * k[..., :4]
+    rotation = cachegen._Rotation.of(ROPE_LAYOUT, start, T)
+    chunk[0, 0] = rotation.apply(k[None])[0].to(chunk.dtype)
+    back = rotation.apply(chunk[0, 0].float()[None], inverse=True)[0]
+    assert not torch.equal(back, k)  # rounding: copies no longer agree exactly
+    codec = get_codec(name)
+    tensors, params = codec.encode(chunk, ROPE_LAYOUT, rope_start=start)
+    if name == "cachegen-rans":
+        # the 6 tokens, and the row whose V has an outlier (its V scales differ)
+        assert params["rans_rows"][:2] == [7, 7]
+    # against the same chunk coded without snapping: fewer bytes, about the same error
+    monkeypatch.setattr(cachegen, "_snap_repeated_keys", lambda *a: None)
+    tu, pu = codec.encode(chunk, ROPE_LAYOUT, rope_start=start)
+    if name == "cachegen-rans":
+        assert pu["rans_rows"][0] == T
+
+    def k_error(t, p):
+        got = codec.decode(t, p, ROPE_LAYOUT, T)[0, 0].float()
+        return float((got - chunk[0, 0].float()).norm() / chunk[0, 0].float().norm())
+
+    def size(t):
+        return sum(v.numel() * v.element_size() for v in t.values())
+
+    assert size(tensors) < 0.9 * size(tu)  # layer 0 of 2: 713 -> 297 bytes of K symbols
+    assert k_error(tensors, params) < 1.1 * k_error(tu, pu)
+
+
+def test_cachegen_rans_bad_row_maps_are_typed_errors():
+    T = 64
+    chunk = _layer0_from_tokens(ROWS_LAYOUT, T, vocab=8, seed=5)
+    codec = get_codec("cachegen-rans")
+    tensors, params = codec.encode(chunk, ROWS_LAYOUT)
+    rows = params["rans_rows"]
+    assert rows[0] < T
+    for row_map in ([1] + [0] * (T - 1),  # row 1 before row 0
+                    [0, 2] + [0] * (T - 2),  # skips row 1
+                    [0] * T,  # rows it claims to code go unused
+                    [0, -1] + [0] * (T - 2)):
+        bad = dict(tensors, row_map=tensors["row_map"].clone())
+        bad["row_map"][:T] = torch.tensor(row_map, dtype=torch.int16)
+        with pytest.raises(CorruptObjectError, match="row map"):
+            codec.decode(bad, params, ROWS_LAYOUT, T)
+    for coded_rows in (T + 1, 0):
+        with pytest.raises(CorruptObjectError):
+            codec.decode(tensors, {**params, "rans_rows": [coded_rows, *rows[1:]]},
+                         ROWS_LAYOUT, T)
+    with pytest.raises(CorruptObjectError):
+        codec.decode(dict(tensors, row_map=tensors["row_map"][1:]), params, ROWS_LAYOUT, T)
+
+
+def test_format_4_rans_objects_decode():
+    chunk = synthetic_kv(ROPE_LAYOUT, 40)
+    codec = get_codec("cachegen-rans")
+    tensors, params = codec.encode(chunk, ROPE_LAYOUT, rope_start=1)
+    assert params["rans_rows"] == [40] * 4  # nothing repeats: as format 4 coded it
+    v4 = {k: v for k, v in params.items() if k != "rans_rows"} | {"version": 4}
+    t4 = {k: v for k, v in tensors.items() if k != "row_map"}
+    assert torch.equal(codec.decode(t4, v4, ROPE_LAYOUT, 40),
+                       codec.decode(tensors, params, ROPE_LAYOUT, 40))
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("rope_start", [None, 4])
+def test_cachegen_decodes_into_a_slice_of_a_longer_buffer(impl, rope_start):
+    """What the layer loader does: a chunk's layer straight into its tokens' slice."""
+    T = 24
+    chunk = _layer0_from_tokens(ROPE_LAYOUT, T, vocab=5, seed=8)
+    codec = CacheGenCodec(entropy="rans", rans_steps=2)
+    tensors, params = codec.encode(chunk, ROPE_LAYOUT, rope_start=rope_start)
+    whole = codec.decode(tensors, params, ROPE_LAYOUT, T)
+    buf = torch.full((2, 2, 3 * T, 2, 8), float("nan"), dtype=whole.dtype)
+    for layer in (1, 0):
+        piece = buf[layer].narrow(1, T, T)
+        codec.decode_layer_into(tensors, params, ROPE_LAYOUT, T, layer, piece) \
+            if impl == "auto" else \
+            codec.decode_into(tensors, params, ROPE_LAYOUT, T, [layer], piece[None], impl=impl)
+    got = buf[:, :, T : 2 * T]
+    assert torch.allclose(got.float(), whole.float(), rtol=2 ** -7, atol=0)
+    assert buf[:, :, :T].isnan().all() and buf[:, :, 2 * T :].isnan().all()  # untouched
+    # several layers into planes that are not evenly spaced (every other layer of a
+    # longer buffer) go through a buffer
+    out = torch.full((4, *buf.shape[1:]), float("nan"), dtype=whole.dtype)[::2, :, T : 2 * T]
+    codec.decode_into(tensors, params, ROPE_LAYOUT, T, [0, 1], out,
+                      impl="torch" if impl == "auto" else impl)
+    assert torch.allclose(out.float(), whole.float(), rtol=2 ** -7, atol=0)
+    with pytest.raises(ValueError, match="contiguous planes"):
+        codec.decode_into(tensors, params, ROPE_LAYOUT, T, [0], buf[:1, :, T : 2 * T, :, :4])
+
+
 @needs_cuda
 def test_cachegen_rans_decodes_on_the_gpu():
-    chunk = synthetic_kv(ROPE_LAYOUT, 256, seed=4)
+    chunk = _layer0_from_tokens(ROPE_LAYOUT, 256, vocab=40, seed=4)  # row maps too
     codec = get_codec("cachegen-rans")
     tensors, params = codec.encode(chunk, ROPE_LAYOUT, rope_start=3)
+    assert params["rans_rows"][1] < 256
     cpu = codec.decode(tensors, params, ROPE_LAYOUT, 256)
     out = torch.empty(cpu.shape, dtype=cpu.dtype, device="cuda")
     codec.decode_into(tensors, params, ROPE_LAYOUT, 256, [0, 1], out)
@@ -226,7 +388,7 @@ def test_format_3_objects_decode_as_huffman():
     chunk = synthetic_kv(ROPE_LAYOUT, 40)
     codec = get_codec("cachegen")
     tensors, params = codec.encode(chunk, ROPE_LAYOUT, rope_start=2)
-    assert params["version"] == 4 and params["entropy"] == "huffman"
+    assert params["version"] == cachegen.VERSION and params["entropy"] == "huffman"
     v3 = {k: v for k, v in params.items() if k != "entropy"} | {"version": 3}
     assert torch.equal(codec.decode(tensors, v3, ROPE_LAYOUT, 40),
                        codec.decode(tensors, params, ROPE_LAYOUT, 40))

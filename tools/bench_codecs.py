@@ -392,7 +392,8 @@ def _gpu_decode(repeat: int) -> list[dict[str, Any]]:
             assert p.rans is not None
             planes = list(range(2 * L))
             C, n = p.H * p.D, T * p.H * p.D
-            args = (p.rans.words, p.rans.states, p.rans.offsets, planes, n, p.rans.steps,
+            words, states, offsets, first, ns = p.rans.selection(planes)
+            args = (words, states, offsets, first, ns, p.rans.steps,
                     torch.from_numpy(rans.lut_of(p.rans.freq)).cuda(),
                     f.mu.reshape(2 * L, C).cuda(), f.k_delta.cuda(), f.v_delta[..., 0].cuda(),
                     p.D, out.view(2 * L, n))
