@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvcache.kvstore.errors import LayoutMismatchError
 from kvcache.kvstore.layout import KVLayout
 
 
@@ -66,3 +67,24 @@ class Codec(abc.ABC):
         if not 0 <= layer < layout.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {layout.num_layers})")
         return self.decode_layers(tensors, params, layout, num_tokens, range(layer, layer + 1))[0]
+
+    def decode_layer_into(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        params: Mapping[str, Any],
+        layout: KVLayout,
+        num_tokens: int,
+        layer: int,
+        out: torch.Tensor,
+    ) -> None:
+        """One layer into ``out`` (``[2, tokens, kv_heads, head_dim]``, MLA ``[tokens,
+        latent_dim]``, of the layout's dtype; on any device, each K/V plane contiguous, e.g.
+        a chunk's slice of a loader's buffer). Here: ``decode_layer`` on the CPU, then a
+        copy (asynchronous from pinned memory: the caller keeps ``tensors`` alive until it
+        is done); codecs that can decode on ``out``'s device override it."""
+        part = self.decode_layer(tensors, params, layout, num_tokens, layer)
+        if part.shape != out.shape or part.dtype != out.dtype:
+            raise LayoutMismatchError(
+                f"codec {self.name!r} decoded layer {layer} to {tuple(part.shape)} "
+                f"{part.dtype}, expected {tuple(out.shape)} {out.dtype}")
+        out.copy_(part, non_blocking=part.is_pinned())

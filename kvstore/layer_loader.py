@@ -8,9 +8,10 @@ two-phase I/O:
    store — borrowed zero-copy from a ``CpuTier`` top tier (the reference pins them until
    the load is over), read from lower tiers otherwise — and their headers checked, so the
    number of tokens is known before any layer is;
-2. *load* (a worker thread): per layer, per chunk ``Codec.decode_layer`` and a copy into
-   the layer's slice of one output buffer on the target device, optionally a RoPE shift of
-   K to new positions. On CUDA the copies run on a side stream and each layer records an
+2. *load* (a worker thread): per layer, per chunk ``Codec.decode_layer_into`` the layer's
+   slice of one output buffer on the target device (rANS-coded cachegen objects decode on
+   the GPU itself; other codecs decode on the CPU and copy), optionally a RoPE shift of K
+   to new positions. On CUDA the copies run on a side stream and each layer records an
    event; ``wait_for_layer(i)`` makes the caller's stream wait on it (no host sync), so
    transfer overlaps compute on the GPU. On CPU the worker thread overlaps decoding and
    copying with the caller's work.
@@ -37,7 +38,7 @@ from kvcache.codecs.registry import get_codec
 from kvcache.kernels.rope_shift import rope_shift
 from kvcache.kvstore.container import StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier
-from kvcache.kvstore.errors import KVCacheError, LayoutMismatchError
+from kvcache.kvstore.errors import KVCacheError
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tiered_store import TieredStore
 
@@ -172,16 +173,13 @@ class LayerLoader:
         for obj in self._objects:
             h = obj.header
             n = h.num_tokens
-            part = get_codec(h.codec).decode_layer(obj.tensors, h.codec_params, h.layout, n, i)
-            expected = self.layout.chunk_shape(n)[1:]
-            if tuple(part.shape) != expected or part.dtype != self.layout.torch_dtype:
-                raise LayoutMismatchError(
-                    f"codec {h.codec!r} decoded layer {i} of {h.key} to {tuple(part.shape)} "
-                    f"{part.dtype}, expected {expected} {self.layout.dtype}")
             piece = dst.narrow(tok_dim, start, n)
-            # Pinned sources (the CPU tier's pool) copy asynchronously; pageable ones are
-            # staged by the driver before copy_ returns, so the source may go right after.
-            piece.copy_(part, non_blocking=part.is_pinned())
+            # Straight into the chunk's slice: codecs that decode on the GPU (cachegen-rans)
+            # do it there; the others decode on the CPU and copy, asynchronously from the
+            # CPU tier's pinned pool (its entries stay borrowed until the stream is done),
+            # staged by the driver from pageable memory.
+            get_codec(h.codec).decode_layer_into(obj.tensors, h.codec_params, h.layout, n, i,
+                                                 piece)
             if self.rope_start is not None and not self.layout.is_mla:
                 assert self.layout.rope is not None and h.rope_start is not None
                 new = self.rope_start + start

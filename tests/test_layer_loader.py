@@ -49,6 +49,19 @@ def test_layers_match_the_stored_chunks(background):
     assert all(refs(store, k) == 0 for k in keys)  # borrows released
 
 
+@pytest.mark.parametrize("codec", ["cachegen", "cachegen-rans", "zstd"])
+def test_coded_chunks_decode_into_their_slices(codec):
+    """Codecs write each chunk's layer into its tokens' slice of the output (cachegen
+    straight into it): the same values as decoding the chunks whole."""
+    store = TieredStore([CpuTier(1 << 22)], codecs=[codec])
+    keys = [make_key(i) for i in range(len(SIZES))]
+    for i, (k, n) in enumerate(zip(keys, SIZES, strict=True)):
+        store.put(k, make_chunk(LAYOUT, n, seed=i), LAYOUT, rope_start=sum(SIZES[:i]))
+    whole = torch.cat([store.get(k) for k in keys], dim=LAYOUT.token_dim)
+    with LayerLoader(store, keys, LAYOUT) as loader:
+        assert torch.equal(loader.wait_all(), whole)
+
+
 def test_from_disk_and_promoted(tmp_path):
     disk = DiskTier(tmp_path / "d", 1 << 24)
     store, keys, whole = filled_store([CpuTier(1 << 22), disk])
@@ -153,6 +166,22 @@ def test_mla_layers():
     with LayerLoader(store, keys, mla) as loader:
         assert loader.wait_for_layer(1).shape == (7, 24)
         assert torch.equal(loader.wait_all(), whole)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["cachegen-rans", "cachegen"])
+def test_cuda_target_decodes_coded_chunks(codec):
+    """cachegen-rans decodes on the GPU, into each chunk's slice; cachegen on the CPU."""
+    store = TieredStore([CpuTier(1 << 22, pin_memory=True)], codecs=[codec])
+    keys = [make_key(i) for i in range(len(SIZES))]
+    for i, (k, n) in enumerate(zip(keys, SIZES, strict=True)):
+        store.put(k, make_chunk(LAYOUT, n, seed=i), LAYOUT, rope_start=sum(SIZES[:i]))
+    whole = torch.cat([store.get(k) for k in keys], dim=LAYOUT.token_dim)
+    with LayerLoader(store, keys, LAYOUT, device="cuda") as loader:
+        got = loader.wait_all().cpu()
+    # the GPU's fp32 -> fp16 rounding and RoPE may differ from the CPU's by an ulp
+    torch.testing.assert_close(got, whole, rtol=2 ** -9, atol=1e-3)
 
 
 @cuda
