@@ -67,9 +67,11 @@ def test_c_encoder_matches_the_reference_and_round_trips(n, steps):
     lut = rans.lut_of(freq)
     out = np.empty(n, np.int8)
     for p in range(3):
-        assert rans.decode_plane(c.words, c.offsets[p * nb:], c.states[p * nb:], n, steps,
-                                 lut[p], out)
-        assert np.array_equal(out, sym[p])
+        for simd in (True, False):  # the AVX-512 block decoder (where built) and plain C
+            out[:] = 0
+            assert rans.decode_plane(c.words, c.offsets[p * nb:], c.states[p * nb:], n,
+                                     steps, lut[p], out, simd=simd)
+            assert np.array_equal(out, sym[p])
     words, states = _as_torch(c)
     z, ok = rans.decode_reference(words, states, c.offsets, [2 * nb, 0], [n, n], steps,
                                   torch.from_numpy(lut[[2, 0]]))
@@ -99,7 +101,9 @@ def test_a_changed_word_or_state_fails_the_end_of_block_check():
     for field, at in [("words", 17), ("states", 40)]:
         bad = rans.Coded(*(a.copy() for a in coded))
         getattr(bad, field).reshape(-1)[at] ^= 0x5A5A
-        assert not rans.decode_plane(bad.words, bad.offsets, bad.states, n, steps, lut[0], out)
+        for simd in (True, False):
+            assert not rans.decode_plane(bad.words, bad.offsets, bad.states, n, steps, lut[0],
+                                         out, simd=simd)
         words, states = _as_torch(bad)
         _, ok = rans.decode_reference(words, states, bad.offsets, [0], [n], steps,
                                       torch.from_numpy(lut))
@@ -108,7 +112,15 @@ def test_a_changed_word_or_state_fails_the_end_of_block_check():
     short = coded.offsets.copy()
     short[1:] -= np.minimum(short[1:], 3)
     short[1:nb] = np.maximum(short[1:nb], short[:nb - 1])
-    assert not rans.decode_plane(coded.words, short, coded.states, n, steps, lut[0], out)
+    for simd in (True, False):
+        assert not rans.decode_plane(coded.words, short, coded.states, n, steps, lut[0], out,
+                                     simd=simd)
+    # ... and one whose words end early: the last block's masked loads stop at the array's
+    # end (a vector load past it could fault)
+    tail = coded.words[: coded.offsets[-1] - 2].copy()
+    for simd in (True, False):
+        assert not rans.decode_plane(tail, np.minimum(coded.offsets, tail.size),
+                                     coded.states, n, steps, lut[0], out, simd=simd)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
