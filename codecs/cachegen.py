@@ -49,7 +49,7 @@ Per layer ``l`` and plane (K or V), with ``x`` the plane ``[T, C]`` (``C = H * D
    independent lanes per block, so a GPU decodes every lane at once (Triton, fused with
    the dequantisation). A plane whose rows repeat codes each distinct row once, with a
    row map. 7% smaller than Huffman on KV without repeated rows, larger where zstd's
-   matches find partial ones, and ~1.4x slower to decode on a CPU: for GPU-loaded tiers.
+   matches find partial ones, and ~1.3x slower to decode on a CPU: for GPU-loaded tiers.
 5. **Repeated tokens.** Layer 0's K and V are functions of the token alone, so every
    repeated token repeats their rows. V's repeat exactly; K's went through RoPE at
    another position in the KV's dtype and back, so a copy whose V row (symbols and

@@ -318,6 +318,31 @@ static int rans_decode_block_simd(const uint16_t *restrict words, int64_t w0, in
     for (int j = 0; j < RANS_LANES; j++) ok &= x[j] == RANS_L;
     return ok;
 }
+
+/* Two whole blocks of nsym (a multiple of RANS_LANES) symbols at once: their steps are
+ * independent, so the CPU overlaps one block's gather latency with the other's work.
+ * Returns how many of the two did not decode as coded. */
+static int rans_decode_pair_simd(const uint16_t *restrict words, const int64_t *offsets,
+                                 const uint32_t *restrict state, int64_t nsym,
+                                 const uint32_t *restrict lut, int8_t *restrict out) {
+    const int64_t w1a = offsets[1], w1b = offsets[2];
+    int64_t pa = offsets[0], pb = offsets[1];
+    __m512i alo = _mm512_loadu_si512(state), ahi = _mm512_loadu_si512(state + 16);
+    __m512i blo = _mm512_loadu_si512(state + 32), bhi = _mm512_loadu_si512(state + 48);
+    int8_t *outb = out + nsym;
+    for (int64_t k0 = 0; k0 < nsym; k0 += RANS_LANES) {
+        alo = rans_step16(alo, lut, words, &pa, w1a, out + k0);
+        blo = rans_step16(blo, lut, words, &pb, w1b, outb + k0);
+        ahi = rans_step16(ahi, lut, words, &pa, w1a, out + k0 + 16);
+        bhi = rans_step16(bhi, lut, words, &pb, w1b, outb + k0 + 16);
+    }
+    const __m512i l = _mm512_set1_epi32(RANS_L);
+    const int oka = pa == w1a && _mm512_cmpneq_epi32_mask(alo, l) == 0
+                    && _mm512_cmpneq_epi32_mask(ahi, l) == 0;
+    const int okb = pb == w1b && _mm512_cmpneq_epi32_mask(blo, l) == 0
+                    && _mm512_cmpneq_epi32_mask(bhi, l) == 0;
+    return !oka + !okb;
+}
 #else
 int kvc_has_rans_simd(void) { return 0; }
 #define rans_decode_block_simd rans_decode_block
@@ -331,8 +356,13 @@ int64_t kvc_rans_decode_plane(const uint16_t *words, const int64_t *offsets,
                               const uint32_t *state, int64_t n, int64_t steps,
                               const uint32_t *lut, int8_t *out, int simd) {
     const int64_t B = RANS_LANES * steps;
-    int64_t bad = 0;
-    for (int64_t b = 0; b * B < n; b++) {
+    int64_t bad = 0, b = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    for (; simd && (b + 2) * B <= n; b += 2)  /* whole blocks two at a time */
+        bad += rans_decode_pair_simd(words, offsets + b, state + b * RANS_LANES, B, lut,
+                                     out + b * B);
+#endif
+    for (; b * B < n; b++) {
         const int64_t nsym = n - b * B < B ? n - b * B : B;
         bad += !(simd ? rans_decode_block_simd : rans_decode_block)(
             words, offsets[b], offsets[b + 1], state + b * RANS_LANES, nsym, lut, out + b * B);

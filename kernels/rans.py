@@ -204,7 +204,7 @@ def decode_plane(
     """Decode one plane with the C kernel into ``out`` (int8 ``[n]``). words uint16
     ``[W]``; offsets int64 ``[nb + 1]`` (the plane's blocks, absolute into words);
     states uint32 ``[nb, LANES]``; lut int32 ``[M]``. simd: the AVX-512 block decoder
-    where the CPU has it (``has_simd``; the same result, ~4x faster), else the plain C
+    where the CPU has it (``has_simd``; the same result, ~5x faster), else the plain C
     loop. Returns False when a block did not decode as it was coded. Raises RuntimeError
     without a C compiler (use ``decode_reference``). All contiguous; the caller checks
     sizes."""
