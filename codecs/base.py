@@ -17,6 +17,12 @@ from kvcache.kvstore.errors import LayoutMismatchError
 from kvcache.kvstore.layout import KVLayout
 
 
+def check_layer(layout: KVLayout, layer: int) -> None:
+    """``IndexError`` unless ``layer`` is one of the layout's layers."""
+    if not 0 <= layer < layout.num_layers:
+        raise IndexError(f"layer {layer} out of range [0, {layout.num_layers})")
+
+
 class Codec(abc.ABC):
     name: str
     lossless: bool
@@ -64,8 +70,7 @@ class Codec(abc.ABC):
     ) -> torch.Tensor:
         """One layer: ``[2, tokens, kv_heads, head_dim]`` (MLA ``[tokens, latent_dim]``), so
         loading can stream layer by layer."""
-        if not 0 <= layer < layout.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {layout.num_layers})")
+        check_layer(layout, layer)
         return self.decode_layers(tensors, params, layout, num_tokens, range(layer, layer + 1))[0]
 
     def decode_layer_into(

@@ -106,7 +106,7 @@ import torch
 import zstandard
 
 from kvcache.codecs import _cachegen_rans, _check
-from kvcache.codecs.base import Codec
+from kvcache.codecs.base import Codec, check_layer
 from kvcache.kernels import cpu_native, rans
 from kvcache.kernels.dispatch import IMPLS, Impl
 from kvcache.kernels.rope_shift import rope_cos_sin, rotary_dim_of, rotate_cos_sin
@@ -750,8 +750,7 @@ class CacheGenCodec(Codec):
         out: torch.Tensor,
     ) -> None:
         """``decode_into`` of one layer: rANS objects decode on ``out``'s GPU."""
-        if not 0 <= layer < layout.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {layout.num_layers})")
+        check_layer(layout, layer)
         self.decode_into(tensors, params, layout, num_tokens, [layer], out.unsqueeze(0))
 
     def decode_layers(

@@ -78,6 +78,21 @@ def test_c_encoder_matches_the_reference_and_round_trips(n, steps):
     assert ok and torch.equal(z, torch.from_numpy(sym[[2, 0]]))
 
 
+@needs_c
+def test_planes_of_different_lengths_code_as_separately_coded_blocks_back_to_back():
+    """The encoder's fallback without a C compiler concatenates per-plane encodes: the
+    same bytes as the C encoder over planes of any lengths."""
+    a, b = _planes(1, 3000, seed=1)[0], _planes(1, 700, seed=2)[0]
+    freq = np.concatenate([_freq(a[None]), _freq(b[None])])
+    c = rans.encode([a, b], freq, steps=8)
+    ref = rans._concat([rans.encode_reference(a[None], freq[:1], 8),
+                        rans.encode_reference(b[None], freq[1:], 8)])
+    for x, y in zip(c, ref, strict=True):
+        assert np.array_equal(x, y)
+    first = rans.first_blocks([3000, 700], 8)
+    assert list(first) == [0, 12, 15] and len(c.offsets) == 16
+
+
 def test_reference_codes_near_the_entropy():
     n = 1 << 16
     sym = _planes(1, n, spread=1.0)
@@ -183,6 +198,10 @@ def test_cachegen_rans_decoders_agree(rope_start):
         codec.decode_into(tensors, params, ROPE_LAYOUT, 40, [1], out, impl=impl)
         # bf16 stores: the interpreter truncates where the CPU rounds (1 ulp)
         assert torch.allclose(out[0].float(), whole[1].float(), rtol=2 ** -7, atol=0)
+    # layers out of order: their blocks are not back to back and are gathered
+    out = torch.empty_like(whole)
+    codec.decode_into(tensors, params, ROPE_LAYOUT, 40, [1, 0], out, impl="torch")
+    assert torch.allclose(out.float(), whole[[1, 0]].float(), rtol=2 ** -7, atol=0)
 
 
 def test_cachegen_rans_is_the_same_quantizer_with_another_entropy_coder():
