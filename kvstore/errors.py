@@ -30,6 +30,16 @@ class CorruptObjectError(KVCacheError):
     """Stored bytes failed to decode: truncated, checksum mismatch, or a foreign format."""
 
 
+class UnencodableChunkError(KVCacheError, ValueError):
+    """A chunk holds values its codec cannot store faithfully (e.g. NaN or inf for a codec
+    without escapes); the put stores nothing."""
+
+
+class StoreCorruptError(KVCacheError):
+    """The store's index is damaged; the message says how to check and rebuild it
+    (``kvcache fsck --repair``)."""
+
+
 class StoreFullError(KVCacheError):
     """No room for an object even after evicting everything evictable (pinned or in use)."""
 
