@@ -48,6 +48,17 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 S = TypeVar("S", bound="_Section")
 
 
+MIN_TIER_CAPACITY = 1 << 20  # below this a tier cannot hold one chunk of any real model
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def default_store_dir() -> Path:
     """``$KVCACHE_DIR`` if set, else ``~/.cache/kvcache``."""
     env = os.environ.get(f"{ENV_PREFIX}DIR")
@@ -225,8 +236,13 @@ class CpuTierConfig(_Section):
     pin_memory: bool | None = None
 
     def _validate(self) -> None:
-        if self.capacity <= 0:
-            self._fail("capacity", f"{self.capacity} must be > 0; use e.g. '4GiB'")
+        if self.capacity < MIN_TIER_CAPACITY:
+            self._fail("capacity", f"{self.capacity} bytes is too small for a tier (at least "
+                                   "1MiB); use e.g. '4GiB'")
+        total = physical_memory()
+        if total is not None and self.capacity > total:
+            self._fail("capacity", f"{self.capacity} bytes is more than this machine's "
+                                   f"{total} bytes of memory; use e.g. '4GiB'")
 
 
 @dataclass
@@ -244,8 +260,9 @@ class DiskTierConfig(_Section):
     path: Path | None = None
 
     def _validate(self) -> None:
-        if self.capacity <= 0:
-            self._fail("capacity", f"{self.capacity} must be > 0; use e.g. '64GiB'")
+        if self.capacity < MIN_TIER_CAPACITY:
+            self._fail("capacity", f"{self.capacity} bytes is too small for a tier (at least "
+                                   "1MiB); use e.g. '64GiB'")
 
     def resolved_path(self, store_dir: Path) -> Path:
         """Where the disk tier lives for a store at ``store_dir``."""
@@ -261,8 +278,11 @@ class StoreConfig(_Section):
     dir: Path = field(default_factory=default_store_dir)
     chunk_size: int = 256
     write_mode: str = _choice("write-through", ("write-through", "write-back"))
-    # Entries not accessed for this long are dropped; None keeps them until evicted.
+    # Entries stored longer ago than this are misses (and removed); None: until evicted.
     ttl: float | None = field(default=None, metadata={"unit": "duration"})
+    # Open the disk tier read-only: reads only, nothing written, removed or repaired there
+    # (a read-only medium, or a process that must not change a shared store).
+    readonly: bool = False
     cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
     disk: DiskTierConfig = field(default_factory=DiskTierConfig)
 

@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 import torch
 
 from kvcache.kvstore.arena import Arena, align_up
+from kvcache.kvstore.config import physical_memory
 from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.errors import (
+    ConfigError,
     EntryPinnedError,
     ObjectTooLargeError,
     StoreFullError,
 )
 from kvcache.kvstore.eviction import make_policy
-from kvcache.kvstore.tier import EntryInfo, Tier, TierStats
+from kvcache.kvstore.tier import DELETE_CAUSES, EntryInfo, Tier, TierStats, check_object_key
 
 
 @dataclass
@@ -63,6 +65,19 @@ def _plan(obj: StoredObject) -> tuple[list[_Slot], int]:
     return slots, max(rel, 1)
 
 
+def check_memory_capacity(capacity_bytes: int) -> None:
+    """``ConfigError`` unless ``capacity_bytes`` is a positive int this machine can hold."""
+    if not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool) \
+            or capacity_bytes <= 0:
+        raise ConfigError(f"CPU tier capacity must be an integer > 0 bytes, got {capacity_bytes!r}")
+    total = physical_memory()
+    if total is not None and capacity_bytes > total:
+        raise ConfigError(
+            f"CPU tier capacity {capacity_bytes} bytes is more than this machine's "
+            f"{total} bytes of memory; lower store.cpu.capacity"
+        )
+
+
 class CpuTier(Tier):
     name = "cpu"
 
@@ -75,12 +90,21 @@ class CpuTier(Tier):
         busy_wait_s: float = 2.0,
     ) -> None:
         super().__init__()
+        check_memory_capacity(capacity_bytes)
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         self._arena = Arena(capacity_bytes)
         self.capacity_bytes = self._arena.capacity
         # torch.empty does not touch the pages: memory is committed as objects arrive.
-        self._pool = torch.empty(self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory)
+        try:
+            self._pool = torch.empty(
+                self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory
+            )
+        except RuntimeError as e:  # out of memory, or pinned memory refused
+            raise ConfigError(
+                f"cannot allocate the CPU tier's {capacity_bytes} bytes ({e}); lower "
+                "store.cpu.capacity"
+            ) from None
         self._policy = make_policy(policy)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
@@ -161,6 +185,11 @@ class CpuTier(Tier):
         a hit and tell the policy (internal copies, e.g. write-through, do not)."""
         with self._lock:
             e = self._entries.get(key)
+            if e is not None and e.header.key != key:
+                # put checks this; whatever let it in, it is never served: a counted miss
+                self._drop(key, e)
+                self._stats.corrupt += 1
+                e = None
             if e is None:
                 self._stats.misses += touch
             elif not touch:
@@ -171,6 +200,7 @@ class CpuTier(Tier):
                 e.last_access = time.time()
                 self._policy.on_access(key)
                 self._stats.hits += 1
+                self._stats.hit_tokens += e.header.num_tokens
                 self._stats.bytes_read += e.size
         if e is None:
             yield None
@@ -199,6 +229,7 @@ class CpuTier(Tier):
             return StoredObject(e.header, tensors)
 
     def put(self, key: str, obj: StoredObject) -> None:
+        check_object_key(key, obj.header)
         slots, size = _plan(obj)
         if align_up(size) > self.capacity_bytes:
             raise ObjectTooLargeError(
@@ -228,7 +259,8 @@ class CpuTier(Tier):
             self._stats.puts += 1
             self._stats.bytes_written += size
 
-    def delete(self, key: str, *, force: bool = False) -> bool:
+    def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
+        counter = DELETE_CAUSES[cause]
         with self._lock:
             e = self._entries.get(key)
             if e is None:
@@ -236,7 +268,13 @@ class CpuTier(Tier):
             if e.pinned and not force:
                 raise EntryPinnedError(f"entry {key} is pinned; unpin it or pass force")
             self._drop(key, e)
+            setattr(self._stats, counter, getattr(self._stats, counter) + 1)
             return True
+
+    def count_misses(self, chunks: int, tokens: int) -> None:
+        with self._lock:
+            self._stats.misses += chunks
+            self._stats.miss_tokens += tokens
 
     def _info(self, key: str, e: _Entry) -> EntryInfo:
         h = e.header

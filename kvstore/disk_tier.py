@@ -6,14 +6,27 @@ Directory layout::
     <path>/index/data.mdb       LMDB: "entries" (key -> msgpack record), "meta" (format and
                                 lifetime counters), "blobs" (key -> container bytes, when
                                 blob_storage="lmdb")
-    <path>/blobs/ab/<key>.<id>.kvo   one container per entry (blob_storage="files")
+    <path>/blobs/ab/<key>.<writer>-<id>.kvo   one container per entry (blob_storage="files")
+    <path>/writers/<writer>.lease             flock held by each live writable opener
 
 Every mutation of the index and of the counters is one LMDB write transaction, so a crash
 leaves either the old or the new state and ``used_bytes`` always matches the records.
 A blob file is written under a temporary name, renamed, and only then referenced by a
 committed record; files of removed entries are unlinked after the commit. Each put gets a
-fresh file name (``<id>``), so a reader never sees a file being rewritten: it reads either
-the old inode or the new one, and if a file vanished under it the record changed too.
+fresh file name, so a reader never sees a file being rewritten: it reads either the old
+inode or the new one, and if a file vanished under it the record changed too. A file left
+unreferenced by a writer that died (``kill -9`` between rename and commit) is reclaimed by
+the next opener or sweep, as soon as that writer's lease shows it dead
+(``kvcache.kvstore.writer_lease``).
+
+Integrity: every object read is checked against its checksum *and* against the key it was
+asked for (a blob copied over another's name, or a record whose key lost a bit, would
+otherwise serve another key's KV); a failure is a counted miss and the entry is removed.
+Index records are validated as they are read (``kvcache.kvstore.index_format``). An index
+that cannot be trusted — a file cut short, unreadable pages, an index missing beside blob
+files — is never mapped: the tier opens *damaged* (every read a miss, writes refused with
+``StoreCorruptError``, ``stats().damage`` saying why and how to repair), or, when opened
+exclusively, rebuilds the index from the blob headers (``kvcache.kvstore.fsck``).
 
 Another process may have the same directory open (LMDB is multi-process): counters are
 read-modify-written inside write transactions, victims that vanished are skipped, and the
@@ -24,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import threading
 import time
@@ -35,8 +49,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
-import msgpack
-import xxhash
 
 from kvcache.kvstore.blob_files import read_blob_file, write_blob_file
 from kvcache.kvstore.container import (
@@ -53,78 +65,73 @@ from kvcache.kvstore.errors import (
     EntryPinnedError,
     KVCacheError,
     ObjectTooLargeError,
+    StoreCorruptError,
     StoreFullError,
     StoreUnavailableError,
 )
 from kvcache.kvstore.eviction import make_policy
-from kvcache.kvstore.keys import is_key
-from kvcache.kvstore.tier import EntryInfo, Tier, TierStats
+from kvcache.kvstore.index_format import (
+    BLOB_STORAGES,
+    BLOBS_DIR,
+    INDEX_DIR,
+    LOCK_FILE,
+    MAX_KEY_BYTES,
+    WRITERS_DIR,
+    BadRecordError,
+    Record,
+    blob_name,
+    check_index_file,
+    new_record_id,
+    parse_blob_name,
+)
+from kvcache.kvstore.lmdb_index import (
+    MIN_FREE_DISK,
+    LmdbIndex,
+    disk_full_message,
+    free_disk_bytes,
+    is_enospc,
+    lmdb_put,
+)
+from kvcache.kvstore.tier import DELETE_CAUSES, EntryInfo, Tier, TierStats, check_object_key
+from kvcache.kvstore.writer_lease import WriterLease, reap_dead_leases, writer_alive
 
+__all__ = ["BLOB_STORAGES", "LOCK_FILE", "DiskTier"]
+
+log = logging.getLogger(__name__)
 T = TypeVar("T")
-Record = dict[str, Any]
 
-BLOB_STORAGES = ("files", "lmdb")
-LOCK_FILE = "kvcache.lock"
-_FORMAT = {"format": "kvcache-disk-tier", "version": 1}
-_COUNTERS = ("used_bytes", "hits", "misses", "puts", "evictions", "corrupt",
-             "bytes_read", "bytes_written")
 _INDEX_MAP_BYTES = 1 << 30  # address space only; the file grows with the index
 _MAP_HEADROOM = 256 << 20  # LMDB cannot reuse pages freed by the last two transactions
-_MIN_FREE_DISK = 64 << 20
-_MAX_KEY_BYTES = 480  # LMDB's key limit is 511
-_MAX_HEADER_BYTES = 16 << 20
 _FLUSH_EVERY = 1024  # batched access updates
 _FLUSH_INTERVAL_S = 2.0
-_ORPHAN_AGE_S = 3600.0  # a write never takes this long; older unreferenced files are junk
+# A file without a writer token (named before tokens existed) is junk only once no write
+# could still be running: a write never takes this long.
+_ORPHAN_AGE_S = 3600.0
+_SWEEP_INTERVAL_S = 60.0  # at most one orphan sweep per minute when the tier is full
 
 _open_paths: set[str] = set()  # LMDB forbids opening one environment twice per process
 _open_paths_lock = threading.Lock()
-
-
-def _lmdb_put(txn: lmdb.Transaction, key: bytes, value: bytes, db: Any) -> None:
-    txn.put(key, value, db=db)
-
-
-def _free_disk_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def _pread(fd: int, offset: int, length: int) -> bytes:
     return os.pread(fd, length, offset)
 
 
-def _buffer_header(buf: bytes | memoryview) -> ObjectHeader | None:
-    try:
-        return read_header_unverified(lambda o, n: bytes(buf[o : o + n]), len(buf))
-    except CorruptObjectError:
-        return None
+def _header_of(buf: bytearray) -> ObjectHeader:
+    return read_header_unverified(lambda o, n: bytes(buf[o : o + n]), len(buf))
 
 
 def _unavailable(path: Path, e: OSError) -> StoreUnavailableError:
     if e.errno == errno.EROFS:
-        hint = "the file system is read-only: open with readonly=True, or use a writable disk"
+        hint = ("the file system is read-only: open the store read-only (store.readonly = "
+                "true, KVCACHE_READONLY=1 or --readonly), or use a writable disk")
     elif e.errno in (errno.EACCES, errno.EPERM):
-        hint = "permission denied: fix the directory's permissions (readonly=True needs read)"
+        hint = "permission denied: fix the directory's permissions (read-only opens need read)"
     elif e.errno == errno.ENOENT:
-        hint = "no kvcache store there: check the path, or open with create=True"
+        hint = "no kvcache store there: check the path, or open it writable to create one"
     else:
         hint = str(e)
     return StoreUnavailableError(f"cannot open the kvcache store at {path}: {hint}")
-
-
-def _is_enospc(e: BaseException) -> bool:
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "No space left" in str(e) or "Disk quota" in str(e)
-
-
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _unpack(raw: Any) -> Any:
-    return None if raw is None else msgpack.unpackb(raw, raw=False)
 
 
 class DiskTier(Tier):
@@ -135,10 +142,13 @@ class DiskTier(Tier):
     before the record commits; off by default because the index itself is always synced
     and a blob that a power loss cut short fails its checksum and becomes a counted miss.
     ``stats()`` reports lifetime counters, shared by every process that opens the store.
+    ``sweep``: remove orphan blob files while opening (``kvcache fsck`` reports them
+    instead). ``damage`` is None, or why the index cannot be trusted (see the module docstring);
+    ``rebuilt`` is the report of a rebuild this open did, if any.
     """
 
     name = "disk"
-    _env: lmdb.Environment
+    _index: LmdbIndex | None
 
     def __init__(
         self,
@@ -152,18 +162,24 @@ class DiskTier(Tier):
         create: bool = True,
         sync_blobs: bool = False,
         io_threads: int = 4,
+        sweep: bool = True,
     ) -> None:
         super().__init__()
-        if capacity_bytes <= 0:
-            raise ConfigError(f"disk tier capacity_bytes must be > 0, got {capacity_bytes}")
+        if not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool) \
+                or capacity_bytes <= 0:
+            raise ConfigError(
+                f"disk tier capacity_bytes must be an integer > 0, got {capacity_bytes!r}")
         if blob_storage not in BLOB_STORAGES:
             raise ConfigError(
                 f"unknown blob_storage {blob_storage!r}; use one of {', '.join(BLOB_STORAGES)}"
             )
         self.path = Path(path).absolute()
-        self.capacity_bytes = int(capacity_bytes)
+        self.capacity_bytes = capacity_bytes
         self.blob_storage = blob_storage
         self.readonly = readonly
+        self.damage: str | None = None
+        self.rebuilt: Any = None  # fsck.FsckReport of a rebuild done while opening
+        self._index = None
         self._sync_blobs = sync_blobs
         # Reads of a batch run concurrently: a disk answers a queue of requests faster
         # than one at a time (measured in docs/benchmarks.md, "store").
@@ -174,16 +190,19 @@ class DiskTier(Tier):
         self._lock = threading.RLock()
         self._closed = False
         self._lock_fd: int | None = None
+        self._lease: WriterLease | None = None
         self._opened_at = time.time()
         self._pending: dict[str, tuple[float, int]] = {}  # key -> (last_access, new hits)
         self._pending_counts: dict[str, int] = {}
         self._last_flush = time.monotonic()
+        self._last_sweep = time.monotonic()
         self._lock_fd = self._lock_directory(create and not readonly, exclusive)
         try:
-            self._open_index()
-            referenced = self._rebuild_policy()
-            if not readonly:
-                self._sweep_orphans(referenced, 0.0 if exclusive else _ORPHAN_AGE_S)
+            self._open(exclusive)
+            if self.damage is None and not readonly:
+                self._lease = WriterLease(self.path / WRITERS_DIR)
+                if sweep:
+                    self.sweep_orphans(0.0 if exclusive else _ORPHAN_AGE_S)
         except BaseException:
             self._release()
             raise
@@ -196,7 +215,7 @@ class DiskTier(Tier):
             if not create:
                 raise StoreUnavailableError(
                     f"no kvcache store at {self.path}: the directory does not exist; check "
-                    "the path, or open with create=True (and readonly=False) to make one"
+                    "the path, or open it writable (not read-only) to create one"
                 )
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -218,7 +237,7 @@ class DiskTier(Tier):
                 fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                held = "in use" if exclusive else "held exclusively (e.g. by `kvcache evict`)"
+                held = "in use" if exclusive else "held exclusively (e.g. by `kvcache fsck`)"
                 raise StoreUnavailableError(
                     f"the kvcache store at {self.path} is locked by another process ({held}); "
                     "stop that process or retry when it is done"
@@ -227,167 +246,191 @@ class DiskTier(Tier):
         self._real_path = real
         return fd
 
-    def _open_index(self) -> None:
-        index = self.path / "index"
-        if not (index / "data.mdb").exists() and self.readonly:
+    def _open(self, exclusive: bool) -> None:
+        """Map the index if it can be trusted; otherwise rebuild it (exclusive, writable
+        opens) or open damaged."""
+        problem = self._index_problem()
+        if problem is None:
+            try:
+                self._open_index()
+                return
+            except StoreCorruptError as e:
+                problem = str(e.__cause__ or e)
+                self._close_index()
+                self.damage = None
+        if exclusive and not self.readonly:
+            from kvcache.kvstore.fsck import rebuild_index
+
+            self.rebuilt = rebuild_index(self.path, self.blob_storage, self._map_size(), problem)
+            log.warning("the index of the disk tier at %s was damaged (%s); rebuilt it from "
+                        "the blob files: %s", self.path, problem, self.rebuilt.summary())
+            self._open_index()
+            return
+        self._damaged(problem)
+
+    def _index_problem(self) -> str | None:
+        """Why the index file must not be mapped, or None (also None for a new store)."""
+        data = self.path / INDEX_DIR / "data.mdb"
+        if data.exists():
+            problem = check_index_file(data)
+            if problem is None or not problem.startswith("is empty"):
+                return None if problem is None else f"index/data.mdb {problem}"
+        elif self.readonly:
             raise StoreUnavailableError(
                 f"no kvcache store at {self.path} (no index); check the path or create it "
-                "by opening with readonly=False"
+                "by opening it writable"
             )
+        # Missing or empty: a new store, unless blob files say objects were stored here.
+        blobs = self.path / BLOBS_DIR
+        if blobs.is_dir() and any(any(s.iterdir()) for s in blobs.iterdir() if s.is_dir()):
+            return "index/data.mdb is missing or empty while blobs/ holds objects"
+        if not self.readonly and free_disk_bytes(self.path) < MIN_FREE_DISK:
+            # LMDB maps the files it creates: on a full disk a new one would SIGBUS.
+            raise DiskFullError(disk_full_message(
+                self.path, f"creating the index needs {MIN_FREE_DISK >> 20} MiB free"))
+        return None
+
+    def _map_size(self) -> int:
         if self.blob_storage == "lmdb":
-            map_size = self.capacity_bytes + self.capacity_bytes // 4 + _MAP_HEADROOM
-        else:
-            map_size = _INDEX_MAP_BYTES
+            return self.capacity_bytes + self.capacity_bytes // 4 + _MAP_HEADROOM
+        return _INDEX_MAP_BYTES
+
+    def _open_index(self) -> None:
         try:
-            index.mkdir(exist_ok=True)
-            # metasync=False: one fsync per commit instead of two; LMDB keeps the index
-            # consistent and a system crash can at most undo the last commit.
-            self._env = lmdb.open(
-                str(index), map_size=map_size, max_dbs=4, readonly=self.readonly,
-                sync=True, metasync=False, lock=True,
-            )
+            self._index = LmdbIndex(self.path / INDEX_DIR, map_size=self._map_size(),
+                                    readonly=self.readonly, on_damage=self._damaged)
         except OSError as e:
             raise _unavailable(self.path, e) from e
-        except lmdb.Error as e:
-            raise StoreUnavailableError(f"cannot open the kvcache index at {index}: {e}") from e
-        try:
-            self._entries = self._env.open_db(b"entries", create=not self.readonly)
-            self._meta = self._env.open_db(b"meta", create=not self.readonly)
-            self._blobs = self._env.open_db(b"blobs", create=not self.readonly)
-        except lmdb.Error as e:
-            raise StoreUnavailableError(
-                f"{index} is not a complete kvcache index ({e}); open it writable once or "
-                "remove the directory"
-            ) from e
-        with self._begin(write=False) as txn:
-            fmt = _unpack(txn.get(b"format", db=self._meta))
-        if fmt is None and not self.readonly:
-            with self._begin(write=True) as txn:
-                txn.put(b"format", _pack(_FORMAT), db=self._meta)
-        elif fmt != _FORMAT:
-            raise StoreUnavailableError(
-                f"{index} holds {fmt!r}, not a {_FORMAT} index; point the disk tier at "
-                "its own directory"
-            )
+        self._rebuild_policy()
 
-    def _rebuild_policy(self) -> set[str]:
-        """Feed the policy every key in last-access order; return the blob files in use."""
+    def _rebuild_policy(self) -> None:
+        """Feed the policy every valid key in last-access order; drop invalid records."""
         rows: list[tuple[float, str, int]] = []
-        referenced: set[str] = set()
-        with self._begin(write=False) as txn:
-            for k, v in txn.cursor(db=self._entries):
-                rec = _unpack(v)
-                assert rec is not None
-                rows.append((rec["last_access"], bytes(k).decode(), rec["hits"]))
-                if rec["blob"]:
-                    referenced.add(rec["blob"])
+        bad: list[bytes] = []
+        idx = self._idx()
+        with idx.read() as txn:
+            for raw, key, rec, err in idx.records(txn):
+                if key is None or rec is None:
+                    log.warning("disk tier at %s: dropping a damaged index record: %s",
+                                self.path, err)
+                    bad.append(raw)
+                    continue
+                rows.append((rec["last_access"], key, rec["hits"]))
         for _, key, hits in sorted(rows):
             self._policy.on_insert(key, hits=hits)
             self._known.add(key)
-        return referenced
+        if bad and not self.readonly:
+            self._write(lambda txn: idx.drop_raw(txn, bad))
 
-    def _sweep_orphans(self, referenced: set[str], min_age: float) -> None:
-        """Remove blob files no record references (a crash between rename and commit)."""
-        root = self.path / "blobs"
-        if not root.is_dir():
-            return
-        cutoff = time.time() - min_age
-        for shard in root.iterdir():
+    # -- orphans -----------------------------------------------------------------------------
+    def sweep_orphans(self, min_age: float = _ORPHAN_AGE_S) -> int:
+        """Remove blob files no record references whose writer is dead (or, for files that
+        name no writer, older than ``min_age`` seconds); returns how many."""
+        if self.blob_storage != "files" or self.readonly or self.damage is not None:
+            return 0
+        root, writers = self.path / BLOBS_DIR, self.path / WRITERS_DIR
+        own = self._lease.token if self._lease is not None else None
+        alive: dict[str, bool] = {}
+        candidates: list[tuple[str, Path, bool]] = []  # (rel, path, writer known dead)
+        for shard in root.iterdir() if root.is_dir() else ():
             for f in shard.iterdir() if shard.is_dir() else ():
-                rel = f"{shard.name}/{f.name}"
-                try:
-                    if rel not in referenced and f.stat().st_mtime <= cutoff:
-                        f.unlink()
-                except FileNotFoundError:
-                    pass  # another opener swept it
+                parsed = parse_blob_name(f.name)
+                writer = None if parsed is None else parsed[1]  # None: only its age tells
+                if writer is not None and writer != own and writer not in alive:
+                    alive[writer] = writer_alive(writers, writer)
+                dead = writer is not None and writer != own and not alive[writer]
+                candidates.append((f"{shard.name}/{f.name}", f, dead))
+        # The records are read *after* the writers were found dead: a dead writer cannot
+        # commit any more, so everything it committed is in this snapshot.
+        with self._locked():
+            referenced = self._idx().referenced_blobs()
+        cutoff = time.time() - min_age
+        n = 0
+        for rel, f, dead in candidates:
+            if rel in referenced:
+                continue
+            try:
+                if dead or f.stat().st_mtime <= cutoff:
+                    f.unlink()
+                    n += 1
+            except FileNotFoundError:
+                pass  # another opener swept it
+        reap_dead_leases(writers)
+        self._last_sweep = time.monotonic()
+        if n:
+            log.info("disk tier at %s: removed %d orphan blob files", self.path, n)
+        return n
 
-    # -- LMDB plumbing (every transaction runs under self._lock) -----------------------------
-    def _begin(self, write: bool) -> lmdb.Transaction:
-        try:
-            return self._env.begin(write=write, buffers=True)
-        except lmdb.MapResizedError:
-            self._env.set_mapsize(0)  # another process grew the map: adopt its size
-            return self._env.begin(write=write, buffers=True)
+    # -- plumbing (every transaction runs under self._lock) ------------------------------------
+    def _damaged(self, why: str) -> StoreCorruptError:
+        """Mark the index damaged (reads miss, writes refuse) and return the error to raise."""
+        if self.damage is None:
+            self.damage = (
+                f"the index of the disk tier at {self.path} is damaged ({why}); it serves "
+                "nothing until repaired: run `kvcache fsck --repair` on this store, which "
+                "rebuilds the index from the blob files"
+            )
+            log.error("%s", self.damage)
+        return StoreCorruptError(self.damage)
+
+    def _idx(self) -> LmdbIndex:
+        if self.damage is not None:
+            raise StoreCorruptError(self.damage)
+        assert self._index is not None
+        return self._index
 
     def _write(self, fn: Callable[[lmdb.Transaction], T], grow_hint: int = 0) -> T:
-        """Run ``fn`` in one write transaction with the batched access updates folded in;
-        grow the map and retry when it is full."""
+        """Run ``fn`` in one write transaction with the batched access updates folded in."""
         self._check_writable()
-        for _ in range(8):
-            try:
-                with self._begin(write=True) as txn:
-                    self._apply_pending(txn)
-                    result = fn(txn)
-            except lmdb.MapFullError:
-                self._grow_map(grow_hint)
-                continue
-            except lmdb.Error as e:
-                if _is_enospc(e):
-                    raise DiskFullError(self._disk_full_msg(str(e))) from e
-                raise
-            self._pending.clear()
-            self._pending_counts.clear()
-            self._last_flush = time.monotonic()
-            return result
-        raise DiskFullError(self._disk_full_msg("the LMDB map stays full after growing"))
+        idx = self._idx()
 
-    def _grow_map(self, need: int) -> None:
-        cur = self._env.info()["map_size"]
-        free = _free_disk_bytes(self.path)
-        # The map is address space; what must exist is disk for the file to grow into.
-        if free < need + _MIN_FREE_DISK:
-            raise DiskFullError(self._disk_full_msg(f"{free} bytes free, need {need}"))
-        self._env.set_mapsize(cur + min(max(2 * need, cur // 2, 64 << 20), free))
+        def body(txn: lmdb.Transaction) -> T:
+            self._apply_pending(txn)
+            return fn(txn)
 
-    def _disk_full_msg(self, why: str) -> str:
-        return (
-            f"disk full under {self.path} ({why}); free disk space or lower the disk "
-            "tier's capacity_bytes"
-        )
-
-    def _get_rec(self, txn: lmdb.Transaction, key: str) -> Record | None:
-        return _unpack(txn.get(key.encode(), db=self._entries))
-
-    def _add(self, txn: lmdb.Transaction, deltas: dict[str, int]) -> None:
-        for name, d in deltas.items():
-            if d:
-                cur = _unpack(txn.get(name.encode(), db=self._meta)) or 0
-                txn.put(name.encode(), _pack(cur + d), db=self._meta)
+        result = idx.write(body, grow_hint)
+        self._pending.clear()
+        self._pending_counts.clear()
+        self._last_flush = time.monotonic()
+        return result
 
     def _apply_pending(self, txn: lmdb.Transaction) -> None:
+        idx = self._idx()
         for key, (last_access, hits) in self._pending.items():
-            rec = self._get_rec(txn, key)
+            try:
+                rec = idx.get_rec(txn, key)
+            except BadRecordError:
+                continue  # dropped by the next read of it
             if rec is not None:  # gone meanwhile: its hits die with it
                 rec["last_access"] = max(rec["last_access"], last_access)
                 rec["hits"] += hits
-                txn.put(key.encode(), _pack(rec), db=self._entries)
-        self._add(txn, self._pending_counts)
+                idx.put_rec(txn, key, rec)
+        idx.add(txn, self._pending_counts)
 
-    def _counters(self) -> dict[str, int]:
-        with self._begin(write=False) as txn:
-            out = {n: _unpack(txn.get(n.encode(), db=self._meta)) or 0 for n in _COUNTERS}
-            out["entries"] = txn.stat(self._entries)["entries"]
-        for n, d in self._pending_counts.items():
-            out[n] += d
-        return out
+    @property
+    def index(self) -> LmdbIndex:
+        """The LMDB index (for ``kvcache.kvstore.fsck``); ``StoreCorruptError`` if damaged."""
+        return self._idx()
 
-    def _remove_rec(self, txn: lmdb.Transaction, key: str, rec: Record) -> None:
-        txn.delete(key.encode(), db=self._entries)
-        if rec["loc"] == "lmdb":
-            txn.delete(key.encode(), db=self._blobs)
-
-    def _blob_path(self, rel: str) -> Path:
-        return self.path / "blobs" / rel
+    def blob_path(self, rel: str) -> Path:
+        """Where the blob file a record names (``rec["blob"]``) lives."""
+        return self.path / BLOBS_DIR / rel
 
     def _unlink_blobs(self, recs: list[Record]) -> None:
         for rec in recs:
             if rec["loc"] == "files":
-                self._blob_path(rec["blob"]).unlink(missing_ok=True)
+                self.blob_path(rec["blob"]).unlink(missing_ok=True)
 
     def _forget(self, key: str) -> None:
         self._policy.on_remove(key)
         self._known.discard(key)
         self._pending.pop(key, None)
+
+    def _count(self, **deltas: int) -> None:
+        """Add to the batched counters (persisted with the next write)."""
+        with self._lock:
+            for name, d in deltas.items():
+                self._pending_counts[name] = self._pending_counts.get(name, 0) + d
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -397,67 +440,108 @@ class DiskTier(Tier):
             yield
 
     def _check_writable(self) -> None:
+        if self.damage is not None:
+            raise StoreCorruptError(self.damage)
         if self.readonly:
             raise StoreUnavailableError(
-                f"the disk tier at {self.path} was opened readonly; reopen it with "
-                "readonly=False to change it"
+                f"the disk tier at {self.path} was opened read-only; open the store writable "
+                "(store.readonly = false, no --readonly) to change it"
             )
 
     @staticmethod
     def _check_key(key: str) -> None:
-        if not isinstance(key, str) or not key or len(key.encode()) > _MAX_KEY_BYTES:
-            raise KVCacheError(f"keys must be non-empty strings of <= {_MAX_KEY_BYTES} bytes")
+        if not isinstance(key, str) or not key or len(key.encode()) > MAX_KEY_BYTES:
+            raise KVCacheError(f"keys must be non-empty strings of <= {MAX_KEY_BYTES} bytes")
 
     # -- reads -----------------------------------------------------------------------------
     def _read(self, key: str, header_only: bool) -> tuple[Any, int] | None:
-        """(decoded object or header, container bytes) or None; corrupt entries are dropped."""
+        """(verified object or header, container bytes) or None; corrupt entries — a bad
+        checksum, another key's object, a damaged record — are dropped and counted."""
         self._check_key(key)
+        if self.damage is not None:
+            return None
+        try:
+            return self._read_verified(key, header_only)
+        except StoreCorruptError:
+            return None  # the index turned out damaged: a miss from now on
+        except StoreUnavailableError as e:
+            if self._closed:
+                raise
+            log.warning("disk tier at %s: reading %s failed: %s", self.path, key, e)
+            return None
+
+    def _read_verified(self, key: str, header_only: bool) -> tuple[Any, int] | None:
         for _ in range(4):
             data: Any = None
-            with self._locked(), self._begin(write=False) as txn:
-                rec = self._get_rec(txn, key)
-                if rec is not None and rec["loc"] == "lmdb":
-                    buf = txn.get(key.encode(), db=self._blobs)
-                    if buf is not None:  # the buffer dies with the transaction: copy
-                        data = _buffer_header(buf) if header_only else bytearray(buf)
+            with self._locked():
+                idx = self._idx()
+                with idx.read() as txn:
+                    try:
+                        rec = idx.get_rec(txn, key)
+                    except BadRecordError as e:
+                        log.warning("disk tier at %s: the record of %s is damaged: %s",
+                                    self.path, key, e)
+                        rec = None
+                        data = e
+                    else:
+                        if rec is not None and rec["loc"] == "lmdb":
+                            buf = txn.get(key.encode(), db=idx.blobs)
+                            if buf is not None:  # the buffer dies with the transaction
+                                data = bytearray(buf)
+            if isinstance(data, BadRecordError):
+                self._drop_bad(key)
+                return None
             if rec is None:
                 return None
             try:
                 # Blob files are read outside the lock: a concurrent replace or delete only
                 # unlinks, so we read a whole old file, a whole new one, or nothing.
                 if rec["loc"] == "files":
-                    path = str(self._blob_path(rec["blob"]))
+                    path = str(self.blob_path(rec["blob"]))
                     if header_only:
                         with open(path, "rb") as f:
                             size = os.fstat(f.fileno()).st_size
                             data = read_header_unverified(partial(_pread, f.fileno()), size)
                     else:
                         data = read_blob_file(path)
+                elif data is not None:
+                    data = _header_of(data) if header_only else decode_object(data)
                 if data is None:
-                    raise CorruptObjectError(f"blob of {key} is missing or unreadable")
-                if isinstance(data, bytearray):  # an LMDB blob, copied out above
-                    data = decode_object(data)
+                    raise CorruptObjectError(f"the blob of {key} is missing")
+                check_object_key(key, data if header_only else data.header)
                 return data, rec["nbytes"]
-            except (CorruptObjectError, FileNotFoundError):
+            except (CorruptObjectError, FileNotFoundError) as e:
+                log.warning("disk tier at %s: dropping %s: %s", self.path, key, e)
                 if self._drop_if_unchanged(key, rec["id"]):
                     return None
         return None
+
+    def _drop_bad(self, key: str) -> None:
+        """Remove ``key``'s record, which fails validation, and count it as corrupt."""
+        with self._lock:
+            if self.readonly:
+                self._count(corrupt=1)
+                return
+            idx = self._idx()
+            self._write(lambda txn: idx.drop_raw(txn, [key.encode()]))
+            self._forget(key)
 
     def _drop_if_unchanged(self, key: str, rec_id: str) -> bool:
         """Remove a corrupt entry unless it was replaced meanwhile (then False: read again)."""
         with self._lock:
             if self.readonly:
-                self._pending_counts["corrupt"] = self._pending_counts.get("corrupt", 0) + 1
+                self._count(corrupt=1)
                 return True
+            idx = self._idx()
 
             def drop(txn: lmdb.Transaction) -> Record | bool | None:
-                cur = self._get_rec(txn, key)
+                cur = idx.get_rec(txn, key)
                 if cur is None:
                     return None
                 if cur["id"] != rec_id:
                     return False
-                self._remove_rec(txn, key, cur)
-                self._add(txn, {"corrupt": 1, "used_bytes": -cur["nbytes"]})
+                idx.remove(txn, key, cur)
+                idx.add(txn, {"corrupt": 1, "used_bytes": -cur["nbytes"]})
                 return cur
 
             cur = self._write(drop)
@@ -470,18 +554,24 @@ class DiskTier(Tier):
 
     def contains(self, key: str) -> bool:
         self._check_key(key)
-        with self._locked(), self._begin(write=False) as txn:
-            return txn.get(key.encode(), db=self._entries) is not None
+        try:
+            with self._locked():
+                idx = self._idx()
+                with idx.read() as txn:
+                    return txn.get(key.encode(), db=idx.entries) is not None
+        except StoreCorruptError:
+            return False
 
     def get(self, key: str) -> StoredObject | None:
         got = self._read(key, header_only=False)
         with self._lock:
-            counts = self._pending_counts
             if got is None:
-                counts["misses"] = counts.get("misses", 0) + 1
+                self._count(misses=1)
+                if self.damage is not None:
+                    return None
             else:
-                counts["hits"] = counts.get("hits", 0) + 1
-                counts["bytes_read"] = counts.get("bytes_read", 0) + got[1]
+                obj, nbytes = got
+                self._count(hits=1, hit_tokens=obj.header.num_tokens, bytes_read=nbytes)
                 _, hits = self._pending.get(key, (0.0, 0))
                 self._pending[key] = (time.time(), hits + 1)
                 if key in self._known:
@@ -505,6 +595,9 @@ class DiskTier(Tier):
             pool = self._pool
         return list(pool.map(self.get, keys))
 
+    def count_misses(self, chunks: int, tokens: int) -> None:
+        self._count(misses=chunks, miss_tokens=tokens)
+
     def header(self, key: str) -> ObjectHeader | None:
         got = self._read(key, header_only=True)
         return None if got is None else got[0]
@@ -520,30 +613,44 @@ class DiskTier(Tier):
 
     def info(self, key: str) -> EntryInfo | None:
         self._check_key(key)
-        with self._locked():
-            with self._begin(write=False) as txn:
-                rec = self._get_rec(txn, key)
-            return None if rec is None else self._entry_info(key, rec)
+        try:
+            with self._locked():
+                idx = self._idx()
+                with idx.read() as txn:
+                    rec = idx.get_rec(txn, key)
+                return None if rec is None else self._entry_info(key, rec)
+        except (BadRecordError, StoreCorruptError):
+            return None
 
     def scan(self) -> Iterator[EntryInfo]:
-        with self._locked():
-            with self._begin(write=False) as txn:
-                rows = [(bytes(k).decode(), _unpack(v)) for k, v in txn.cursor(db=self._entries)]
-            return iter([self._entry_info(k, rec) for k, rec in rows if rec is not None])
+        """Every valid entry (damaged records are left out: reads drop them, and
+        ``kvcache fsck`` lists them)."""
+        try:
+            with self._locked():
+                idx = self._idx()
+                with idx.read() as txn:
+                    rows = list(idx.valid_records(txn))
+                return iter([self._entry_info(k, rec) for k, rec in rows])
+        except StoreCorruptError:
+            return iter([])
 
     # -- writes ----------------------------------------------------------------------------
     def put(self, key: str, obj: StoredObject) -> None:
         self._check_key(key)
+        check_object_key(key, obj.header)
         with self._locked():  # fail before writing a blob nobody will reference
             self._check_writable()
+        # Checked on the tensors' sizes first: serialising a huge (e.g. expanded) tensor
+        # to find out would allocate all of it.
+        self._check_fits(key, obj.nbytes)
         parts = encode_parts(obj)
         size = sum(memoryview(p).nbytes for p in parts)
-        if size > self.capacity_bytes:
-            raise ObjectTooLargeError(
-                f"object {key} is {size} bytes, more than the disk tier's whole capacity "
-                f"({self.capacity_bytes}); raise capacity_bytes or store it compressed"
-            )
-        rec_id = os.urandom(6).hex()
+        self._check_fits(key, size)
+        if time.monotonic() - self._last_sweep > _SWEEP_INTERVAL_S \
+                and self.used_bytes + size > self.capacity_bytes:
+            self.sweep_orphans()  # about to evict: first reclaim what dead writers left
+        assert self._lease is not None
+        rec_id = new_record_id(self._lease.token)
         now = time.time()
         rec: Record = {
             "nbytes": size, "num_tokens": obj.header.num_tokens, "codec": obj.header.codec,
@@ -552,9 +659,8 @@ class DiskTier(Tier):
         }
         final: Path | None = None
         if self.blob_storage == "files":
-            safe = key if is_key(key) else xxhash.xxh3_128_hexdigest(key.encode())
-            rec["blob"] = f"{safe[:2]}/{safe}.{rec_id}.kvo"
-            final = self._blob_path(rec["blob"])
+            rec["blob"] = blob_name(key, rec_id)
+            final = self.blob_path(rec["blob"])
             self._write_file(final, parts)
         try:
             with self._locked():
@@ -569,6 +675,13 @@ class DiskTier(Tier):
                 final.unlink(missing_ok=True)
             raise
         self._unlink_blobs([v for _, v in victims] + ([old] if old else []))
+
+    def _check_fits(self, key: str, size: int) -> None:
+        if size > self.capacity_bytes:
+            raise ObjectTooLargeError(
+                f"object {key} is {size} bytes, more than the disk tier's whole capacity "
+                f"({self.capacity_bytes}); raise capacity_bytes or store it compressed"
+            )
 
     def _write_file(self, final: Path, parts: list[bytes | memoryview]) -> None:
         # A temporary name first: a crash mid-write leaves only a *.tmp that nothing
@@ -587,30 +700,36 @@ class DiskTier(Tier):
         except OSError as e:
             tmp.unlink(missing_ok=True)
             final.unlink(missing_ok=True)
-            if _is_enospc(e):
-                raise DiskFullError(self._disk_full_msg(f"writing {final.name}: {e}")) from e
+            if is_enospc(e):
+                raise DiskFullError(disk_full_message(self.path, f"writing {final.name}: {e}")
+                                    ) from e
             raise _unavailable(self.path, e) from e
 
     def _put_txn(
         self, txn: lmdb.Transaction, key: str, rec: Record, parts: list[bytes | memoryview]
     ) -> tuple[list[tuple[str, Record]], Record | None]:
-        old = self._get_rec(txn, key)
+        idx = self._idx()
+        try:
+            old = idx.get_rec(txn, key)
+        except BadRecordError:
+            idx.drop_raw(txn, [key.encode()])
+            old = None
         if old is not None:  # a replacement keeps the key's pin and popularity
             rec["pinned"], rec["hits"] = old["pinned"], old["hits"]
-        used = _unpack(txn.get(b"used_bytes", db=self._meta)) or 0
         freed = old["nbytes"] if old else 0
-        victims = self._plan_victims(txn, key, used - freed + rec["nbytes"] - self.capacity_bytes)
+        need = idx.used(txn) - freed + rec["nbytes"] - self.capacity_bytes
+        victims = self._plan_victims(txn, key, need)
         corrupt = 0
         for vkey, vrec in victims:
             corrupt += not self._hand_off(txn, vkey, vrec)
-            self._remove_rec(txn, vkey, vrec)
+            idx.remove(txn, vkey, vrec)
         if old is not None and old["loc"] == "lmdb" and rec["loc"] != "lmdb":
-            txn.delete(key.encode(), db=self._blobs)
+            txn.delete(key.encode(), db=idx.blobs)
         if rec["loc"] == "lmdb":
-            _lmdb_put(txn, key.encode(), b"".join(parts), self._blobs)
-        txn.put(key.encode(), _pack(rec), db=self._entries)
+            lmdb_put(txn, key.encode(), b"".join(parts), idx.blobs)
+        idx.put_rec(txn, key, rec)
         evicted = sum(v["nbytes"] for _, v in victims)
-        self._add(txn, {
+        idx.add(txn, {
             "used_bytes": rec["nbytes"] - freed - evicted, "puts": 1,
             "bytes_written": rec["nbytes"], "evictions": len(victims) - corrupt,
             "corrupt": corrupt,
@@ -624,13 +743,17 @@ class DiskTier(Tier):
         chosen: list[tuple[str, Record]] = []
         if need <= 0:
             return chosen
+        idx = self._idx()
         seen = {key}
         for attempt in range(2):
             for vkey in self._policy.victims():
                 if vkey in seen:
                     continue
                 seen.add(vkey)
-                vrec = self._get_rec(txn, vkey)
+                try:
+                    vrec = idx.get_rec(txn, vkey)
+                except BadRecordError:
+                    vrec = None  # its size is unknown: dropped when it is read
                 if vrec is None:  # another process removed it
                     self._forget(vkey)
                     continue
@@ -650,9 +773,7 @@ class DiskTier(Tier):
         )
 
     def _resync_policy(self, txn: lmdb.Transaction) -> None:
-        live: dict[str, Record] = {
-            bytes(k).decode(): _unpack(v) for k, v in txn.cursor(db=self._entries)
-        }
+        live = dict(self._idx().valid_records(txn))
         for gone in self._known - live.keys():
             self._forget(gone)
         for new in sorted(live.keys() - self._known, key=lambda k: live[k]["last_access"]):
@@ -665,34 +786,41 @@ class DiskTier(Tier):
             return True
         try:
             if rec["loc"] == "lmdb":
-                buf = txn.get(key.encode(), db=self._blobs)
+                buf = txn.get(key.encode(), db=self._idx().blobs)
                 if buf is None:
                     return False
                 obj = decode_object(bytearray(buf))
             else:
-                obj = read_blob_file(str(self._blob_path(rec["blob"])))
+                obj = read_blob_file(str(self.blob_path(rec["blob"])))
+            check_object_key(key, obj.header)
         except (CorruptObjectError, FileNotFoundError):
             return False
         self._evict_handler(key, obj)
         return True
 
-    def delete(self, key: str, *, force: bool = False) -> bool:
+    def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
         self._check_key(key)
+        counter = DELETE_CAUSES[cause]
 
         def fn(txn: lmdb.Transaction) -> Record | None:
-            rec = self._get_rec(txn, key)
+            idx = self._idx()
+            rec = idx.get_rec(txn, key)
             if rec is None:
                 return None
             if rec["pinned"] and not force:
                 raise EntryPinnedError(
                     f"{key} is pinned in the disk tier; unpin it first or pass force=True"
                 )
-            self._remove_rec(txn, key, rec)
-            self._add(txn, {"used_bytes": -rec["nbytes"]})
+            idx.remove(txn, key, rec)
+            idx.add(txn, {"used_bytes": -rec["nbytes"], counter: 1})
             return rec
 
         with self._locked():
-            rec = self._write(fn)
+            try:
+                rec = self._write(fn)
+            except BadRecordError:
+                self._drop_bad(key)
+                return True
             self._forget(key)
         if rec is None:
             return False
@@ -703,32 +831,47 @@ class DiskTier(Tier):
         self._check_key(key)
 
         def fn(txn: lmdb.Transaction) -> bool:
-            rec = self._get_rec(txn, key)
+            idx = self._idx()
+            rec = idx.get_rec(txn, key)
             if rec is None:
                 return False
             rec["pinned"] = bool(pinned)
-            txn.put(key.encode(), _pack(rec), db=self._entries)
+            idx.put_rec(txn, key, rec)
             return True
 
         with self._locked():
-            return self._write(fn)
+            try:
+                return self._write(fn)
+            except BadRecordError:
+                self._drop_bad(key)
+                return False
 
     # -- accounting ------------------------------------------------------------------------
+    def _counters(self) -> dict[str, int]:
+        try:
+            out = self._idx().counters()
+        except StoreCorruptError:
+            return {}
+        for n, d in self._pending_counts.items():
+            out[n] += d
+        return out
+
     @property
     def used_bytes(self) -> int:
         with self._locked():
-            return self._counters()["used_bytes"]
+            return self._counters().get("used_bytes", 0)
 
     def stats(self) -> TierStats:
         with self._locked():
-            c = self._counters()
+            counters = self._counters()
         return TierStats(name=self.name, capacity_bytes=self.capacity_bytes,
-                         opened_at=self._opened_at, **c)
+                         opened_at=self._opened_at, damage=self.damage, **counters)
 
     def flush(self) -> None:
         """Persist batched access updates (``close`` does this too)."""
         with self._lock:
-            if not self._closed and not self.readonly and (self._pending or self._pending_counts):
+            if not self._closed and not self.readonly and self.damage is None \
+                    and (self._pending or self._pending_counts):
                 self._write(lambda txn: None)
 
     def close(self) -> None:
@@ -741,14 +884,23 @@ class DiskTier(Tier):
                 return
             try:
                 self.flush()
+            except (StoreCorruptError, DiskFullError) as e:
+                # Only access times and counters were pending; closing must still release.
+                log.warning("disk tier at %s: last counters not saved: %s", self.path, e)
             finally:
                 self._release()
 
+    def _close_index(self) -> None:
+        index, self._index = self._index, None
+        if index is not None:
+            index.close()
+
     def _release(self) -> None:
         self._closed = True
-        env = self.__dict__.pop("_env", None)
-        if env is not None:
-            env.close()
+        self._close_index()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # drops the flock
             self._lock_fd = None

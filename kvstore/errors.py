@@ -30,6 +30,10 @@ class CorruptObjectError(KVCacheError):
     """Stored bytes failed to decode: truncated, checksum mismatch, or a foreign format."""
 
 
+class InvalidKeyError(KVCacheError, ValueError):
+    """A key is not a key: store keys are 32 lowercase hex digits (``kvcache.kvstore.keys``)."""
+
+
 class UnencodableChunkError(KVCacheError, ValueError):
     """A chunk holds values its codec cannot store faithfully (e.g. NaN or inf for a codec
     without escapes); the put stores nothing."""

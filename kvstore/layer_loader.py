@@ -38,7 +38,7 @@ from kvcache.codecs.registry import get_codec
 from kvcache.kernels.rope_shift import rope_shift
 from kvcache.kvstore.container import StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier
-from kvcache.kvstore.errors import KVCacheError
+from kvcache.kvstore.errors import CorruptObjectError, KVCacheError
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tiered_store import TieredStore
 
@@ -75,6 +75,7 @@ class LayerLoader:
         background: bool = True,
     ) -> None:
         self.layout = layout
+        self._store = store
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -128,8 +129,8 @@ class LayerLoader:
                 obj = self._borrows.enter_context(top.borrow(key))
                 if obj is not None and not store.expired(obj.header):
                     objs[i], where[i] = obj, top.name
-            store.counters.lookups += sum(o is not None for o in objs)
-            store.counters.hits += sum(o is not None for o in objs)
+            store.counters.reads += sum(o is not None for o in objs)
+            store.counters.read_hits += sum(o is not None for o in objs)
         missing = [i for i, o in enumerate(objs) if o is None]
         if missing:
             tiers = [store.where(keys[i]) for i in missing]  # before a read promotes it
@@ -178,8 +179,13 @@ class LayerLoader:
             # do it there; the others decode on the CPU and copy, asynchronously from the
             # CPU tier's pinned pool (its entries stay borrowed until the stream is done),
             # staged by the driver from pageable memory.
-            get_codec(h.codec).decode_layer_into(obj.tensors, h.codec_params, h.layout, n, i,
-                                                 piece)
+            try:
+                get_codec(h.codec).decode_layer_into(obj.tensors, h.codec_params, h.layout, n,
+                                                     i, piece)
+            except CorruptObjectError as e:
+                # this request fails (wait_for_layer raises); later ones must not find it
+                self._store.drop_corrupt(h.key, e)
+                raise
             if self.rope_start is not None and not self.layout.is_mla:
                 assert self.layout.rope is not None and h.rope_start is not None
                 new = self.rope_start + start

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
     "float8_e5m2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+E = TypeVar("E", bound=Enum)
 
 
 class AttentionKind(str, Enum):
@@ -44,6 +45,29 @@ class RopeStyle(str, Enum):
 # RopeSpec fields that are left out of ``to_dict`` (and so of fingerprints) while unset:
 # added after layouts were first keyed, so layouts that do not use them keep their keys.
 _ROPE_OPTIONAL = ("low_freq_factor", "high_freq_factor", "original_max_position")
+
+
+def _enum(cls: type[E], value: object, what: str) -> E:
+    try:
+        return cls(value)
+    except ValueError:
+        known = ", ".join(repr(m.value) for m in cls)
+        raise LayoutMismatchError(f"unknown {what} {value!r}; use one of {known}") from None
+
+
+def _check_types(obj: object, fields: dict[str, Any]) -> None:
+    """``LayoutMismatchError`` for a field whose value is not of its type (ints are
+    accepted for floats, bools for nothing)."""
+    for name, tp in fields.items():
+        value = getattr(obj, name)
+        allowed = tp.__args__ if hasattr(tp, "__args__") else (tp,)
+        if float in allowed:
+            allowed = (*allowed, int)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed
+                                if not (a is int and float in allowed))
+            raise LayoutMismatchError(
+                f"{type(obj).__name__}.{name} must be {names}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -64,7 +88,15 @@ class RopeSpec:
     original_max_position: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "style", RopeStyle(self.style))
+        object.__setattr__(self, "style", _enum(RopeStyle, self.style, "rope style"))
+        _check_types(self, {"theta": float, "scaling_factor": float, "rotary_dim": int | None,
+                            "scaling_type": str | None, "low_freq_factor": float | None,
+                            "high_freq_factor": float | None,
+                            "original_max_position": int | None})
+        # 10000 and 10000.0 are one frequency: one fingerprint, whichever the caller wrote
+        for name in ("theta", "scaling_factor", "low_freq_factor", "high_freq_factor"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
         if self.theta <= 0:
             raise LayoutMismatchError(f"rope theta must be > 0, got {self.theta}")
         if self.rotary_dim is not None and (self.rotary_dim <= 0 or self.rotary_dim % 2):
@@ -113,9 +145,15 @@ class KVLayout:
     tp_size: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attention", AttentionKind(self.attention))
+        object.__setattr__(self, "attention", _enum(AttentionKind, self.attention, "attention"))
         if isinstance(self.rope, dict):
-            object.__setattr__(self, "rope", RopeSpec(**self.rope))
+            try:
+                object.__setattr__(self, "rope", RopeSpec(**self.rope))
+            except TypeError as e:
+                raise LayoutMismatchError(f"not a RopeSpec: {e}") from None
+        _check_types(self, {"model_id": str, "num_layers": int, "num_kv_heads": int,
+                            "head_dim": int, "dtype": str, "latent_dim": int | None,
+                            "rope": RopeSpec | None, "tp_rank": int, "tp_size": int})
         if not self.model_id:
             raise LayoutMismatchError("model_id must be a non-empty string")
         for name in ("num_layers", "num_kv_heads", "head_dim", "tp_size"):

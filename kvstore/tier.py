@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvcache.kvstore.container import ObjectHeader, StoredObject
+from kvcache.kvstore.errors import CorruptObjectError
+
+# Why an entry was removed other than to make room, and the ``TierStats`` counter of each:
+# an API ``delete``, the store's TTL, an administrator (``kvcache evict``).
+DELETE_CAUSES = {"delete": "deletes", "ttl": "expired", "admin": "admin_evictions"}
 
 # Called with (key, object) for each victim, before its bytes are released. The object's
 # tensors may view the tier's memory: copy what must outlive the call.
@@ -41,9 +46,30 @@ class EntryInfo:
         return asdict(self)
 
 
+def check_object_key(key: str, header: ObjectHeader) -> None:
+    """``CorruptObjectError`` unless ``header`` is the header of ``key``'s object.
+
+    Checksums prove bytes are intact, not that they are the bytes asked for: a blob copied
+    over another's name, or an index key that lost a bit, holds a valid object of another
+    key. Every read path compares the key in the object with the key it was asked for.
+    """
+    if header.key != key:
+        raise CorruptObjectError(f"the object stored under {key} is the object of {header.key}")
+
+
 @dataclass
 class TierStats:
-    """Counters of one tier since it was opened (``entries``/``used_bytes`` are current)."""
+    """Counters of one tier (``entries``/``used_bytes`` are current; the disk tier's are
+    lifetime counters shared by every process, the CPU tier's count since it was made).
+
+    A chunk asked of this tier is a hit when the tier served it and a miss when it did not
+    (the request fell through to the next tier, or to recomputation); a prefix lookup
+    counts the chunks it cannot serve — the first missing one and every one after it — as
+    misses in every tier. ``*_tokens`` count the same events in tokens where they are
+    known. Removals by cause: ``evictions`` to make room, ``expired`` by the TTL,
+    ``admin_evictions`` by ``kvcache evict``, ``deletes`` by the API, ``corrupt`` objects
+    that failed verification. ``damage``: why the tier serves nothing, if it is damaged.
+    """
 
     name: str
     capacity_bytes: int
@@ -51,12 +77,24 @@ class TierStats:
     entries: int = 0
     hits: int = 0
     misses: int = 0
+    hit_tokens: int = 0
+    miss_tokens: int = 0
     puts: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     evictions: int = 0
+    expired: int = 0
+    admin_evictions: int = 0
+    deletes: int = 0
     corrupt: int = 0
     opened_at: float = field(default_factory=time.time)
+    damage: str | None = None
+
+    @property
+    def hit_rate(self) -> float | None:
+        """hits / (hits + misses), None before any chunk was asked of this tier."""
+        asked = self.hits + self.misses
+        return self.hits / asked if asked else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,8 +137,13 @@ class Tier(abc.ABC):
         """
 
     @abc.abstractmethod
-    def delete(self, key: str, *, force: bool = False) -> bool:
-        """Remove ``key``; False if absent. Raises ``EntryPinnedError`` if pinned and not force."""
+    def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
+        """Remove ``key``; False if absent. Raises ``EntryPinnedError`` if pinned and not
+        force. ``cause`` (a ``DELETE_CAUSES`` name) picks the counter it is reported under."""
+
+    @abc.abstractmethod
+    def count_misses(self, chunks: int, tokens: int) -> None:
+        """Count chunks asked of this tier that a lookup found nowhere (see ``TierStats``)."""
 
     @abc.abstractmethod
     def info(self, key: str) -> EntryInfo | None: ...

@@ -7,8 +7,17 @@
 - Writes: *write-through* copies every new object down in a background writer thread
   (``flush()`` waits for it); *write-back* copies only when an object is evicted or on
   ``flush()``. Either way an object leaves a tier only once the tier below has it.
+- Overwrites: a put of a key that is already stored replaces it in *every* tier. The new
+  object lands in the top tier at once and is marked dirty until it has been copied down
+  (by the writer, an eviction or ``flush()``), which replaces the older copies below; until
+  then reads in this process get the new object from the top tier. Under write-back an
+  older copy on disk can therefore outlive a crash before ``flush()``, as any write-back
+  cache's can; under write-through it is replaced within moments.
 - Each tier has its codec; objects are transcoded when they move between tiers whose
   codecs differ.
+- Integrity: every object handed out is the object of the key asked for, and one that
+  cannot be decoded is a counted miss removed from every tier — never an exception
+  to the caller and never another key's KV.
 """
 
 from __future__ import annotations
@@ -29,12 +38,16 @@ from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import (
     ConfigError,
+    CorruptObjectError,
+    InvalidKeyError,
     KVCacheError,
     LayoutMismatchError,
+    ObjectTooLargeError,
+    StoreCorruptError,
     StoreFullError,
 )
 from kvcache.kvstore.layout import KVLayout
-from kvcache.kvstore.tier import EntryInfo, EvictHandler, Tier, TierStats
+from kvcache.kvstore.tier import EntryInfo, EvictHandler, Tier, TierStats, check_object_key
 
 if TYPE_CHECKING:
     from kvcache.kvstore.config import StoreConfig
@@ -47,7 +60,10 @@ _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 
 def check_key(key: str) -> None:
     if not isinstance(key, str) or not _KEY_RE.match(key):
-        raise KVCacheError(f"invalid key {key!r}: keys are 32 lowercase hex digits")
+        raise InvalidKeyError(
+            f"invalid key {key!r}: keys are 32 lowercase hex digits "
+            "(kvcache.kvstore.keys.chunk_tokens / content_key make them)"
+        )
 
 
 def transcode(obj: StoredObject, codec_name: str) -> StoredObject:
@@ -69,16 +85,33 @@ def _decode(obj: StoredObject) -> torch.Tensor:
     return get_codec(h.codec).decode(obj.tensors, h.codec_params, h.layout, h.num_tokens)
 
 
+def _writable(tier: Tier) -> bool:
+    return not getattr(tier, "readonly", False)
+
+
 @dataclass
 class StoreCounters:
-    """Store-level counters (per-tier ones live in each tier's ``TierStats``)."""
+    """Store-level counters of this process (per-tier ones live in each ``TierStats``).
+
+    ``lookups``: prefix lookups (``longest_prefix``); of the chunks they asked about,
+    ``lookup_hit_chunks`` could be reused and ``lookup_miss_chunks`` could not (the first
+    missing chunk and every chunk after it), likewise in tokens where the caller gave
+    token counts. ``reads``: chunks asked of ``get*``; ``read_hits`` / ``read_misses``.
+    ``corrupt``: objects that could not be used (wrong key, undecodable) and were removed.
+    """
 
     lookups: int = 0
-    hits: int = 0
-    misses: int = 0
+    lookup_hit_chunks: int = 0
+    lookup_miss_chunks: int = 0
+    lookup_hit_tokens: int = 0
+    lookup_miss_tokens: int = 0
+    reads: int = 0
+    read_hits: int = 0
+    read_misses: int = 0
     promotions: int = 0
     demotions: int = 0
     expired: int = 0
+    corrupt: int = 0
     background_writes: int = 0
     write_errors: int = 0
 
@@ -111,6 +144,9 @@ class TieredStore:
         self.counters = StoreCounters()
         self._pinned: set[str] = set()
         self._lock = threading.Lock()
+        # key -> created_at of its object put into the top tier and not yet copied below
+        self._dirty: dict[str, float] = {}
+        self._last_stamp = 0.0
         self._write_error: BaseException | None = None
         for i, tier in enumerate(self.tiers[:-1]):
             tier.set_evict_handler(self._demoter(i))
@@ -125,10 +161,14 @@ class TieredStore:
     # -- construction --------------------------------------------------------------------
     @classmethod
     def open(cls, config: StoreConfig | None = None) -> TieredStore:
-        """CPU tier, plus the disk tier under the configured store directory."""
-        from kvcache.kvstore.config import StoreConfig
+        """CPU tier, plus the disk tier under the configured store directory.
 
-        config = config or StoreConfig()
+        ``config``: the store section; by default the one ``kvcache`` itself uses —
+        defaults ← ``$KVCACHE_CONFIG`` ← ``KVCACHE_*`` variables (``KVCacheConfig.load``).
+        """
+        from kvcache.kvstore.config import KVCacheConfig
+
+        config = config or KVCacheConfig.load().store
         tiers: list[Tier] = [
             CpuTier(config.cpu.capacity, policy=config.cpu.policy, pin_memory=config.cpu.pin_memory)
         ]
@@ -136,14 +176,15 @@ class TieredStore:
         if config.disk.enabled:
             from kvcache.kvstore.disk_tier import DiskTier
 
-            tiers.append(
-                DiskTier(
-                    config.disk_path,
-                    config.disk.capacity,
-                    policy=config.disk.policy,
-                    blob_storage=config.disk.blob_storage,
-                )
+            disk = DiskTier(
+                config.disk_path,
+                config.disk.capacity,
+                policy=config.disk.policy,
+                blob_storage=config.disk.blob_storage,
+                readonly=config.readonly,
+                create=not config.readonly,
             )
+            tiers.append(disk)
             codecs.append(config.disk.codec)
         return cls(tiers, codecs=codecs, write_mode=config.write_mode, ttl_s=config.ttl)
 
@@ -158,14 +199,40 @@ class TieredStore:
         if key in self._pinned:
             tier.set_pinned(key, True)
 
+    def _stamp(self) -> float:
+        """A creation time, strictly increasing within this store: it names the version
+        of an object (``_dirty``), so two puts of one key never share one."""
+        with self._lock:
+            self._last_stamp = max(time.time(), self._last_stamp + 1e-6)
+            return self._last_stamp
+
     def _demoter(self, i: int) -> EvictHandler:
         def demote(key: str, obj: StoredObject) -> None:
             lower = self.tiers[i + 1]
-            if not lower.contains(key):
+            if not _writable(lower):
+                return
+            with self._lock:
+                mark = self._dirty.get(key) if i == 0 else None
+            if mark is not None and obj.header.created_at != mark:
+                return  # an older copy than the one being put: that one is copied down
+            if mark is None and lower.contains(key):
+                return  # the tier below has this version already
+            try:
                 self._put_in(i + 1, key, obj)
-                self.counters.demotions += 1
+            except CorruptObjectError as e:  # cannot be transcoded: not worth keeping
+                self.drop_corrupt(key, e)
+                return
+            self.counters.demotions += 1
+            self._clean(key, mark)
 
         return demote
+
+    def _clean(self, key: str, mark: float | None) -> None:
+        """``key``'s top copy has reached the tier below, unless it was put again since."""
+        if mark is not None:
+            with self._lock:
+                if self._dirty.get(key) == mark:
+                    del self._dirty[key]
 
     def _write_loop(self) -> None:
         while True:
@@ -183,16 +250,24 @@ class TieredStore:
                 self._queue.task_done()
 
     def _write_down(self, key: str) -> None:
-        """Copy ``key`` from the top tier to the one below if it is not there yet."""
-        top, lower = self.tiers[0], self.tiers[1]
-        if lower.contains(key):
+        """Copy ``key``'s dirty top-tier object to the tiers below (replacing older copies)."""
+        with self._lock:
+            mark = self._dirty.get(key)
+        if mark is None or not _writable(self.tiers[1]):
             return
+        top = self.tiers[0]
         # Copy out first (one memcpy) so the entry is referenced only briefly: holding it
         # for the whole disk write would keep it from being evicted and skew the policy.
         got = top.get(key, touch=False) if isinstance(top, CpuTier) else top.get(key)
-        if got is not None:
-            self._put_in(1, key, got)
-            self.counters.background_writes += 1
+        if got is None or got.header.created_at != mark:
+            return  # evicted since (the demotion copied it down), or not landed yet
+        self._put_in(1, key, got)
+        # Deeper tiers never see new objects directly; replace any older copy they hold.
+        for j in range(2, len(self.tiers)):
+            if _writable(self.tiers[j]) and self.tiers[j].contains(key):
+                self._put_in(j, key, got)
+        self.counters.background_writes += 1
+        self._clean(key, mark)
 
     def flush(self) -> None:
         """Make everything written so far durable in the lowest tiers; re-raise write errors."""
@@ -200,8 +275,10 @@ class TieredStore:
             if self._writer is not None:
                 self._queue.join()
             else:
-                for info in self.tiers[0].scan():
-                    self._write_down(info.key)
+                with self._lock:
+                    dirty = list(self._dirty)
+                for key in dirty:
+                    self._write_down(key)
         err, self._write_error = self._write_error, None
         if err is not None:
             raise KVCacheError(f"a background write failed: {err}") from err
@@ -210,29 +287,69 @@ class TieredStore:
     def put(
         self, key: str, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = 0
     ) -> None:
-        """Store a chunk. chunk: ``[layers, 2, tokens, kv_heads, head_dim]`` (MLA
-        ``[layers, tokens, latent_dim]``) of ``layout.torch_dtype``, on any device."""
+        """Store a chunk (replacing what ``key`` held, in every tier). chunk: ``[layers, 2,
+        tokens, kv_heads, head_dim]`` (MLA ``[layers, tokens, latent_dim]``) of
+        ``layout.torch_dtype``, on any device. Raises a ``KVCacheError`` and stores nothing
+        on bad input (``InvalidKeyError``, ``LayoutMismatchError``, ``ObjectTooLargeError``,
+        ``UnencodableChunkError`` from the codec)."""
         check_key(key)
+        if not isinstance(layout, KVLayout):
+            raise LayoutMismatchError(
+                f"layout must be a KVLayout, got {type(layout).__name__}; build one with "
+                "KVLayout(model_id, num_layers, num_kv_heads, head_dim, dtype=...)"
+            )
         num_tokens = layout.check_chunk(chunk)
-        if rope_start is not None and rope_start < 0:
-            raise LayoutMismatchError(f"rope_start must be >= 0 or None, got {rope_start}")
+        if rope_start is not None and (not isinstance(rope_start, int) or rope_start < 0):
+            raise LayoutMismatchError(f"rope_start must be an int >= 0 or None, got {rope_start!r}")
+        raw = chunk.numel() * chunk.element_size()
+        largest = max(t.capacity_bytes for t in self.tiers if _writable(t))
+        if raw > largest:
+            # Refused before the codec runs: encoding it would allocate all of it.
+            raise ObjectTooLargeError(
+                f"a chunk of {num_tokens} tokens ({raw} bytes) is larger than any tier "
+                f"({largest} bytes); store smaller chunks (store.chunk_size) or raise the "
+                "tiers' capacity"
+            )
         codec = get_codec(self.codecs[0])
         tensors, params = codec.encode(chunk, layout, rope_start=rope_start)
+        stamp = self._stamp()
         obj = StoredObject(
-            ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start), tensors
+            ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start, stamp),
+            tensors,
         )
-        for i in range(len(self.tiers)):
-            try:
-                self._put_in(i, key, obj)
-                break
-            except StoreFullError as e:
-                # A top tier full of pinned entries (or too small for this object) must
-                # not lose the write: the tier below takes it directly.
-                if i == len(self.tiers) - 1:
-                    raise
-                log.debug("%s tier cannot take %s (%s); writing it to %s", self.tiers[i].name,
-                          key, e, self.tiers[i + 1].name)
-        if i == 0 and self._writer is not None:
+        marked = len(self.tiers) > 1 and _writable(self.tiers[1])
+        with self._lock:
+            # Marked before it lands: an eviction of it must already know to copy it down.
+            before = self._dirty.get(key)
+            if marked:
+                self._dirty[key] = stamp
+        landed = None
+        try:
+            for i, tier in enumerate(self.tiers):
+                if not _writable(tier):
+                    continue
+                try:
+                    self._put_in(i, key, obj)
+                    landed = i
+                    break
+                except StoreFullError as e:
+                    # A top tier full of pinned entries (or too small for this object) must
+                    # not lose the write: the tier below takes it directly.
+                    if i == len(self.tiers) - 1:
+                        raise
+                    log.debug("%s tier cannot take %s (%s); writing it to the next tier",
+                              tier.name, key, e)
+        finally:
+            with self._lock:
+                if marked and self._dirty.get(key) == stamp and landed != 0:
+                    if before is None or landed is not None:
+                        del self._dirty[key]
+                    else:
+                        self._dirty[key] = before  # nothing stored: the old mark stands
+        assert landed is not None
+        for tier in self.tiers[:landed]:  # an older copy above must not shadow it
+            tier.delete(key, force=True)
+        if landed == 0 and self._writer is not None:
             self._queue.put(key)
 
     def put_many(
@@ -243,6 +360,11 @@ class TieredStore:
         rope_starts: Sequence[int | None] | None = None,
     ) -> None:
         """Validate every item first so a bad one stores nothing; then put each."""
+        if not isinstance(layout, KVLayout):
+            raise LayoutMismatchError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        if rope_starts is not None and len(rope_starts) != len(items):
+            raise LayoutMismatchError(
+                f"{len(rope_starts)} rope_starts for {len(items)} chunks; give one per chunk")
         for key, chunk in items:
             check_key(key)
             layout.check_chunk(chunk)
@@ -262,31 +384,53 @@ class TieredStore:
         concurrently; hits in a lower tier are promoted to the top tier. ``from_tier``
         skips the tiers above it (a caller that already asked them).
         """
+        for key in keys:
+            check_key(key)
         out: list[StoredObject | None] = [None] * len(keys)
         pending = list(range(len(keys)))
-        self.counters.lookups += len(keys)
         for i, tier in enumerate(self.tiers):
             if i < from_tier:
                 continue
             if not pending:
                 break
-            got = tier.get_many([keys[j] for j in pending])
+            try:
+                got = tier.get_many([keys[j] for j in pending])
+            except StoreCorruptError:  # a damaged tier: everything it holds is a miss
+                got = [None] * len(pending)
             still: list[int] = []
             for j, obj in zip(pending, got, strict=True):
                 if obj is None:
                     still.append(j)
+                elif obj.header.key != keys[j]:
+                    try:
+                        check_object_key(keys[j], obj.header)
+                    except CorruptObjectError as e:
+                        self.drop_corrupt(keys[j], e)
+                    still.append(j)
                 elif self.expired(obj.header):
                     self.counters.expired += 1
-                    self.delete(keys[j], force=True)
+                    self.delete(keys[j], force=True, cause="ttl")
                 else:
                     out[j] = obj
                     if i > 0 and self.promote:
                         self._promote(keys[j], obj)
             pending = still if i + 1 < len(self.tiers) else []
         hits = sum(o is not None for o in out)
-        self.counters.hits += hits
-        self.counters.misses += len(keys) - hits
+        self.counters.reads += len(keys)
+        self.counters.read_hits += hits
+        self.counters.read_misses += len(keys) - hits
         return out
+
+    def drop_corrupt(self, key: str, e: Exception) -> None:
+        """``key``'s object cannot be used (``e`` says why): remove it from every tier and
+        count it, so later lookups stop finding it."""
+        log.warning("dropping %s: %s", key, e)
+        self.counters.corrupt += 1
+        for tier in self.tiers:
+            try:
+                tier.delete(key, force=True)
+            except KVCacheError as err:  # a read-only or damaged tier keeps its copy
+                log.debug("could not remove %s from the %s tier: %s", key, tier.name, err)
 
     def _promote(self, key: str, obj: StoredObject) -> None:
         try:
@@ -299,14 +443,29 @@ class TieredStore:
         return self.get_objects([key])[0]
 
     def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
-        """Chunks under ``keys``, decoded to ``[layers, 2, tokens, kv_heads, head_dim]``."""
-        return [None if o is None else _decode(o) for o in self.get_objects(keys)]
+        """Chunks under ``keys``, decoded to ``[layers, 2, tokens, kv_heads, head_dim]``;
+        None for a miss (including an object that fails to decode: it is removed)."""
+        out: list[torch.Tensor | None] = []
+        for obj in self.get_objects(keys):
+            out.append(None if obj is None else self.decode(obj))
+        return out
+
+    def decode(self, obj: StoredObject) -> torch.Tensor | None:
+        """``obj``'s chunk, or None (counted, removed) if it cannot be decoded."""
+        try:
+            return _decode(obj)
+        except CorruptObjectError as e:
+            self.drop_corrupt(obj.header.key, e)
+            self.counters.read_hits -= 1
+            self.counters.read_misses += 1
+            return None
 
     def get(self, key: str) -> torch.Tensor | None:
         """The chunk under ``key``, decoded to ``[layers, 2, tokens, kv_heads, head_dim]``."""
         return self.get_many([key])[0]
 
     def where(self, key: str) -> str | None:
+        check_key(key)
         for tier in self.tiers:
             if tier.contains(key):
                 return tier.name
@@ -315,35 +474,58 @@ class TieredStore:
     def contains(self, key: str) -> bool:
         return self.where(key) is not None
 
-    def longest_prefix(self, keys: Sequence[str]) -> int:
+    def longest_prefix(
+        self, keys: Sequence[str], *, num_tokens: Sequence[int] | None = None
+    ) -> int:
         """How many leading ``keys`` are present in some tier (prefix keys chain, so a
-        missing chunk ends the usable prefix)."""
+        missing chunk ends the usable prefix). Counts the lookup: the chunks it cannot
+        serve are misses in every tier; ``num_tokens`` (one count per key) adds tokens."""
+        if num_tokens is not None and len(num_tokens) != len(keys):
+            raise LayoutMismatchError(
+                f"{len(num_tokens)} token counts for {len(keys)} keys; give one per key")
         n = 0
         for key in keys:
             if not self.contains(key):
                 break
             n += 1
+        tokens = list(num_tokens) if num_tokens is not None else [0] * len(keys)
+        missed, missed_tokens = len(keys) - n, sum(tokens[n:])
+        c = self.counters
+        c.lookups += 1
+        c.lookup_hit_chunks += n
+        c.lookup_miss_chunks += missed
+        c.lookup_hit_tokens += sum(tokens[:n])
+        c.lookup_miss_tokens += missed_tokens
+        if missed:
+            for tier in self.tiers:
+                tier.count_misses(missed, missed_tokens)
         return n
 
-    def delete(self, key: str, *, force: bool = False) -> bool:
+    def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
+        """Remove ``key`` from every tier; ``cause`` as in ``Tier.delete``."""
+        check_key(key)
         found = False
         for tier in self.tiers:
-            found = tier.delete(key, force=force) or found
+            if _writable(tier):
+                found = tier.delete(key, force=force, cause=cause) or found
         with self._lock:
             self._pinned.discard(key)
+            self._dirty.pop(key, None)
         return found
 
     def pin(self, key: str) -> bool:
         """Keep ``key`` in every tier that holds it (and in copies made later)."""
+        check_key(key)
         with self._lock:
             self._pinned.add(key)
-        found = [tier.set_pinned(key, True) for tier in self.tiers]
+        found = [tier.set_pinned(key, True) for tier in self.tiers if _writable(tier)]
         return any(found)
 
     def unpin(self, key: str) -> bool:
+        check_key(key)
         with self._lock:
             self._pinned.discard(key)
-        found = [tier.set_pinned(key, False) for tier in self.tiers]
+        found = [tier.set_pinned(key, False) for tier in self.tiers if _writable(tier)]
         return any(found)
 
     def evict_expired(self) -> int:
@@ -352,8 +534,11 @@ class TieredStore:
             return 0
         now, n = time.time(), 0
         for tier in self.tiers:
+            if not _writable(tier):
+                continue
             for info in tier.scan():
-                if now - info.created_at > self.ttl_s and tier.delete(info.key, force=True):
+                if now - info.created_at > self.ttl_s and \
+                        tier.delete(info.key, force=True, cause="ttl"):
                     n += 1
         self.counters.expired += n
         return n

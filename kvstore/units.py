@@ -55,28 +55,43 @@ _DURATION_HELP = (
 )
 
 
+MAX_SIZE = (1 << 63) - 1  # sizes end up in int64 fields (torch, LMDB, file offsets)
+
+
 def parse_size(value: str | int | float) -> int:
     """Bytes in ``value``: an int, or a string such as ``"1.5GiB"``, ``"512 MB"``, ``"4096"``.
 
-    Fractional results are rounded to the nearest byte ("1.1GiB" is not a whole number).
+    A unit may take a fraction, rounded to the nearest byte ("1.1GiB" is not a whole
+    number); a bare number of bytes may not ("1.5" bytes is a mistake, not 2 bytes).
     """
     # bool is an int subclass; True bytes is always a mistake in a config.
     if isinstance(value, bool):
         raise ConfigError(f"{value!r} is not a size; {_SIZE_HELP}")
     if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{value!r} is negative; sizes are >= 0")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value) or value < 0 or value != int(value):
-            raise ConfigError(f"{value!r} is not a whole, non-negative number of bytes")
-        return int(value)
-    if not isinstance(value, str):
+        nbytes = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise ConfigError(f"{value!r} is not a whole number of bytes; {_SIZE_HELP}")
+        nbytes = int(value)
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m is None or m.group(2).lower() not in _SIZE_UNITS:
+            raise ConfigError(f"{value!r} is not a size; {_SIZE_HELP}")
+        number, unit = m.group(1), m.group(2).lower()
+        if _SIZE_UNITS[unit] == 1 and not number.isdigit():
+            raise ConfigError(
+                f"{value!r} is not a whole number of bytes; give a unit for fractions "
+                f"(e.g. '1.5GiB'); {_SIZE_HELP}"
+            )
+        nbytes = round(float(number) * _SIZE_UNITS[unit]) if not number.isdigit() \
+            else int(number) * _SIZE_UNITS[unit]
+    else:
         raise ConfigError(f"{value!r} is not a size; {_SIZE_HELP}")
-    m = _SIZE_RE.match(value)
-    if m is None or m.group(2).lower() not in _SIZE_UNITS:
-        raise ConfigError(f"{value!r} is not a size; {_SIZE_HELP}")
-    return round(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    if nbytes < 0:
+        raise ConfigError(f"{value!r} is negative; sizes are >= 0")
+    if nbytes > MAX_SIZE:
+        raise ConfigError(f"{value!r} is larger than any store can be (at most 8 EiB)")
+    return nbytes
 
 
 def format_size(nbytes: int) -> str:

@@ -195,7 +195,12 @@ def test_human_strings_are_normalised(tmp_path: Path) -> None:
             {"store": {"cpu": {"capacity": "8 gigs"}}},
             r"store\.cpu\.capacity: '8 gigs' is not a size; use e\.g\. '8GiB' or 8589934592",
         ),
-        ({"store": {"cpu": {"capacity": 0}}}, r"store\.cpu\.capacity: 0 must be > 0"),
+        ({"store": {"cpu": {"capacity": 0}}}, r"store\.cpu\.capacity: 0 bytes is too small"),
+        ({"store": {"cpu": {"capacity": "1.5"}}}, r"store\.cpu\.capacity: '1\.5' is not a whole"),
+        ({"store": {"cpu": {"capacity": "1000TiB"}}}, r"store\.cpu\.capacity: .* more than this"),
+        ({"store": {"disk": {"capacity": 1e30}}}, r"store\.disk\.capacity: .* larger than any"),
+        ({"store": {"disk": {"capacity": "512KiB"}}}, r"store\.disk\.capacity: 524288 bytes is"),
+        ({"store": {"readonly": "maybe"}}, r"store\.readonly: 'maybe' is not a boolean"),
         ({"store": {"cpu": {"codec": "zip"}}}, r"store\.cpu\.codec: 'zip' is not one of: .*raw"),
         (
             {"store": {"cpu": {"policy": "mru"}}},
@@ -247,7 +252,7 @@ def test_direct_construction_validates_too() -> None:
         (
             {"store": {"chunksize": 1}},
             r"unknown config key 'store\.chunksize' in section 'store'.*"
-            r"known keys: chunk_size, cpu, dir, disk, ttl, write_mode",
+            r"known keys: chunk_size, cpu, dir, disk, readonly, ttl, write_mode",
         ),
         (
             {"store": {"cpu": {"size": "1GiB"}}},
@@ -367,7 +372,8 @@ def test_env_map_is_derived_from_the_fields() -> None:
     assert m["KVCACHE_DISK_PATH"] == ("store", "disk", "path")
     assert m["KVCACHE_LOG_LEVEL"] == ("log_level",)
     # One variable per leaf field, no more.
-    leaves = 4 + 4 + 6 + 1  # store scalars + cpu + disk + log_level
+    assert m["KVCACHE_READONLY"] == ("store", "readonly")
+    leaves = 5 + 4 + 6 + 1  # store scalars + cpu + disk + log_level
     assert len(m) == leaves
 
 

@@ -14,7 +14,7 @@ import lmdb
 import pytest
 import torch
 
-from kvcache.kvstore import disk_tier
+from kvcache.kvstore import disk_tier, lmdb_index
 from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.disk_tier import DiskTier
 from kvcache.kvstore.errors import (
@@ -286,7 +286,7 @@ def test_corrupt_lmdb_value_is_a_counted_miss(tmp_path: Path) -> None:
 
 
 def test_open_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(StoreUnavailableError, match="create=True"):
+    with pytest.raises(StoreUnavailableError, match="open it writable"):
         DiskTier(tmp_path / "nope", 1 << 20, create=False)
     with pytest.raises(StoreUnavailableError, match="does not exist"):
         DiskTier(tmp_path / "nope", 1 << 20, readonly=True)
@@ -301,7 +301,7 @@ def test_open_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         return real_open(path, flags, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(disk_tier.os, "open", ro_open)
-    with pytest.raises(StoreUnavailableError, match="readonly=True"):
+    with pytest.raises(StoreUnavailableError, match="KVCACHE_READONLY=1 or --readonly"):
         DiskTier(tmp_path / "ro", 1 << 20)
 
 
@@ -312,7 +312,7 @@ def test_readonly_rejects_writes(tmp_path: Path) -> None:
         assert t.get(key(1)) is not None
         for write in (lambda: t.put(key(2), make_obj(key(2))), lambda: t.delete(key(1)),
                       lambda: t.set_pinned(key(1), True)):
-            with pytest.raises(StoreUnavailableError, match="readonly"):
+            with pytest.raises(StoreUnavailableError, match="read-only"):
                 write()
         assert keys_of(t) == {key(1)}
 
@@ -354,8 +354,8 @@ def test_disk_full_leaves_store_unchanged(
         if storage == "files":
             monkeypatch.setattr(disk_tier, "write_blob_file", enospc)
         else:
-            monkeypatch.setattr(disk_tier, "_lmdb_put", map_full)
-            monkeypatch.setattr(disk_tier, "_free_disk_bytes", lambda p: 0)
+            monkeypatch.setattr(disk_tier, "lmdb_put", map_full)
+            monkeypatch.setattr(lmdb_index, "free_disk_bytes", lambda p: 0)
         with pytest.raises(DiskFullError, match="free disk space"):
             t.put(key(2), make_obj(key(2)))
         assert (keys_of(t), t.used_bytes, t.stats().puts, blob_files(tmp_path)) == before
@@ -363,7 +363,7 @@ def test_disk_full_leaves_store_unchanged(
 
 def test_lmdb_map_grows_instead_of_failing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real_put = disk_tier._lmdb_put
+    real_put = lmdb_index.lmdb_put
 
     def full_once(txn: lmdb.Transaction, k: bytes, v: bytes, db: object) -> None:
         calls.append(k)
@@ -372,10 +372,10 @@ def test_lmdb_map_grows_instead_of_failing(tmp_path: Path, monkeypatch: pytest.M
         real_put(txn, k, v, db)
 
     with DiskTier(tmp_path, 1 << 20, blob_storage="lmdb") as t:
-        size0 = t._env.info()["map_size"]  # type: ignore[union-attr]
-        monkeypatch.setattr(disk_tier, "_lmdb_put", full_once)
+        size0 = t.index.map_size
+        monkeypatch.setattr(disk_tier, "lmdb_put", full_once)
         t.put(key(1), make_obj(key(1)))
-        assert t._env.info()["map_size"] > size0  # type: ignore[union-attr]
+        assert t.index.map_size > size0
         assert t.get(key(1)) is not None and len(calls) == 2
 
 

@@ -284,7 +284,7 @@ def test_get_many_mixes_tiers_and_misses_in_order(tmp_path, layout):
         got = store.get_many([make_key(i) for i in order])
         for i, t in zip(order, got, strict=True):
             assert (t is None) if i >= 98 else torch.equal(t, chunks[i])
-        assert store.counters.misses == 2
+        assert store.counters.read_misses == 2
         assert store.counters.promotions == sum(where[i] == "disk" for i in order if i < 98)
 
 
