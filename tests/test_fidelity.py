@@ -1,5 +1,6 @@
 """Fidelity metrics on the reference model: perfect for the exact cache, worse under noise
-and for chunks computed apart; the evaluation set is fixed."""
+and for chunks computed apart; the evaluation set is fixed; bootstrap intervals; the copy
+circuit's hand-set planes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from kvcache.connectors.hf import canonical_to_cache
 from kvcache.tools.fidelity import (
     FidelityResult,
+    bootstrap_interval,
     evaluate_candidates,
     exact_kv,
     independent_chunks_kv,
@@ -20,6 +22,11 @@ from kvcache.tools.refmodel.evalset import (
     RAG_CHUNKS,
     build_evalset,
     evalset_hash,
+)
+from kvcache.tools.refmodel.hand_set import (
+    HAND_SET_KV_PLANES,
+    hand_set_planes,
+    keep_planes_exact,
 )
 
 
@@ -110,3 +117,61 @@ def test_chunks_computed_apart_lose_cross_chunk_attention(model, prompts):
     assert max(summary.k_nmse[1:]) > 1e-3
     assert summary.kl_mean > 0.0
     assert summary.top1_agreement <= 1.0
+
+
+# -- bootstrap intervals ----------------------------------------------------------------------
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    g = torch.Generator().manual_seed(1)
+    xs = (torch.randn(200, generator=g) * 2.0 + 5.0).tolist()
+    lo, hi = bootstrap_interval(xs)
+    assert bootstrap_interval(xs) == (lo, hi)  # same values, same interval
+    mean = sum(xs) / len(xs)
+    assert lo < mean < hi
+    # a 90% interval of a mean is about mean +- 1.645 standard errors
+    se = float(torch.tensor(xs, dtype=torch.float64).std()) / len(xs) ** 0.5
+    assert hi - lo == pytest.approx(2 * 1.645 * se, rel=0.15)
+    # wider at higher confidence, narrower with more windows
+    lo99, hi99 = bootstrap_interval(xs, confidence=0.99)
+    assert lo99 < lo and hi < hi99
+    lo_few, hi_few = bootstrap_interval(xs[:20])
+    assert hi_few - lo_few > hi - lo
+
+
+def test_bootstrap_interval_edge_cases():
+    assert bootstrap_interval([0.97] * 10) == pytest.approx((0.97, 0.97))
+    assert bootstrap_interval([3.0]) == (3.0, 3.0)
+    with pytest.raises(ValueError, match="no values"):
+        bootstrap_interval([])
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_interval([1.0, 2.0], confidence=1.0)
+
+
+# -- the copy circuit's hand-set planes -------------------------------------------------------
+
+
+def test_keep_planes_exact_restores_only_the_named_planes():
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(4, 2, 8, 2, 4, generator=g)
+    cand = exact + 0.1
+    out = keep_planes_exact(cand, exact)
+    for layer in range(4):
+        for kv in range(2):
+            for head in range(2):
+                same = torch.equal(out[layer, kv, :, head], exact[layer, kv, :, head])
+                assert same == ((layer, kv, head) in HAND_SET_KV_PLANES)
+    assert torch.equal(cand, exact + 0.1)  # the candidate itself is untouched
+    with pytest.raises(ValueError, match="does not match"):
+        keep_planes_exact(cand[:, :, :4], exact)
+
+
+@pytest.mark.slow
+def test_hand_set_planes_are_the_ones_the_circuit_writes():
+    from kvcache.tools.refmodel.copy_circuit import install_copy_circuit
+    from kvcache.tools.refmodel.model import build_model, reference_config
+
+    torch.manual_seed(0)
+    fresh = build_model(reference_config())
+    circuit = install_copy_circuit(fresh, seed=0)
+    assert tuple(hand_set_planes(circuit, fresh.config)) == HAND_SET_KV_PLANES

@@ -19,6 +19,9 @@ What is compared against the exact full prefill of ``context + continuation``:
   (the first continuation token is input, not predicted: its distribution comes from the
   context's last position, whose logits a cache does not hold), and its relative gap
   ``(candidate − exact) / exact``.
+
+Over a set of windows, ``bootstrap_interval`` gives a figure's percentile bootstrap
+interval (resampling windows), seeded so that the same figures give the same interval.
 """
 
 from __future__ import annotations
@@ -259,6 +262,36 @@ def summarize(results: Sequence[FidelityResult]) -> FidelitySummary:
         candidate_bpb=cand_bpb,
         bpb_gap=(cand_bpb - exact_bpb) / exact_bpb,
     )
+
+
+def bootstrap_interval(
+    values: Sequence[float],
+    *,
+    confidence: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one figure per window).
+
+    Windows are resampled with replacement ``resamples`` times with a fixed seed, so the
+    same values always give the same interval. The interval is over windows only: windows
+    cut from one file are not independent, so treat it as a lower bound on the
+    uncertainty. For a paired comparison of two candidates on the same windows, pass the
+    per-window differences.
+    """
+    if not values:
+        raise ValueError("no values to bootstrap")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, x.numel(), (resamples, x.numel()), generator=gen)
+    means = x[idx].mean(1)
+    tail = (1.0 - confidence) / 2
+    q = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return float(q[0]), float(q[1])
 
 
 def evaluate_candidates(
