@@ -1,9 +1,10 @@
 """LMCache's CacheGen on our KV chunks, for ``kvcache bench codecs``' side-by-side rows.
 
 Run with the interpreter of a separate virtualenv that has ``lmcache`` (0.5.6) installed,
-never the project's: ``/work/lmcache-venv/bin/python tools/lmcache_cachegen_runner.py DIR``.
-It imports neither kvcache nor anything outside that venv, and exchanges only safetensors
-and JSON with the bench (no pickle crosses the process boundary).
+never the project's (``tools/lmcache_venv.sh VENV`` builds one):
+``VENV/bin/python tools/lmcache_cachegen_runner.py DIR``. It imports neither kvcache nor
+anything outside that venv, and exchanges only safetensors and JSON with the bench (no
+pickle crosses the process boundary).
 
 Input ``DIR/in.st``: tensors ``chunk0 .. chunkN-1``, each ``[L, 2, T, H, D]`` (bf16/fp16),
 the canonical chunk layout. Output ``DIR/out.st``: ``chunk<i>`` decoded, same shape and
@@ -13,13 +14,15 @@ the per-token maxima), ``serialized_bytes`` (what LMCache writes: its pickle of 
 ``cdf_bytes``, ``encode_s``, ``decode_s`` (best of ``--repeat`` per chunk, summed) and
 ``note``.
 
-Entry points (LMCache 0.5.6, CPU fallbacks in ``lmcache.v1.platform.torch_ops``, numba):
-``storage_backend.serde.cachegen_encoder.encode_function`` and, as its
-``CacheGenDeserializer.from_bytes`` does, ``cachegen_decoder.decode_function_gpu`` +
-``do_dequantize``. Bins per layer follow ``CacheGenConfig.from_model_name``'s rule for a
-model it does not list (it would read the layer count from the HF config): under 10 layers,
-32 bins everywhere; else K 32 bins for layers 0-9 and 16 after, V 32 for layers 0-1 and 16
-after.
+Entry points (LMCache 0.5.6): ``lmcache.storage_backend.serde.cachegen_encoder
+.encode_function`` and, as its ``CacheGenDeserializer.from_bytes`` does,
+``cachegen_decoder.decode_function_gpu`` + ``do_dequantize``. Without CUDA their kernels
+resolve (``lmcache.device_ops``) to the numba CPU kernels of
+``lmcache.v1.platform.torch_ops.cachegen_kernels``; 0.5.6 has no
+``lmcache.non_cuda_equivalents``. Bins per layer follow
+``CacheGenConfig.from_model_name``'s rule for a model it does not list (it would read the
+layer count from the HF config): under 10 layers, 32 bins everywhere; else K 32 bins for
+layers 0-9 and 16 after, V 32 for layers 0-1 and 16 after.
 """
 
 from __future__ import annotations
@@ -143,8 +146,9 @@ def main() -> int:
         decoded[name] = out
     import lmcache
 
+    kernels = type(getattr(lmcache, "device_ops", None)).__name__
     info["note"] = (
-        f"LMCache {getattr(lmcache, '__version__', '?')} CacheGen via its CPU fallbacks "
+        f"LMCache {getattr(lmcache, '__version__', '?')} CacheGen via {kernels} "
         "(numba arithmetic coder, one (layer, channel) stream per task); encoded bytes = "
         f"bitstreams + lengths + CDFs ({info['cdf_bytes'] / info['raw_bytes']:.1%} of raw) "
         "+ per-token maxima; its pickled object is "
