@@ -58,6 +58,14 @@ Per layer ``l`` and plane (K or V), with ``x`` the plane ``[T, C]`` (``C = H * D
    codes the row once: 9% fewer bits at every level on the reference model, at unchanged
    fidelity.
 
+6. **Values the statistics cannot hold** (NaN, ±inf, ``|x| > 2**14``) are raw escapes
+   (``codecs/_raw_escapes.py``): stored verbatim, written back last (after the keys'
+   rotation, so never into a pair partner), and coded as their channel's mean over the
+   other tokens (a zero symbol that moves no statistic). Before format 6 one NaN made its
+   channel's mean NaN and one inf its token's V scale inf (the channel or token smeared).
+   ``2**14`` keeps means, escapes (pre-RoPE keys are up to ``sqrt(2)`` times larger) and
+   decoded values inside fp16's range. Denormals come back within the normal error.
+
 Because the statistics normalize every channel, symbols of one (layer, plane) share one
 distribution, so one table per (layer, plane) is close to per-channel tables at a fraction
 of the metadata. CacheGen's anchor/delta token grouping is measured by ``kvcache bench
@@ -75,7 +83,8 @@ byte, 4-bit planes ``z[:half]`` in the low and ``z[half:]`` in the high nibbles,
 ``half = ceil(T * C / 2)``, so unpacking is two shifts per contiguous half); ``mu`` fp16
 ``[L, 2, C]``; ``k_scale`` uint8 ``[L, C]``; ``v_scale`` uint8 ``[L, T, H]``; ``esc_idx``
 int32 ``[E]`` (index into the plane's ``T * C``, increasing per plane), ``esc_val`` fp16
-``[E]``, ``esc_offsets`` int64 ``[2L + 1]``.
+``[E]``, ``esc_offsets`` int64 ``[2L + 1]``; ``raw_idx`` int64 and ``raw_val`` (layout
+dtype) ``[R]`` when the chunk held values of step 6.
 rANS objects hold ``words`` int16 ``[W]``, ``states`` int32 ``[NB, 32]``,
 ``block_offsets`` int64 ``[NB + 1]`` (plane ``p``: ``rans_rows[p] * C`` symbols in
 ``ceil(rans_rows[p] * C / (32 * rans_steps))`` blocks, planes back to back), ``rans_freq``
@@ -87,8 +96,10 @@ Params: ``version``, ``level``, ``entropy`` (``"huffman"`` or ``"rans"``; versio
 ``rans_steps``/``rans_lo``/``rans_hi``/``rans_rows`` (rANS), ``key_rope_start`` (int: K was coded
 before RoPE and is rotated to positions ``key_rope_start, ...`` on decoding, with the
 layout's frequencies; null: as given). Decoding uses only what is stored, so any level
-decodes anywhere. Versions 2 (before pre-RoPE keys), 3 (Huffman only) and 4 (rANS
-without row maps) still decode.
+decodes anywhere. Versions 2 (before pre-RoPE keys), 3 (Huffman only), 4 (rANS
+without row maps) and 5 (no raw escapes) still decode, except objects whose means or
+escapes are not finite: older versions wrote those for chunks with NaN, inf or values
+beyond fp16's range, which decoded smeared; they raise ``CorruptObjectError``.
 """
 
 from __future__ import annotations
@@ -105,7 +116,7 @@ import numpy as np
 import torch
 import zstandard
 
-from kvcache.codecs import _cachegen_rans, _check
+from kvcache.codecs import _cachegen_rans, _check, _raw_escapes
 from kvcache.codecs.base import Codec, check_layer
 from kvcache.kernels import cpu_native, rans
 from kvcache.kernels.dispatch import IMPLS, Impl
@@ -115,9 +126,12 @@ from kvcache.kvstore.layout import KVLayout, RopeSpec, RopeStyle
 
 # 2: two's-complement symbols, 4-bit planes packed by halves; 3: keys coded before RoPE;
 # 4: the entropy coder is a param (zstd's Huffman, or lane-interleaved rANS for GPUs);
-# 5: rANS planes may code their distinct rows only, with a row map
-VERSION = 5
-READABLE_VERSIONS = (2, 3, 4, 5)
+# 5: rANS planes may code their distinct rows only, with a row map; 6: values beyond the
+# statistics' range (NaN, inf, |x| > 2**14) kept exactly as raw escapes
+VERSION = 6
+READABLE_VERSIONS = (2, 3, 4, 5, 6)
+# See step 6 of the module docstring: the largest magnitude coded as usual.
+_VALUE_LIMIT = 2.0**14
 ENTROPY_CODERS = ("huffman", "rans")
 _LOG_BIAS = 160
 _LOG_STEPS = 8  # codes per octave
@@ -309,6 +323,7 @@ class _Parsed:
     esc_off: list[int]  # [2L + 1]
     rotation: _Rotation | None  # keys were coded before RoPE
     rans: _cachegen_rans.RansStream | None  # entropy "rans" (then sym is empty and sym_bits all 8)
+    raw: _raw_escapes.RawEscapes  # written last, after the keys' rotation
 
 
 # _log_value of every code: decoding looks scales up instead of recomputing exp2
@@ -553,12 +568,12 @@ class CacheGenCodec(Codec):
         L, H, D = layout.num_layers, layout.num_kv_heads, layout.head_dim
         C = H * D
         k_steps, v_steps = level_steps(self.level, L)
-        x = chunk.detach().to("cpu", torch.float32).reshape(L, 2, T, C)
+        raw, escaped = _raw_escapes.split(chunk.detach(), _VALUE_LIMIT, self.name)
+        # a copy even of an fp32 CPU chunk: x is rotated in place below
+        x = chunk.detach().to("cpu", torch.float32, copy=True).reshape(L, 2, T, C)
+        if escaped is not None:  # stand-ins before the rotation would smear an inf
+            x = _raw_escapes.stand_in(x, escaped.cpu().reshape(L, 2, T, C), 2)
         rotation = _encoder_rotation(layout, rope_start, T)
-        if rotation is not None and not bool(torch.isfinite(x[:, 0]).all()):
-            # a rotation would spread an inf/nan into its pair partner; as given, it stays
-            # one exact escape
-            rotation = None
         if rotation is not None:
             x[:, 0] = rotation.apply(x[:, 0].view(L, T, H, D), inverse=True).view(L, T, C)
         mu = x.mean(2).half()  # [L, 2, C]
@@ -589,7 +604,7 @@ class CacheGenCodec(Codec):
             tensors, extra, escapes = _code_huffman(flat_z, self.zstd_level)
         esc_idx = [idx.to(torch.int32) for idx in escapes]
         esc_val = [flat_x[p, idx].half() for p, idx in enumerate(escapes)]
-        tensors |= {
+        tensors |= {k: v.cpu() for k, v in raw.items()} | {
             "mu": mu,
             "k_scale": k_code,
             "v_scale": v_code,
@@ -665,6 +680,15 @@ class CacheGenCodec(Codec):
         v_code = _check.tensor(tensors, "v_scale", torch.uint8, (L, T, H), name)
         if E and (int(esc_idx.min()) < 0 or int(esc_idx.max()) >= T * C):
             raise CorruptObjectError("cachegen escape index out of range")
+        if not (_raw_escapes.finite_within(mu, 65504.0)
+                and _raw_escapes.finite_within(esc_val, 65504.0)):
+            # format 6 never writes these; older formats did for chunks with NaN, inf or
+            # values beyond fp16's range, and decoded their channels or tokens smeared
+            raise CorruptObjectError(
+                f"{name} means or escapes are not finite: the object was written from a "
+                "chunk with NaN, inf or overflowing values by a format that could not keep "
+                "them; put the chunk again")
+        raw = _raw_escapes.parse(tensors, layout, T, name, readable=version >= 6)
         if E > 1:
             # increasing within each plane (the C kernel merges them row by row); numpy:
             # torch's per-op overhead made this 10% of a small chunk's decode
@@ -676,7 +700,7 @@ class CacheGenCodec(Codec):
         return _Parsed(
             T, H, D, sym.cpu().contiguous().numpy().data, sym_off, sym_bits, k_steps, v_steps,
             mu.cpu(), k_code.cpu(), v_code.cpu(), esc_idx.cpu().contiguous(),
-            esc_val.cpu().float(), esc_off, rotation, stream,
+            esc_val.cpu().float(), esc_off, rotation, stream, raw,
         )
 
     def decode_into(
@@ -721,6 +745,7 @@ class CacheGenCodec(Codec):
         factors = _Factors.of(parsed, layers)
         if parsed.rans is not None and (out.device.type == "cuda" or impl != "auto"):
             _decode_rans_lanes(parsed, factors, layers, out, impl)
+            parsed.raw.apply(out, layers)
             return out
         if out.device.type != "cpu":
             staged = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
@@ -738,6 +763,7 @@ class CacheGenCodec(Codec):
             ]
             for f in futures:
                 f.result()
+        parsed.raw.apply(out, layers)
         return out
 
     def decode_layer_into(

@@ -222,17 +222,25 @@ def test_cachegen_codes_keys_as_given_without_known_rope():
         assert nmse(codec.decode(tensors, params, layout, 24), chunk) < 0.1
 
 
-def test_cachegen_keeps_non_finite_keys_exact_without_rotating():
-    """A rotation would smear an inf into its pair partner: such chunks code keys as given,
-    and the inf comes back exactly where it was, its partner intact."""
-    chunk = synthetic_kv(LAYOUT, 24)
+def test_cachegen_keeps_non_finite_keys_exact_and_still_codes_keys_before_rope():
+    """A rotation would smear an inf into its pair partner: it is rotated as a stand-in
+    and written back after the keys are turned forward, so the inf comes back exactly
+    where it was and its partner with the error it has without the inf."""
+    layout = KVLayout("codec-test", num_layers=4, num_kv_heads=2, head_dim=32,
+                      dtype="bfloat16", rope=RopeSpec())
+    clean = synthetic_kv(layout, 24)
+    chunk = clean.clone()
     chunk[1, 0, 5, 0, 3] = float("inf")
     codec = CacheGenCodec()
-    tensors, params = codec.encode(chunk, LAYOUT, rope_start=100)
-    assert params["key_rope_start"] is None
-    out = codec.decode(tensors, params, LAYOUT, 24)
+    tensors, params = codec.encode(chunk, layout, rope_start=100)
+    assert params["key_rope_start"] == 100
+    out = codec.decode(tensors, params, layout, 24)
     assert out[1, 0, 5, 0, 3] == float("inf")
-    assert torch.isfinite(out[1, 0, 5, 0, 3 + 16])  # NeoX partner of dim 3 (head_dim 32)
+    assert int((~torch.isfinite(out)).sum()) == 1
+    ref = codec.decode(*codec.encode(clean, layout, rope_start=100), layout, 24)
+    partner = (1, 0, 5, 0, 3 + 16)  # NeoX partner of dim 3 (head_dim 32)
+    assert abs(float(out[partner]) - float(chunk[partner])) <= \
+        1.5 * abs(float(ref[partner]) - float(clean[partner])) + 0.05
 
 
 def test_cachegen_reads_version_2_objects():

@@ -33,6 +33,16 @@ def _encoded(name: str) -> tuple[dict[str, torch.Tensor], dict]:
     return get_codec(name).encode(synthetic_kv(LAYOUT, TOKENS), LAYOUT, rope_start=5)
 
 
+def _encoded_with_raw_escapes(name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    chunk = synthetic_kv(LAYOUT, TOKENS)
+    chunk[0, 1, 3, 1, 4] = float("nan")
+    chunk[1, 0, 7, 0, 9] = float("inf")
+    chunk[1, 1, 19, 1, 15] = float("-inf")
+    tensors, params = get_codec(name).encode(chunk, LAYOUT, rope_start=5)
+    assert tensors["raw_idx"].numel() == 3
+    return tensors, params
+
+
 def _decode_all(name: str, tensors, params, tokens: int = TOKENS) -> None:
     codec = get_codec(name)
     out = codec.decode(tensors, params, LAYOUT, tokens)
@@ -40,9 +50,10 @@ def _decode_all(name: str, tensors, params, tokens: int = TOKENS) -> None:
     codec.decode_layer(tensors, params, LAYOUT, tokens, 1)
 
 
-def _mutations(tensors: dict[str, torch.Tensor], rng: random.Random):
-    """Yield (label, tensors) variants: dropped, truncated, wrong dtype, flipped bytes."""
-    for name in sorted(tensors):
+def _mutations(tensors: dict[str, torch.Tensor], rng: random.Random, only=None):
+    """Yield (label, tensors) variants: dropped, truncated, wrong dtype, flipped bytes (of
+    the tensors named in ``only``, default all)."""
+    for name in sorted(only or tensors):
         t = {k: v.clone() for k, v in tensors.items()}
         del t[name]
         yield f"drop {name}", t
@@ -75,6 +86,52 @@ def test_fuzzed_tensors_raise_typed_errors(name):
         # A flipped payload byte may still decode (lossy data has no redundancy); that
         # is the container checksum's job. Structure changes must always be caught.
         assert label.startswith("flip"), f"{name}: {label} decoded without error"
+
+
+LOSSY = ["quant", "quant-int4-hadamard", "fp8", "cachegen", "cachegen-rans"]
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_fuzzed_raw_escapes_raise_typed_errors(name):
+    """The exact-value escapes of NaN/inf (``codecs/_raw_escapes.py``): every structural
+    damage is a ``CorruptObjectError``; flipped bytes either are or still decode."""
+    tensors, params = _encoded_with_raw_escapes(name)
+    _decode_all(name, tensors, params)
+    rng = random.Random(name)
+    for label, t in _mutations(tensors, rng, only=["raw_idx", "raw_val"]):
+        try:
+            _decode_all(name, t, params)
+        except CorruptObjectError:
+            continue
+        assert label.startswith("flip"), f"{name}: {label} decoded without error"
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_bad_raw_escape_indices_raise_typed_errors(name):
+    tensors, params = _encoded_with_raw_escapes(name)
+    numel = LAYOUT.num_layers * 2 * TOKENS * LAYOUT.num_kv_heads * LAYOUT.head_dim
+    val = tensors["raw_val"]
+    bad = {
+        "past the end": [0, 5, numel],
+        "negative": [-1, 5, 9],
+        "repeated": [4, 4, 9],
+        "decreasing": [9, 5, 4],
+        "huge": [0, 5, 1 << 62],
+    }
+    for label, idx in bad.items():
+        t = dict(tensors, raw_idx=torch.tensor(idx, dtype=torch.int64))
+        with pytest.raises(CorruptObjectError):
+            _decode_all(name, t, params)
+            pytest.fail(label)  # reached only when it decoded: names the case
+    for label, t in {
+        "2-D indices": dict(tensors, raw_idx=tensors["raw_idx"][None]),
+        "fewer values": dict(tensors, raw_val=val[:2]),
+        "values of another dtype": dict(tensors, raw_val=val.float()),
+        "only values": {k: v for k, v in tensors.items() if k != "raw_idx"},
+    }.items():
+        with pytest.raises(CorruptObjectError):
+            _decode_all(name, t, params)
+            pytest.fail(label)
 
 
 @pytest.mark.parametrize("name", NAMES)
