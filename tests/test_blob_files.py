@@ -1,0 +1,160 @@
+"""Blob file reads: the O_DIRECT path for blobs not in the page cache, the buffered path
+for cached or small ones, and the same checksum strictness on both."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvcache.kvstore import blob_files
+from kvcache.kvstore.container import (
+    BUFFER_ALIGN,
+    ObjectHeader,
+    StoredObject,
+    encode_object,
+    encode_parts,
+    object_buffer,
+)
+from kvcache.kvstore.errors import CorruptObjectError
+from kvcache.kvstore.layout import KVLayout
+
+MiB = 1 << 20
+LAYOUT = KVLayout("test-model", 2, 2, 64, dtype="float16")
+
+
+def _obj(payload: int, seed: int = 0) -> StoredObject:
+    """An object whose container is ``payload`` bytes of tensor data plus its header."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (payload,), dtype=torch.uint8, generator=g)
+    return StoredObject(ObjectHeader("ab" * 16, LAYOUT, 1), {"kv": data})
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _cached(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return blob_files._mostly_cached(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes, cold: bool) -> Path:
+    path.write_bytes(data)
+    if cold:
+        _evict(path)
+    return path
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Path:
+    """A directory whose file system lets a file leave the page cache and takes O_DIRECT
+    (not tmpfs, for one): where the cold path really runs."""
+    probe = _write(tmp_path / "probe", b"x" * (2 * MiB), cold=True)
+    if _cached(probe):
+        pytest.skip("this file system keeps files in the page cache (tmpfs?)")
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+    except (AttributeError, OSError):
+        pytest.skip("this file system refuses O_DIRECT")
+    probe.unlink()
+    return tmp_path
+
+
+# Sizes around the thresholds: below _DIRECT_MIN (read buffered even when cold), one
+# piece, whole pieces, and sizes that are not a multiple of the piece or of a block.
+PAYLOADS = [1000, MiB - 4096, 2 * MiB, 8 * MiB - 1024, 3 * MiB + 123, 5 * MiB + 7]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
+def test_round_trip(direct_dir: Path, payload: int, cold: bool):
+    obj = _obj(payload)
+    path = direct_dir / "blob.kvo"
+    blob_files.write_blob_file(str(path), encode_parts(obj), sync=True)
+    if cold:
+        _evict(path)
+    back = blob_files.read_blob_file(str(path))
+    assert back.header == obj.header
+    assert torch.equal(back.tensors["kv"], obj.tensors["kv"])
+    back.tensors["kv"].add_(1)  # the buffer belongs to the caller: writable
+
+
+def test_cold_large_blob_bypasses_the_page_cache(direct_dir: Path):
+    """The cold path reads with O_DIRECT (nothing lands in the page cache); a cached blob
+    is read through the cache; a small one always is."""
+    data = encode_object(_obj(3 * MiB + 5))
+    big = _write(direct_dir / "big.kvo", data, cold=True)
+    blob_files.read_blob_file(str(big))
+    assert not _cached(big)
+
+    small = _write(direct_dir / "small.kvo", encode_object(_obj(200_000)), cold=True)
+    blob_files.read_blob_file(str(small))
+    assert _cached(small)
+
+    warm = _write(direct_dir / "warm.kvo", data, cold=False)  # just written: cached
+    assert _cached(warm)
+    blob_files.read_blob_file(str(warm))
+    assert _cached(warm)
+
+
+def test_file_systems_without_o_direct_are_read_buffered(direct_dir: Path):
+    data = encode_object(_obj(3 * MiB))
+    path = _write(direct_dir / "blob.kvo", data, cold=True)
+    dev = os.stat(path).st_dev
+    blob_files._no_direct.add(dev)  # as after an EINVAL from this file system
+    try:
+        back = blob_files.read_blob_file(str(path))
+        assert torch.equal(back.tensors["kv"], _obj(3 * MiB).tensors["kv"])
+        assert _cached(path)  # it went through the page cache
+    finally:
+        blob_files._no_direct.discard(dev)
+
+
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
+@pytest.mark.parametrize("payload", [200_000, 5 * MiB + 7])
+def test_truncated_file_is_corrupt(direct_dir: Path, payload: int, cold: bool):
+    data = encode_object(_obj(payload))
+    for keep in (len(data) - 1, len(data) - 4096 - 10, len(data) // 2, 100, 5, 0):
+        path = _write(direct_dir / f"cut{keep}.kvo", data[:keep], cold=cold)
+        with pytest.raises(CorruptObjectError):
+            blob_files.read_blob_file(str(path))
+
+
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
+def test_flipped_byte_is_corrupt(direct_dir: Path, cold: bool):
+    data = encode_object(_obj(5 * MiB + 7))
+    header_len = 8 + int.from_bytes(data[:8], "little")
+    # In the length, the JSON header, the first piece, a piece boundary, the last byte.
+    for pos in (3, header_len - 20, header_len + 1, MiB, 4 * MiB + 1, len(data) - 1):
+        bad = bytearray(data)
+        bad[pos] ^= 0x10
+        path = _write(direct_dir / f"flip{pos}.kvo", bytes(bad), cold=cold)
+        with pytest.raises(CorruptObjectError):
+            blob_files.read_blob_file(str(path))
+
+
+def test_missing_file_raises_file_not_found(tmp_path: Path):
+    with pytest.raises(FileNotFoundError):
+        blob_files.read_blob_file(str(tmp_path / "gone.kvo"))
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4 * MiB - 1, 4 * MiB + 1, 9 * MiB])
+def test_object_buffer_is_aligned_and_block_rounded(size: int):
+    buf = object_buffer(size)
+    assert len(buf) % BUFFER_ALIGN == 0 and size <= len(buf) < size + BUFFER_ALIGN
+    t = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0)
+    assert t.numel() == 0 or t.data_ptr() % BUFFER_ALIGN == 0
+    if len(buf):
+        t.fill_(7)  # writable, all of it
+        assert int(t[-1]) == 7
