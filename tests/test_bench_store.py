@@ -5,10 +5,23 @@ No timing assertions: benchmarks are programs, not tests (docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
+from pathlib import Path
 
+import pytest
+import torch
+
+from kvcache.kvstore import blob_files
+from kvcache.kvstore.container import ObjectHeader, StoredObject
+from kvcache.kvstore.disk_tier import DiskTier
+from kvcache.kvstore.errors import ConfigError
+from kvcache.kvstore.layout import KVLayout
 from kvcache.tools import bench, bench_store, cli
+
+LAYOUT = KVLayout("test-model", 2, 2, 64, dtype="float16")
 
 
 def _positive_finite(x: object) -> bool:
@@ -17,25 +30,139 @@ def _positive_finite(x: object) -> bool:
 
 def test_run_tiny_reports_every_ratio(tmp_path):
     cfg = bench_store.StoreBenchConfig.tiny()
-    result = bench_store.run(quick=True, workdir=tmp_path, config=cfg)
+    result = bench_store.run(quick=True, store=tmp_path, config=cfg)
 
     json.dumps(result)  # JSON-ready
+    direct = result["disk_cold_get_vs_direct_read"] is not None  # refused O_DIRECT: a note
+    assert direct or any("O_DIRECT" in n for n in result["notes"])
     for key in bench_store.HEADLINE_KEYS:
-        assert _positive_finite(result[key]), (key, result[key])
+        if key != "disk_cold_get_vs_direct_read" or direct:
+            assert _positive_finite(result[key]), (key, result[key])
     rows = result["rows"]
-    # 3 CPU figures, and 4 disk figures per blob storage, for each shape.
-    assert len(rows) == len(cfg.shapes) * (3 + 4 * len(cfg.blob_storages))
+    # 3 CPU figures, and 4 disk figures (+1 beside O_DIRECT reads) per blob storage.
+    assert len(rows) == len(cfg.shapes) * (3 + (4 + direct) * len(cfg.blob_storages))
     for row in rows:
         for field in ("value", "baseline_value", "ratio"):
             assert _positive_finite(row[field]), (row["figure"], field, row[field])
     assert {r["variant"] for r in rows if r["key"].startswith("disk")} == {"files", "lmdb"}
-    assert result["method"]["cold_cache_method"] == "fadvise"  # as the tiny config asks
+    assert result["method"]["cold_cache_method"] == "fadvise"  # the default
     assert all(_positive_finite(v) for v in result["profile_gbps"].values())
     assert list(tmp_path.iterdir()) == []  # the scratch directory was removed
 
 
+def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))}
+
+
+def test_store_option_runs_the_disk_part_inside_that_directory(tmp_path, monkeypatch):
+    """--store DIR: the disk figures are measured in a scratch directory under DIR (so on
+    DIR's disk); the store's own entries are untouched and nothing is left behind."""
+    store = tmp_path / "store"
+    with DiskTier(store / "disk", 64 << 20) as tier:
+        obj = StoredObject(ObjectHeader("cd" * 16, LAYOUT, 4),
+                           {"kv": torch.ones(LAYOUT.chunk_shape(4), dtype=torch.float16)})
+        tier.put("cd" * 16, obj)
+    (store / "notes.txt").write_text("mine")
+    before = _snapshot(store)
+
+    roots: list[Path] = []
+    measure_disk = bench_store._bench_disk
+
+    def spy(shape, cfg, storage, root, *args, **kwargs):  # the real benchmark, observed
+        roots.append(root)
+        assert root.is_dir()
+        return measure_disk(shape, cfg, storage, root, *args, **kwargs)
+
+    monkeypatch.setattr(bench_store, "_bench_disk", spy)
+    result = bench_store.run(store=store, config=bench_store.StoreBenchConfig.tiny())
+
+    assert roots and all(r.parent == store for r in roots)
+    assert not roots[0].exists()
+    assert _snapshot(store) == before
+    assert str(store) in result["method"]["scratch_dir"]
+    with DiskTier(store / "disk", 64 << 20) as tier:
+        back = tier.get("cd" * 16)
+        assert back is not None and torch.equal(back.tensors["kv"], obj.tensors["kv"])
+
+
+def test_store_option_must_name_an_existing_directory(tmp_path):
+    with pytest.raises(ConfigError, match="no such directory"):
+        bench_store.run(store=tmp_path / "nope", config=bench_store.StoreBenchConfig.tiny())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_from_the_command_line():
+    assert bench_store.options_from_args(argparse.Namespace()) == {
+        "store": None, "drop_caches": False}
+    got = bench_store.options_from_args(argparse.Namespace(store="~/x", drop_caches=True))
+    assert got == {"store": Path("~/x").expanduser(), "drop_caches": True}
+
+
+@pytest.fixture
+def fake_drop_caches(tmp_path, monkeypatch) -> Path:
+    """Points the dropper at a file of ours instead of the host's /proc/sys/vm/drop_caches."""
+    path = tmp_path / "drop_caches"
+    path.write_text("0\n")
+    monkeypatch.setattr(bench_store.CacheDropper, "DROP_CACHES", path)
+    return path
+
+
+def test_the_host_page_cache_is_left_alone_by_default(tmp_path, fake_drop_caches):
+    assert bench_store.CacheDropper().method == "fadvise"
+    store = tmp_path / "store"
+    store.mkdir()
+    result = bench_store.run(store=store, config=bench_store.StoreBenchConfig.tiny())
+    assert result["method"]["cold_cache_method"] == "fadvise"
+    assert "exactly the files" in result["method"]["cold_cache"]
+    assert fake_drop_caches.read_text() == "0\n"  # never written
+
+
+def test_drop_caches_only_when_asked_and_allowed(tmp_path, fake_drop_caches, monkeypatch):
+    dropper = bench_store.CacheDropper("drop_caches")
+    assert "whole host" in dropper.description
+    dropper.drop([])
+    assert fake_drop_caches.read_text() == "1\n"
+
+    # Not writable (not root): refused. A missing file stands for it, since root may
+    # write a read-only file anyway.
+    monkeypatch.setattr(bench_store.CacheDropper, "DROP_CACHES", tmp_path / "no" / "file")
+    with pytest.raises(ConfigError, match="root"):
+        bench_store.CacheDropper("drop_caches")
+    store = tmp_path / "store"
+    store.mkdir()
+    with pytest.raises(ConfigError, match="root"):  # refused before any work
+        bench_store.run(store=store, config=bench_store.StoreBenchConfig.tiny(),
+                        drop_caches=True)
+    assert list(store.iterdir()) == []
+    with pytest.raises(ConfigError, match="cold-cache method"):
+        bench_store.CacheDropper("everything")
+
+
+def test_fadvise_dropper_evicts_exactly_the_given_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        p.write_bytes(b"x" * (2 << 20))  # dirty: the dropper must flush before evicting
+    if not (_cached(a) and _cached(b)):
+        pytest.skip("this file system does not keep written files in the page cache")
+    bench_store.CacheDropper().drop([a])
+    if _cached(a):
+        pytest.skip("this file system keeps files in the page cache (tmpfs?)")
+    assert _cached(b)
+
+
+def _cached(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return blob_files._mostly_cached(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
 def test_table_and_plot(tmp_path):
-    result = bench_store.run(workdir=tmp_path / "w", config=bench_store.StoreBenchConfig.tiny())
+    (tmp_path / "w").mkdir()
+    result = bench_store.run(store=tmp_path / "w", config=bench_store.StoreBenchConfig.tiny())
     table = bench.format_table(result)
     assert "CPU tier get" in table and "copy_ into fresh tensor" in table
     path = bench.plot(result, tmp_path / "out")

@@ -56,16 +56,17 @@ def _objects(nbytes: int, count: int, tag: str) -> list[tuple[str, StoredObject]
     return out
 
 
-def _drop_page_cache(root: Path) -> None:
-    """Flush and evict every file under ``root`` from the page cache (no root needed)."""
-    os.sync()
-    for p in root.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
+def _flush(root: Path, evict: bool = False) -> None:
+    """fsync every file and directory under ``root`` (ours only: no host-wide ``sync``),
+    and with ``evict`` drop the files from the page cache (no root needed)."""
+    for p in [root, *root.rglob("*")]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if evict and p.is_file():
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        finally:
+            os.close(fd)
 
 
 def _rate(nbytes: int, ops: int, seconds: float) -> dict[str, float]:
@@ -85,7 +86,7 @@ def _bench_baseline(root: Path, blob: bytes, count: int) -> dict[str, Any]:
         best = float("inf")
         for _ in range(2):  # best of two: the first pass also warms the allocator
             path.unlink(missing_ok=True)
-            os.sync()
+            _flush(root)
             t0 = time.perf_counter()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             for _ in range(count):
@@ -99,7 +100,7 @@ def _bench_baseline(root: Path, blob: bytes, count: int) -> dict[str, Any]:
         res[name] = _rate(total, count, best)
     for name in ("read_warm", "read_cold"):
         if name == "read_cold":
-            _drop_page_cache(root)
+            _flush(root, evict=True)
         buf = bytearray(len(blob))
         t0 = time.perf_counter()
         with open(path, "rb", buffering=0) as f:
@@ -156,7 +157,7 @@ def _bench_storage(
             assert tier.get(k) is not None
         res["get_warm"] = _rate(blob_len * count, count, time.perf_counter() - t0)
         tier.close()
-        _drop_page_cache(path)
+        _flush(path, evict=True)
         tier = DiskTier(path, capacity, blob_storage=storage, sync_blobs=sync_blobs)
         t0 = time.perf_counter()
         for k, _ in objs:
@@ -218,7 +219,7 @@ def run(quick: bool, root: str | os.PathLike[str] | None = None) -> dict[str, An
             # of milliseconds, and writeback left by one run slows the next.
             runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in STORAGES}
             for label, storage, sync in STORAGES + STORAGES[::-1]:
-                os.sync()
+                _flush(base)
                 runs[label].append(_bench_storage(base, storage, sync, nbytes, count, rounds))
             entry["storages"] = {label: _best(r) for label, r in runs.items()}
             out["sizes"].append(entry)

@@ -7,8 +7,17 @@ and allocation pattern, because the machines are shared and noisy:
   ``get`` (allocates its output) vs ``copy_`` into a freshly allocated tensor;
   ``borrow`` + ``copy_`` into a preallocated tensor vs ``copy_`` between preallocated tensors.
 - Disk tier ``put`` (+ fsync of what it wrote) vs a sequential write (+ fsync) of the same
-  bytes to one file in the same directory; cold ``get`` (page cache dropped) vs a cold
-  sequential read of that file into fresh tensors; warm ``get`` vs the same read warm.
+  bytes to one file in the same directory; cold ``get`` vs a cold sequential read of that
+  file into fresh tensors (and, for context, vs what the disk gives ``O_DIRECT`` reads with
+  several requests in flight); warm ``get`` vs the same read warm.
+
+Cold means the benchmark's own files were evicted from the page cache (fsync, then
+``posix_fadvise(POSIX_FADV_DONTNEED)`` on exactly those files). Dropping the whole host's
+page cache (``/proc/sys/vm/drop_caches``) happens only when asked for (``drop_caches``,
+root only): it slows down everything else running on the machine.
+
+The disk part runs in a temporary directory inside ``store`` (the disk to measure, e.g. a
+store's directory), removed afterwards; nothing else there is touched.
 
 Subject and baseline alternate round by round (which one goes first flips) so slow drift
 of a shared machine hits both; figures are medians over rounds.
@@ -17,16 +26,20 @@ of a shared machine hits both; figures are medians over rounds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
+import mmap
 import os
 import platform
+import queue
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +69,12 @@ HEADLINE_KEYS = (
     "cpu_borrow_vs_copy",
     "disk_put_vs_write",
     "disk_cold_get_vs_read",
+    "disk_cold_get_vs_direct_read",
     "disk_cold_get_many_vs_read",
     "disk_warm_get_vs_read",
 )
+
+COLD_CACHE_METHODS = ("fadvise", "drop_caches")
 
 LLAMA_3_8B = KVLayout("llama-3-8b", 32, 8, 128, dtype="bfloat16")  # 128 KiB per token
 LLAMA_3_2_1B = KVLayout("llama-3.2-1b", 16, 8, 64, dtype="bfloat16")  # 32 KiB per token
@@ -90,12 +106,12 @@ class StoreBenchConfig:
     shapes: tuple[BenchShape, ...]
     rounds: int = 7  # measured rounds of the CPU figures
     cpu_round_bytes: int = 2 << 30  # each CPU round repeats its pass until it moved this
-    disk_rounds: int = 3  # measured rounds of each disk figure (each drops the page cache)
+    disk_rounds: int = 3  # measured rounds of each disk figure (each evicts its files)
     warmup: int = 2
     blob_storages: tuple[str, ...] = ("files", "lmdb")
-    # "auto": drop the whole page cache when root may, else fadvise; "fadvise": only evict
-    # the benchmark's own files (gentler on a shared machine; what the smoke test uses).
-    cold_cache: str = "auto"
+    # "fadvise": evict only the benchmark's own files; "drop_caches": drop the page cache
+    # of the whole host before each cold pass (root only; see ``CacheDropper``).
+    cold_cache: str = "fadvise"
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -103,8 +119,11 @@ class StoreBenchConfig:
         for s in self.shapes:
             if s.cpu_chunks < 1 or s.disk_chunks < 1 or s.num_tokens < 1:
                 raise ConfigError(f"shape {s.label!r}: chunks and num_tokens must be >= 1")
-        if self.cold_cache not in ("auto", "fadvise"):
-            raise ConfigError(f"cold_cache must be 'auto' or 'fadvise', got {self.cold_cache!r}")
+        if self.cold_cache not in COLD_CACHE_METHODS:
+            raise ConfigError(
+                f"cold_cache must be one of {', '.join(COLD_CACHE_METHODS)}, "
+                f"got {self.cold_cache!r}"
+            )
         if self.rounds < 1 or self.disk_rounds < 1 or self.warmup < 0:
             raise ConfigError("rounds and disk_rounds must be >= 1 and warmup >= 0")
 
@@ -127,15 +146,19 @@ class StoreBenchConfig:
 
     @classmethod
     def quick(cls) -> StoreBenchConfig:
+        """Seconds, not minutes, even on a busy 2-core machine: the 32 MiB chunk the disk
+        goal is about and one small chunk, a few of each, few rounds, and only the default
+        blob storage (``files``; the full run measures ``lmdb`` too)."""
         return cls(
             shapes=(
-                BenchShape("llama-3-8b", LLAMA_3_8B, 64, cpu_chunks=16, disk_chunks=12),
-                BenchShape("llama-3.2-1b", LLAMA_3_2_1B, 16, cpu_chunks=128, disk_chunks=48),
+                BenchShape("llama-3-8b", LLAMA_3_8B, 256, cpu_chunks=4, disk_chunks=4),
+                BenchShape("llama-3.2-1b", LLAMA_3_2_1B, 16, cpu_chunks=32, disk_chunks=16),
             ),
-            rounds=5,
-            cpu_round_bytes=256 << 20,
+            rounds=3,
+            cpu_round_bytes=32 << 20,
             disk_rounds=2,
             warmup=1,
+            blob_storages=("files",),
         )
 
     @classmethod
@@ -148,7 +171,6 @@ class StoreBenchConfig:
             cpu_round_bytes=0,
             disk_rounds=1,
             warmup=1,
-            cold_cache="fadvise",
         )
 
 
@@ -223,21 +245,22 @@ class Figure:
         }
 
 
-def _interleaved(
-    rounds: int,
-    subject: Callable[[], float],
-    baseline: Callable[[], float],
-) -> tuple[list[float], list[float]]:
-    """Run both ``rounds`` times, alternating which goes first; each returns GB/s."""
-    s: list[float] = []
-    b: list[float] = []
+def _rotated(rounds: int, *sides: Callable[[], float]) -> list[list[float]]:
+    """Run every side (a subject, then its baselines) once per round, ``rounds`` times;
+    which side goes first rotates round by round. Each returns GB/s."""
+    out: list[list[float]] = [[] for _ in sides]
     for r in range(rounds):
-        if r % 2 == 0:
-            s.append(subject())
-            b.append(baseline())
-        else:
-            b.append(baseline())
-            s.append(subject())
+        for i in range(len(sides)):
+            j = (r + i) % len(sides)
+            out[j].append(sides[j]())
+    return out
+
+
+def _interleaved(
+    rounds: int, subject: Callable[[], float], baseline: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """``_rotated`` for a subject and one baseline: which goes first flips every round."""
+    s, b = _rotated(rounds, subject, baseline)
     return s, b
 
 
@@ -369,7 +392,8 @@ def _files_under(path: Path) -> list[Path]:
     return [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
 
 
-def _fsync_all(paths: list[Path]) -> None:
+def _fsync(paths: list[Path]) -> None:
+    """fsync files or directories (a directory's fsync commits its unlinks)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
@@ -378,35 +402,49 @@ def _fsync_all(paths: list[Path]) -> None:
             os.close(fd)
 
 
-class CacheDropper:
-    """Evicts files from the page cache: ``drop_caches`` as root, else ``posix_fadvise``."""
+def _dirs_under(path: Path) -> list[Path]:
+    return [Path(d) for d, _, _ in os.walk(path)]
 
-    def __init__(self, allow_drop_caches: bool = True) -> None:
-        self.method = "fadvise"
-        if not allow_drop_caches:
-            return
-        try:
-            os.sync()
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("1\n")
-            self.method = "drop_caches"
-        except OSError:
-            pass
+
+class CacheDropper:
+    """Makes the next read of some files cold, by one of ``COLD_CACHE_METHODS``:
+
+    - ``"fadvise"`` (the default): fsync each file (dirty pages cannot be dropped), then
+      ``posix_fadvise(POSIX_FADV_DONTNEED)`` on it. Only the benchmark's own files leave
+      the page cache; nothing else on the machine notices.
+    - ``"drop_caches"``: ``sync`` and ``echo 1 > /proc/sys/vm/drop_caches``, which empties
+      the page cache of the whole host (every process's files, not only ours). Root only;
+      only when asked for explicitly.
+    """
+
+    DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+    def __init__(self, method: str = "fadvise") -> None:
+        if method not in COLD_CACHE_METHODS:
+            raise ConfigError(
+                f"unknown cold-cache method {method!r}; use one of {', '.join(COLD_CACHE_METHODS)}"
+            )
+        if method == "drop_caches" and not os.access(self.DROP_CACHES, os.W_OK):
+            raise ConfigError(
+                f"dropping the host's page cache needs write access to {self.DROP_CACHES} "
+                "(root); run as root or leave it out (the default evicts only the "
+                "benchmark's own files)"
+            )
+        self.method = method
 
     @property
     def description(self) -> str:
         if self.method == "drop_caches":
-            return ("sync + `echo 1 > /proc/sys/vm/drop_caches` (the whole page cache) before "
-                    "each cold read")
-        return ("fsync + posix_fadvise(POSIX_FADV_DONTNEED) on every file read (not root, or "
-                "/proc/sys/vm/drop_caches not writable); the tier is closed first so LMDB's "
-                "mapping does not pin pages")
+            return ("sync + `echo 1 > /proc/sys/vm/drop_caches` before each cold pass: the "
+                    "page cache of the whole host was dropped (asked for explicitly)")
+        return ("fsync + posix_fadvise(POSIX_FADV_DONTNEED) on exactly the files about to be "
+                "read (nothing else leaves the page cache); the tier is closed first so "
+                "LMDB's mapping does not pin pages")
 
     def drop(self, paths: list[Path]) -> None:
         if self.method == "drop_caches":
             os.sync()  # dirty pages are not dropped
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("1\n")
+            self.DROP_CACHES.write_text("1\n")
             return
         for p in paths:
             fd = os.open(p, os.O_RDONLY)
@@ -417,6 +455,51 @@ class CacheDropper:
                 os.close(fd)
 
 
+# The "what the disk gives" read: O_DIRECT requests of this size, this many in flight.
+_DIRECT_REQUEST = 2 << 20
+_DIRECT_IN_FLIGHT = 8
+
+
+def _direct_reader(path: Path) -> Callable[[], None] | None:
+    """A read of the whole file at ``path`` with ``O_DIRECT`` requests in flight together,
+    into reused memory: about what the disk can deliver (cf. fio). None when the file
+    system refuses ``O_DIRECT``."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return None
+    # One aligned slot per request in flight, faulted in once (mmap is page-aligned).
+    slots = mmap.mmap(-1, _DIRECT_REQUEST * _DIRECT_IN_FLIGHT,
+                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    slots.write(b"\0" * len(slots))
+    views = [memoryview(slots)[i * _DIRECT_REQUEST : (i + 1) * _DIRECT_REQUEST]
+             for i in range(_DIRECT_IN_FLIGHT)]
+    free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+    for v in views:
+        free.put(v)
+
+    def read() -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        size = os.fstat(fd).st_size
+
+        def one(offset: int) -> None:
+            slot = free.get()
+            try:
+                os.preadv(fd, [slot], offset)
+            finally:
+                free.put(slot)
+
+        try:
+            with ThreadPoolExecutor(_DIRECT_IN_FLIGHT) as pool:
+                list(pool.map(one, range(0, size, _DIRECT_REQUEST)))
+        finally:
+            os.close(fd)
+
+    return read
+
+
 def _bench_disk(
     shape: BenchShape,
     cfg: StoreBenchConfig,
@@ -424,6 +507,7 @@ def _bench_disk(
     root: Path,
     dropper: CacheDropper,
     tag: int,
+    notes: list[str],
 ) -> list[Figure]:
     from kvcache.kvstore.disk_tier import DiskTier
 
@@ -447,18 +531,20 @@ def _bench_disk(
     def put() -> float:
         for k in keys:
             tier.delete(k)
-        os.sync()  # the deletes' writeback must not land in the timed section
+        # The deletes' journal commit must not land in the timed section (a directory's
+        # fsync commits it; no host-wide sync).
+        _fsync(_dirs_under(tier_dir))
 
         def body() -> None:
             for k, o in zip(keys, objs, strict=True):
                 tier.put(k, o)
             # Durable like the baseline: blob files are not fsynced by the tier by default.
-            _fsync_all(_files_under(tier_dir))
+            _fsync(_files_under(tier_dir))
         return _gbps(total, body)
 
     def write() -> float:
         base.unlink(missing_ok=True)
-        os.sync()
+        _fsync([root])
 
         def body() -> None:
             with open(base, "wb", buffering=0) as f:
@@ -487,7 +573,7 @@ def _bench_disk(
                 del out
 
     def cold_get() -> float:
-        tier.close()  # unmaps LMDB, whose mapped pages no cache drop can evict
+        tier.close()  # unmaps LMDB, whose mapped pages no eviction can drop
         dropper.drop(_files_under(tier_dir))
         reopen()  # reads the (small) index: a serving process has it warm anyway
         return _gbps(total, get_all)
@@ -508,14 +594,25 @@ def _bench_disk(
     got = tier.get(keys[0])
     assert got is not None and torch.equal(got.tensors["kv"], srcs[0]), "disk tier corrupted data"
     del got
+    direct_read = _direct_reader(base)
 
     label = shape.name
     figs = [Figure("disk_put_vs_write", "disk tier put + fsync",
                    "sequential write + fsync", label,
                    *_interleaved(cfg.disk_rounds, put, write), variant=storage)]
+    if direct_read is None:
+        if "O_DIRECT" not in " ".join(notes):
+            notes.append("no O_DIRECT read figure: the file system refuses O_DIRECT")
+        gets, reads = _interleaved(cfg.disk_rounds, cold_get, cold_read)
+    else:
+        gets, reads, directs = _rotated(cfg.disk_rounds, cold_get, cold_read,
+                                        lambda: _gbps(total, direct_read))
     figs.append(Figure("disk_cold_get_vs_read", "disk tier get, cold",
-                       "sequential read, cold", label,
-                       *_interleaved(cfg.disk_rounds, cold_get, cold_read), variant=storage))
+                       "sequential read, cold", label, gets, reads, variant=storage))
+    if direct_read is not None:
+        figs.append(Figure("disk_cold_get_vs_direct_read", "disk tier get, cold",
+                           f"O_DIRECT read, {_DIRECT_IN_FLIGHT} x {_DIRECT_REQUEST // MiB} MiB "
+                           "in flight", label, gets, directs, variant=storage))
     figs.append(Figure("disk_cold_get_many_vs_read", "disk tier get_many, cold",
                        "sequential read, cold", label,
                        *_interleaved(cfg.disk_rounds, cold_get_many, cold_read),
@@ -618,27 +715,60 @@ def _code_version() -> dict[str, Any]:
             "modified": [line[3:] for line in dirty if line.strip()]}
 
 
+DEFAULT_STORE = Path.home() / ".cache" / "kvcache-bench"
+
+
+def options_from_args(args: Any) -> dict[str, Any]:
+    """``run`` keyword arguments from ``kvcache bench store``'s command line: ``--store DIR``
+    (the disk to measure) and ``--drop-caches`` (host-wide, root only)."""
+    store = getattr(args, "store", None)
+    return {
+        "store": None if store is None else Path(store).expanduser(),
+        "drop_caches": bool(getattr(args, "drop_caches", False)),
+    }
+
+
 def run(
     quick: bool = False,
-    workdir: Path | None = None,
+    store: Path | None = None,
     config: StoreBenchConfig | None = None,
+    *,
+    drop_caches: bool = False,
 ) -> dict[str, Any]:
-    """Measure everything; return the result dict (see ``kvcache.tools.bench``)."""
+    """Measure everything; return the result dict (see ``kvcache.tools.bench``).
+
+    ``store``: an existing directory on the disk to measure (a store's directory, say);
+    the disk part runs in a temporary subdirectory of it and removes it afterwards,
+    touching nothing else there. Default: ``~/.cache/kvcache-bench`` (created).
+    ``drop_caches``: make reads cold by dropping the whole host's page cache (root only)
+    instead of evicting just the benchmark's files.
+    """
     cfg = config or (StoreBenchConfig.quick() if quick else StoreBenchConfig.full())
-    parent = Path(workdir) if workdir else Path.home() / ".cache" / "kvcache-bench"
-    parent.mkdir(parents=True, exist_ok=True)
+    if drop_caches:
+        cfg = dataclasses.replace(cfg, cold_cache="drop_caches")
+    dropper = CacheDropper(cfg.cold_cache)  # refuses drop_caches without root, up front
+    if store is None:
+        parent = DEFAULT_STORE
+        parent.mkdir(parents=True, exist_ok=True)
+    else:
+        parent = Path(store)
+        if not parent.is_dir():
+            raise ConfigError(
+                f"--store {parent}: no such directory; give an existing directory on the "
+                "disk to measure (the benchmark works in a temporary subdirectory of it)"
+            )
     free = shutil.disk_usage(parent).free
     if free < cfg.disk_bytes + 1024 * MiB:
         raise ConfigError(
             f"the benchmark needs {cfg.disk_bytes / GB:.1f} GB free under {parent} and "
-            f"{free / GB:.1f} GB are; free space or pass another workdir"
+            f"{free / GB:.1f} GB are; free space or pass --store on another disk"
         )
-    # Not /dev/shm: the disk figures must hit the disk the tier would really use.
-    root = Path(tempfile.mkdtemp(prefix="store-", dir=parent))
+    # Not /dev/shm: the disk figures must hit the disk the tier would really use. A hidden
+    # name, so that a listing of the store does not take it for one of its own entries.
+    root = Path(tempfile.mkdtemp(prefix=".kvcache-bench-", dir=parent))
     t_start = time.time()
     figures: list[Figure] = []
     notes: list[str] = []
-    dropper: CacheDropper | None = None
     try:
         from kvcache.kvstore import disk_tier  # noqa: F401 - present in this build?
         disk_ok = True
@@ -649,10 +779,10 @@ def run(
         for i, shape in enumerate(cfg.shapes):
             figures += _bench_cpu(shape, cfg, tag=2 * i)
         if disk_ok:
-            dropper = CacheDropper(allow_drop_caches=cfg.cold_cache == "auto")
             for i, shape in enumerate(cfg.shapes):
                 for storage in cfg.blob_storages:
-                    figures += _bench_disk(shape, cfg, storage, root, dropper, tag=2 * i + 1)
+                    figures += _bench_disk(shape, cfg, storage, root, dropper, tag=2 * i + 1,
+                                           notes=notes)
         profile = _profile(cfg.shapes[0], cfg)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -690,17 +820,22 @@ def run(
         "disk_rounds": cfg.disk_rounds,
         "warmup": cfg.warmup,
         "statistic": "median GB/s over rounds (1e9 bytes/s of chunk payload); subject and "
-                     "baseline alternate, which goes first flips every round",
-        "cold_cache": dropper.description if dropper else None,
-        "cold_cache_method": dropper.method if dropper else None,
+                     "baselines take turns, which goes first rotates every round; the ratio "
+                     "is the median of the per-round ratios",
+        "scratch_dir": f"a temporary subdirectory of {parent}, removed afterwards",
+        "cold_cache": dropper.description,
+        "cold_cache_method": dropper.method,
         "cpu": "put: N puts into a tier whose pool pages were committed during warm-up, vs "
                "copy_ into a preallocated, touched pool; get: tier.get (fresh buffer) vs "
                "torch.empty_like + copy_; borrow: zero-copy view + copy_ into a preallocated "
                "tensor vs copy_ between preallocated tensors",
         "disk": "put: N puts then fsync of every file under the tier directory, vs one "
                 "sequential write + fsync of the same bytes; get: N gets (read, xxh3 verify, "
-                "decode) vs a sequential read of one file into fresh N chunk-sized tensors; "
-                "both in the same directory; the tier is reopened after each cache drop",
+                "decode, one get at a time) vs a buffered sequential read of one file of the "
+                "same bytes into fresh N chunk-sized tensors, and vs O_DIRECT reads of that "
+                f"file with {_DIRECT_IN_FLIGHT} requests of {_DIRECT_REQUEST // MiB} MiB in "
+                "flight into reused memory (about what the disk gives); all in the same "
+                "directory; the tier is reopened after each eviction",
         "profile": "GB/s of single steps on warm memory for the headline shape "
                    "(encode/decode/xxh3 are single-threaded)",
     }
