@@ -31,12 +31,18 @@ from kvcache.kvstore.layout import KVLayout
 MAX_FRACTION = 1 / 16
 
 
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """float8 as fp16 (aminmax and abs have no float8 kernels; both float8 formats fit in
+    fp16, NaN and inf included); other tensors as they are."""
+    return t.to(torch.float16) if t.element_size() == 1 and t.is_floating_point() else t
+
+
 def finite_within(t: torch.Tensor, limit: float) -> bool:
     """Whether every element of ``t`` is finite with ``|x| <= limit``: one pass of
     ``aminmax`` (which propagates NaN), a tenth of ``isfinite().all()``'s cost."""
     if t.numel() == 0:
         return True
-    lo, hi = torch.aminmax(t)
+    lo, hi = torch.aminmax(_widened(t))
     # as Python floats: a limit beyond the dtype's range would round to inf in it
     return float(lo) >= -limit and float(hi) <= limit
 
@@ -51,11 +57,12 @@ def split(
     if finite_within(chunk, limit):
         return {}, None
     # NaN compares false: escaped too; a limit past the dtype's range would round to inf
-    mask = ~(chunk.abs() <= min(limit, torch.finfo(chunk.dtype).max))
+    wide = _widened(chunk)
+    mask = ~(wide.abs() <= min(limit, torch.finfo(wide.dtype).max))
     flat = mask.reshape(-1).nonzero().squeeze(1)
     if flat.numel() > MAX_FRACTION * chunk.numel():
-        nan = int(chunk.isnan().sum())
-        inf = int(chunk.isinf().sum())
+        nan = int(wide.isnan().sum())
+        inf = int(wide.isinf().sum())
         raise UnencodableChunkError(
             f"codec {codec!r} cannot store this chunk: {flat.numel()} of its {chunk.numel()} "
             f"values ({nan} NaN, {inf} inf, {flat.numel() - nan - inf} beyond +-{limit:g}) "

@@ -26,6 +26,7 @@ below fp16's resolution, 2^-24, decodes to within that). Format 2 (raw escapes);
 objects still decode, except those whose scales or zeros are non-finite or saturated at
 fp16's limit (written from a chunk with NaN, inf or overflowing values, whose whole group
 decoded wrong): those raise ``CorruptObjectError``, like any object that cannot decode.
+float8 layouts are refused (``LayoutMismatchError``): their KV is already 8 bits.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from kvcache.kvstore.layout import KVLayout
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _GROUPS = (8, 16, 32, 64, 128, 256)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def k_group_size(group: int, tokens: int) -> int:
@@ -108,6 +110,10 @@ class QuantCodec(Codec):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """chunk: ``[L, 2, T, H, D]``."""
         tokens = _check.check_chunk(chunk, layout, self.name, mla_ok=False)
+        if chunk.dtype not in _DTYPES:
+            raise LayoutMismatchError(
+                f"quant codes float16, bfloat16 and float32 KV, not {layout.dtype}; store it "
+                "with 'fp8', 'cachegen', 'zstd' or 'raw'")
         L, C = layout.num_layers, layout.num_kv_heads * layout.head_dim
         gk = k_group_size(self.group, tokens)
         gv = v_group_size(self.group, C)

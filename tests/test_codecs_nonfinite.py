@@ -24,7 +24,11 @@ import torch
 from kvcache.codecs import fp8, quant
 from kvcache.codecs.cachegen import CacheGenCodec
 from kvcache.codecs.registry import codec_names, get_codec
-from kvcache.kvstore.errors import CorruptObjectError, UnencodableChunkError
+from kvcache.kvstore.errors import (
+    CorruptObjectError,
+    LayoutMismatchError,
+    UnencodableChunkError,
+)
 from kvcache.kvstore.layout import KVLayout, RopeSpec
 from kvcache.tools.synthetic_kv import synthetic_kv
 
@@ -200,6 +204,24 @@ def test_mostly_non_finite_chunk_is_refused_or_kept_exactly(name):
         return
     out = codec.decode(*codec.encode(chunk, layout), layout, T)
     assert _same_bits(out, chunk)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_layouts(dtype):
+    """float8 KV: NaN (and e5m2's inf) kept exactly by the codecs that take it; quant
+    refuses the layout with a typed error (it raised a bare ValueError)."""
+    layout = KVLayout("nonfinite", num_layers=2, num_kv_heads=2, head_dim=32, dtype=dtype)
+    chunk = _base("float32").clamp(-400, 400).to(layout.torch_dtype)
+    chunk[1, 1, 3, 0, 5] = float("nan")
+    chunk[0, 0, 2, 1, 6] = float("inf")  # e4m3fn has no inf: it saturates to 448
+    for name in ("raw", "zstd", "fp8", "cachegen", "cachegen-rans"):
+        codec = get_codec(name)
+        out = codec.decode(*codec.encode(chunk, layout, rope_start=3), layout, T)
+        keep = ~torch.isfinite(chunk.float())
+        assert torch.equal(out[keep].view(torch.uint8), chunk[keep].view(torch.uint8)), name
+        assert bool(torch.isfinite(out.float()[~keep]).all()), name
+    with pytest.raises(LayoutMismatchError, match="'fp8'"):
+        get_codec("quant").encode(chunk, layout)
 
 
 # -- the bugs this fixed (each failed before) ---------------------------------------------------
