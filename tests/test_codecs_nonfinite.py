@@ -7,9 +7,9 @@ exactly where NaN was and ±inf exactly where ±inf was (bit for bit, NaN payloa
 the exact value of a finite value beyond the codec's range, and to the other elements with
 an error no worse than the same codec's on the chunk before the bad values were put in:
 mean absolute error within ``MEAN_FACTOR`` and maximum within ``MAX_FACTOR`` of it, on the
-same elements. Denormals come back within the codec's normal error at their positions (at
-most ``MAX_FACTOR`` times its largest error there on the original chunk, plus the dtype's
-smallest normal); lossless codecs give back every bit.
+same elements. Denormals come back within the codec's normal error (at most
+``MAX_FACTOR`` times its largest error on the original chunk, plus the dtype's smallest
+normal); lossless codecs give back every bit.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ from kvcache.tools.synthetic_kv import synthetic_kv
 
 T = 20
 DTYPES = ("float16", "bfloat16", "float32")
-MEAN_FACTOR = 1.1
-MAX_FACTOR = 1.5
+# Measured worst over every codec, dtype, case and 10 random seeds when written: 1.097
+# (mean; quant-int2 when 1/8 of the values become denormals, i.e. ~0, which changes their
+# groups) and 1.01 (max). The bugs these catch were 16x and NaN.
+MEAN_FACTOR = 1.15
+MAX_FACTOR = 1.25
 REFUSES: set[str] = set()  # codecs that refuse chunks with a few non-finite values
 # cachegen's other levels run the same code with other steps: slow (all 21 names ~2x time)
 NAMES = [pytest.param(n, marks=pytest.mark.slow) if re.fullmatch(r"cachegen(-rans)?-\d", n)
@@ -160,7 +163,7 @@ def check_codec_keeps_bad_values(
     assert err[others].max() <= MAX_FACTOR * ref[others].max() + 1e-6
     if denormal.any():
         assert bool(torch.isfinite(out[denormal]).all())
-        assert err[denormal].max() <= MAX_FACTOR * ref[denormal].max() + tiny
+        assert err[denormal].max() <= MAX_FACTOR * ref.max() + tiny
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -187,6 +190,31 @@ def test_fp8_codes_values_past_fp16s_range_as_its_heads_largest():
     assert bool(torch.isfinite(out).all())
     for pos in ((0, 1, 5, 0, 3), (1, 0, 19, 1, 31)):
         assert abs(float(out[pos]) / float(chunk[pos]) - 1) < 2**-4
+
+
+def _random_bad_values(seed: int, huge: bool) -> Callable[[torch.Tensor], None]:
+    """Up to 23 elements anywhere set to NaN, ±inf, a denormal or (``huge``) a value
+    past fp16's range: several may share a group, or be K pair partners."""
+
+    def fill(c: torch.Tensor) -> None:
+        g = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(1, 24, (1,), generator=g))
+        where = torch.randint(0, c.numel(), (n,), generator=g).tolist()
+        kinds = torch.randint(0, 5 if huge else 4, (n,), generator=g).tolist()
+        big = 60000.0 if c.dtype == torch.float16 else 1e20
+        values = [float("nan"), float("inf"), float("-inf"), torch.finfo(c.dtype).tiny / 3, big]
+        for i, k in zip(where, kinds, strict=True):
+            c.view(-1)[i] = values[k]
+
+    return fill
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_random_bad_values(name):
+    """A small fuzz: random positions and kinds (checked over 40 seeds when written)."""
+    for seed in range(3):
+        fill = _random_bad_values(seed, huge=name != "fp8")
+        check_codec_keeps_bad_values(name, DTYPES[seed % 3], fill)
 
 
 @pytest.mark.parametrize("name", NAMES)
