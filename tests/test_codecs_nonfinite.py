@@ -271,6 +271,17 @@ def test_fp8_chunk_with_an_inf_decodes():
     assert torch.equal(out[1, 0, :, 0][head[1, 0, :, 0]], clean[1, 0, :, 0][head[1, 0, :, 0]])
 
 
+def test_fp8_head_of_zeros_and_a_denormal_stays_finite():
+    """The head's scale (its largest value / 448) underflowed to 0 and its zeros came
+    back as 0 / 0 = NaN."""
+    layout = KVLayout("nonfinite", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float32")
+    chunk = torch.zeros(layout.chunk_shape(4))
+    chunk[0, 0, 0, 0, 0] = 1e-44
+    codec = get_codec("fp8")
+    out = codec.decode(*codec.encode(chunk, layout), layout, 4)
+    assert bool(torch.isfinite(out).all()) and float(out.abs().max()) <= 1e-44
+
+
 @pytest.mark.parametrize("name", ["quant", "quant-int8", "quant-int2", "quant-int4-hadamard"])
 def test_quant_one_nan_stays_one_nan(name):
     """One NaN in a group made its scale NaN: the whole group (64 values) came back NaN."""
