@@ -17,6 +17,8 @@ while layer ``i`` is appended to the ``DynamicCache``. Other ``ChunkStore``s go 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import xxhash
 
 from kvcache.connectors.hf_layerwise_cache import LayerwiseCache
 from kvcache.kvstore.errors import KVCacheError, LayoutMismatchError
@@ -34,6 +37,7 @@ from kvcache.kvstore.tiered_store import TieredStore
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+    from transformers.utils import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +250,30 @@ def canonical_to_cache(
     return cache
 
 
+# -- transformers' cache argument ------------------------------------------------------
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """The name ``model.forward`` takes its KV cache under: ``cache`` since transformers
+    5.24, ``past_key_values`` before (5.24 still accepts it, with a FutureWarning)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: ModelOutput) -> DynamicCache:
+    """The cache a forward pass returned (``out.cache``, or ``out.past_key_values`` before
+    transformers 5.24), read without the old name's FutureWarning."""
+    # a field test, not hasattr: reading the old name is what warns
+    names = getattr(type(out), "__dataclass_fields__", {})
+    cache: DynamicCache = getattr(out, "cache" if "cache" in names else "past_key_values")
+    return cache
+
+
 # -- the connector ---------------------------------------------------------------------
 @dataclass
 class PrefillResult:
     """Outcome of ``HFConnector.prefill``.
 
-    logits: ``[vocab]`` next-token logits at the last prompt position (float32).
+    logits: ``[1, 1, vocab]`` next-token logits at the last prompt position, float32: what
+    ``model(input_ids, logits_to_keep=1).logits`` gives (``logits[:, -1]`` is ``[1, vocab]``).
     cache: the prompt's full ``DynamicCache`` (layers ``[1, kv_heads, T, head_dim]``),
     ready for decoding. ``hits_by_tier``: chunks served per tier name. ``ttft_s``: lookup,
     load and the forward pass (time to first token); storing new chunks comes after it
@@ -269,7 +291,12 @@ class PrefillResult:
 
 
 class HFConnector:
-    """Prefix reuse for a transformers causal LM (batch size 1, ``DynamicCache``)."""
+    """Prefix reuse for a transformers causal LM (batch size 1, ``DynamicCache``).
+
+    ``model_id`` names the weights in every key. By default it is the checkpoint the model
+    was loaded from (name and revision); a model built from a config in code has none, so
+    its id is a hash of its config and weights (see ``weights_model_id``).
+    """
 
     def __init__(
         self,
@@ -282,8 +309,9 @@ class HFConnector:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
         if model_id is None:
-            model_id = _model_id_of(model.config)
+            model_id = _model_id_of(model)
         self.model = model
+        self._cache_kwarg = cache_kwarg(model)
         self.store = store
         self.chunk_size = chunk_size
         self.dtype: torch.dtype = model.dtype
@@ -412,9 +440,9 @@ class HFConnector:
         return self.model(
             input_ids=ids,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kwarg: cache},
         )
 
     def prefill(self, input_ids: torch.Tensor | Sequence[int]) -> PrefillResult:
@@ -437,15 +465,14 @@ class HFConnector:
                 log.warning("loading a cached prefix failed, recomputing it: %s", e)
                 cache, reuse, hits = None, 0, {}
                 out = self._forward(tokens, None, 0)
-            logits = out.logits[0, -1].float()
+            logits = out.logits[:, -1:].float()  # [1, 1, vocab]
+            prompt_cache = output_cache(out)  # the prefix and the computed tokens
         ttft = time.perf_counter() - t0
         # Chunks wholly inside the reused prefix came from the store; the rest may be new
         # (store_kv still skips any another request stored meanwhile).
         t1 = time.perf_counter()
         try:
-            stored = self.store_kv(
-                tokens, out.past_key_values, start_chunk=reuse // self.chunk_size
-            )
+            stored = self.store_kv(tokens, prompt_cache, start_chunk=reuse // self.chunk_size)
         except KVCacheError as e:
             # Caching is best effort: the logits are computed, a full store must not fail
             # the request. The next request with this prefix recomputes what is missing.
@@ -453,7 +480,7 @@ class HFConnector:
             stored = 0
         return PrefillResult(
             logits=logits,
-            cache=out.past_key_values,
+            cache=prompt_cache,
             reused_tokens=reuse,
             computed_tokens=len(tokens) - reuse,
             hits_by_tier=hits,
@@ -463,14 +490,43 @@ class HFConnector:
         )
 
 
-def _model_id_of(config: PretrainedConfig) -> str:
-    """The checkpoint name (and revision) a model was loaded from, for its KV keys."""
+def _model_id_of(model: PreTrainedModel) -> str:
+    """The checkpoint name (and revision) a model was loaded from, for its KV keys; for a
+    model that names no checkpoint, ``weights_model_id``."""
+    config = model.config
     name = getattr(config, "_name_or_path", "") or ""
     if not name:
-        raise LayoutMismatchError(
-            "this model was not loaded from a named checkpoint, so its KV cannot be told "
-            "apart from another model's of the same shape: pass model_id=... naming its "
-            "weights"
-        )
+        return weights_model_id(model)
     revision = getattr(config, "_commit_hash", None)
     return f"{name}@{revision}" if revision else str(name)
+
+
+def weights_model_id(model: PreTrainedModel) -> str:
+    """An id for a model built in code: ``<model_type>-weights-<hash>`` over its config and
+    every tensor of its ``state_dict`` (names, dtypes, shapes and bytes).
+
+    Two random models of one config differ only in their weights, so a name cannot tell
+    them apart and a shared name would serve one model's KV to the other: the weights
+    themselves must be in the key. Config fields count too (an ``rms_norm_eps`` changes the
+    KV); a field that does not (``use_cache``) only costs misses. Reads every weight once
+    (each copied to CPU memory in turn); pass ``model_id=`` to skip that.
+    """
+    config = model.config
+    fields = {
+        k: v
+        for k, v in config.to_dict().items()
+        # private fields and the library version change nothing the KV depends on
+        if not k.startswith("_") and k != "transformers_version"
+    }
+    h = xxhash.xxh3_128()
+    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.device.type == "meta":
+                raise LayoutMismatchError(
+                    f"{name} has no data yet (meta device), so the model's KV cannot be "
+                    "keyed by its weights: load them first or pass model_id=... naming them"
+                )
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().reshape(-1).view(torch.uint8).cpu().numpy().data)
+    return f"{config.model_type}-weights-{h.hexdigest()}"

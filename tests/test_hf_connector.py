@@ -24,7 +24,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from kvcache.connectors.hf import HFConnector, layout_from_hf_config
+from kvcache.connectors.hf import HFConnector, layout_from_hf_config, output_cache
 from kvcache.kvstore.config import CpuTierConfig, DiskTierConfig, StoreConfig
 from kvcache.kvstore.errors import LayoutMismatchError, StoreFullError
 from kvcache.kvstore.layout import RopeStyle
@@ -59,9 +59,9 @@ def prompt(n: int, seed: int = 1) -> list[int]:
 
 
 def full_logits(model, ids: list[int]) -> torch.Tensor:
-    """Reference: ``[vocab]`` last-position logits of a prefill without any cache."""
+    """Reference: ``[1, 1, vocab]`` last-position logits of a prefill without any cache."""
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        return model(input_ids=torch.tensor([ids])).logits[:, -1:].float()
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -137,10 +137,44 @@ def test_unsupported_family_is_refused():
         layout_from_hf_config(GPT2Config(), torch.float32, "gpt2")
 
 
-def test_unnamed_model_needs_a_model_id():
+def test_unnamed_models_are_keyed_by_their_weights():
+    """A model built from a config names no checkpoint: its id hashes config and weights,
+    so the same weights agree (in any process) and other weights never share chunks."""
+    store = TieredStore.in_memory(1 << 24)
+    ids = prompt(48)
+    a = HFConnector(build_model("llama"), store, chunk_size=CHUNK)
+    assert a.layout.model_id.startswith("llama-weights-")
+    a.prefill(ids)
+    same = HFConnector(build_model("llama"), store, chunk_size=CHUNK)
+    assert same.layout.model_id == a.layout.model_id
+    assert same.prefill(ids).reused_tokens == 47
+    # same config, other seed: only the weights differ
+    other_weights = HFConnector(build_model("llama", seed=1), store, chunk_size=CHUNK)
+    # same weights, another config field the KV depends on
+    other_eps = HFConnector(build_model("llama", rms_norm_eps=1e-3), store, chunk_size=CHUNK)
+    for other in (other_weights, other_eps):
+        assert other.layout.model_id != a.layout.model_id
+        assert other.prefill(ids).reused_tokens == 0
+    # one weight changed in place after construction is a new id for a new connector
     model = build_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1
+    assert HFConnector(model, store, chunk_size=CHUNK).layout.model_id != a.layout.model_id
+
+
+def test_named_checkpoint_is_keyed_by_name_and_revision():
+    model = build_model("llama")
+    model.config._name_or_path = "org/tiny"
+    model.config._commit_hash = "abc123"
+    assert HFConnector(model, TieredStore.in_memory(1 << 20)).layout.model_id == "org/tiny@abc123"
+
+
+def test_weights_on_the_meta_device_need_a_model_id():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(FAMILIES["llama"]())
     with pytest.raises(LayoutMismatchError, match="model_id"):
         HFConnector(model, TieredStore.in_memory(1 << 20))
+    assert HFConnector(model, TieredStore.in_memory(1 << 20), model_id="m").layout.model_id == "m"
 
 
 # -- reuse from each tier ----------------------------------------------------------------
@@ -150,6 +184,8 @@ def test_reuse_from_cpu_matches_full_prefill(family_model):
     ids = prompt(57)  # 3 full chunks + 9 tokens
     first = conn.prefill(ids)
     assert (first.reused_tokens, first.computed_tokens, first.stored_tokens) == (0, 57, 57)
+    # what model(input_ids, logits_to_keep=1).logits gives: [batch, 1, vocab]
+    assert first.logits.shape == (1, 1, TINY["vocab_size"])
     torch.testing.assert_close(first.logits, full_logits(model, ids), atol=ATOL, rtol=RTOL)
 
     # An extension of the prompt: the 3 full chunks match; the partial chunk's key named
@@ -375,7 +411,7 @@ def test_store_kv_skips_present_chunks_and_honours_start_chunk():
     conn = HFConnector(model, store, chunk_size=CHUNK, model_id="m")
     ids = prompt(40)
     with torch.inference_mode():
-        cache = model(input_ids=torch.tensor([ids])).past_key_values
+        cache = output_cache(model(input_ids=torch.tensor([ids])))
     assert conn.store_kv(ids, cache, start_chunk=1) == 24  # chunks 16..32 and 32..40
     assert [store.contains(c.prefix_key) for c in conn.chunks(ids)] == [False, True, True]
     assert conn.store_kv(torch.tensor([ids]), cache) == 16  # only chunk 0 was missing

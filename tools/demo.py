@@ -69,11 +69,12 @@ def _workload(requests: int, seed: int) -> list[tuple[str, list[int]]]:
 
 
 def _full_prefill(model: torch.nn.Module, ids: list[int]) -> tuple[torch.Tensor, float]:
-    """Baseline: last-position logits ``[vocab]`` of a full prefill and its time."""
+    """Baseline: last-position logits ``[1, 1, vocab]`` of a full prefill and its time
+    (the shape ``HFConnector.prefill`` returns them in)."""
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ids]), logits_to_keep=1)
-        logits = out.logits[0, -1].float()
+        logits = out.logits[:, -1:].float()
     return logits, time.perf_counter() - t0
 
 
