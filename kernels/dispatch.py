@@ -4,6 +4,10 @@
 otherwise. ``impl="triton"`` forces the kernel, also on CPU tensors when
 ``TRITON_INTERPRET=1`` was set before triton was first imported (how the tests run every
 kernel without a GPU). ``impl="torch"`` forces the reference.
+
+triton is optional: CUDA builds of torch install the triton they were built with, CPU
+builds run the torch references and need triton only for the tests (the ``test`` extra).
+Nothing imports it until a Triton kernel is launched.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ def use_triton(impl: str, device: torch.device) -> bool:
         return False
     if impl == "triton":
         if not triton_available():
-            raise RuntimeError("impl='triton' but triton is not installed: pip install triton")
+            raise RuntimeError(
+                "impl='triton' but triton is not installed: CUDA builds of torch bring it; "
+                "elsewhere pip install triton (or the package's test extra)")
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(
                 f"impl='triton' on {device.type} tensors needs TRITON_INTERPRET=1 in the "
