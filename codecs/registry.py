@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import importlib
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvcache.codecs.base import Codec
 from kvcache.kvstore.errors import UnknownCodecError
+
+if TYPE_CHECKING:
+    from kvcache.codecs.base import Codec
 
 _CODECS: dict[str, tuple[str, dict[str, Any]]] = {
     "raw": ("kvcache.codecs.raw:RawCodec", {}),

@@ -85,7 +85,6 @@ from kvcache.kvstore.index_format import (
     parse_blob_name,
 )
 from kvcache.kvstore.lmdb_index import (
-    MIN_FREE_DISK,
     LmdbIndex,
     disk_full_message,
     free_disk_bytes,
@@ -102,6 +101,7 @@ T = TypeVar("T")
 
 _INDEX_MAP_BYTES = 1 << 30  # address space only; the file grows with the index
 _MAP_HEADROOM = 256 << 20  # LMDB cannot reuse pages freed by the last two transactions
+_MIN_FREE_TO_CREATE = 1 << 20  # a new index's first pages and reader table, with room
 _FLUSH_EVERY = 1024  # batched access updates
 _FLUSH_INTERVAL_S = 2.0
 # A file without a writer token (named before tokens existed) is junk only once no write
@@ -284,10 +284,10 @@ class DiskTier(Tier):
         blobs = self.path / BLOBS_DIR
         if blobs.is_dir() and any(any(s.iterdir()) for s in blobs.iterdir() if s.is_dir()):
             return "index/data.mdb is missing or empty while blobs/ holds objects"
-        if not self.readonly and free_disk_bytes(self.path) < MIN_FREE_DISK:
+        if not self.readonly and free_disk_bytes(self.path) < _MIN_FREE_TO_CREATE:
             # LMDB maps the files it creates: on a full disk a new one would SIGBUS.
             raise DiskFullError(disk_full_message(
-                self.path, f"creating the index needs {MIN_FREE_DISK >> 20} MiB free"))
+                self.path, f"creating the index needs {_MIN_FREE_TO_CREATE >> 20} MiB free"))
         return None
 
     def _map_size(self) -> int:

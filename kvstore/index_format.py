@@ -149,54 +149,140 @@ def parse_blob_name(name: str) -> tuple[str, str | None] | None:
 
 
 # -- the LMDB file ---------------------------------------------------------------------
+# LMDB's on-disk format (mdb.c, 64-bit): every page starts with a 16-byte header — page
+# number (8), pad (2), flags (2), then either lower/upper free-space bounds (2 + 2) or,
+# on overflow pages, the run length in pages (4). Two meta pages lead the file.
 _META_MAGIC = 0xBEEFC0DE
 _META_VERSION = 1
-_P_META = 0x08
-_PAGE_HEADER = 16  # pgno (8), pad (2), flags (2), lower (2), upper (2)
+_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META, _P_LEAF2 = 0x01, 0x02, 0x04, 0x08, 0x20
+_F_BIGDATA, _F_SUBDATA, _F_DUPDATA = 0x01, 0x02, 0x04
+_PAGE_HEADER = 16
+_NODE_HEADER = 8  # lo, hi, flags, key size (2 bytes each)
 _DB_STRUCT = "<IHHQQQQQ"  # pad (= page size in the free DB), flags, depth, 4 counts, root
 _DB_SIZE = struct.calcsize(_DB_STRUCT)
+_P_INVALID = (1 << 64) - 1
 
 
-def _meta(page: bytes) -> tuple[int, int, int] | None:
-    """(txnid, last page number, page size) of one LMDB meta page, or None if invalid."""
+def _meta(page: bytes) -> tuple[int, int, int, tuple[Any, ...], tuple[Any, ...]] | None:
+    """(txnid, last page, page size, free DB, main DB) of one meta page, or None."""
     if len(page) < _PAGE_HEADER + 24 + 2 * _DB_SIZE + 16:
         return None
     (flags,) = struct.unpack_from("<H", page, 10)
     magic, version = struct.unpack_from("<II", page, _PAGE_HEADER)
     if not flags & _P_META or magic != _META_MAGIC or version != _META_VERSION:
         return None
-    psize = struct.unpack_from(_DB_STRUCT, page, _PAGE_HEADER + 24)[0]
+    free = struct.unpack_from(_DB_STRUCT, page, _PAGE_HEADER + 24)
+    main = struct.unpack_from(_DB_STRUCT, page, _PAGE_HEADER + 24 + _DB_SIZE)
     last_pg, txnid = struct.unpack_from("<QQ", page, _PAGE_HEADER + 24 + 2 * _DB_SIZE)
+    psize = free[0]
     if psize < 512 or psize > 1 << 16 or psize & (psize - 1):
         return None
-    return txnid, last_pg, psize
+    return txnid, last_pg, psize, free, main
+
+
+class _Walk:
+    """Every branch, leaf and overflow page reachable from the trees' roots, checked the
+    way LMDB will trust them: a bad page would otherwise trip an assertion in LMDB
+    (an abort) or send it reading outside a page."""
+
+    def __init__(self, f: Any, psize: int, last_pg: int) -> None:
+        self.f, self.psize, self.last_pg = f, psize, last_pg
+        self.seen: set[int] = set()
+
+    def page(self, pgno: int) -> bytes:
+        if not 2 <= pgno <= self.last_pg:
+            raise _Bad(f"a page number {pgno} outside the file's pages 2..{self.last_pg}")
+        if pgno in self.seen:
+            raise _Bad(f"page {pgno} is reached twice")
+        self.seen.add(pgno)
+        page = os.pread(self.f.fileno(), self.psize, pgno * self.psize)
+        if len(page) < self.psize or struct.unpack_from("<Q", page)[0] != pgno:
+            raise _Bad(f"page {pgno} does not hold page {pgno}")
+        return page
+
+    def tree(self, db: tuple[Any, ...], main: bool) -> None:
+        _, flags, depth, *_, root = db
+        if root == _P_INVALID:
+            return
+        if depth < 1 or depth > 32 or flags & 0x04:  # DUPSORT: never ours
+            raise _Bad(f"a database with depth {depth} and flags {flags:#x}")
+        stack = [(root, 1)]
+        while stack:
+            pgno, level = stack.pop()
+            page = self.page(pgno)
+            pflags, lower, upper = struct.unpack_from("<HHH", page, 10)
+            kind = pflags & (_P_BRANCH | _P_LEAF | _P_OVERFLOW | _P_META | _P_LEAF2)
+            if kind != (_P_LEAF if level == depth else _P_BRANCH):
+                raise _Bad(f"page {pgno} has flags {pflags:#x} at level {level} of {depth}")
+            if not _PAGE_HEADER <= lower <= upper <= self.psize or lower % 2:
+                raise _Bad(f"page {pgno} has free-space bounds {lower}..{upper}")
+            for i in range((lower - _PAGE_HEADER) // 2):
+                (off,) = struct.unpack_from("<H", page, _PAGE_HEADER + 2 * i)
+                if off < upper or off + _NODE_HEADER > self.psize:
+                    raise _Bad(f"page {pgno} node {i} lies outside the page's nodes")
+                lo, hi, nflags, ksize = struct.unpack_from("<HHHH", page, off)
+                data = off + _NODE_HEADER + ksize
+                if data > self.psize:
+                    raise _Bad(f"page {pgno} node {i} has a key past the page's end")
+                if kind == _P_BRANCH:
+                    stack.append((lo | hi << 16 | nflags << 32, level + 1))
+                    continue
+                self.leaf_data(pgno, page, data, lo | hi << 16, nflags, main)
+
+    def leaf_data(self, pgno: int, page: bytes, at: int, size: int, flags: int,
+                  main: bool) -> None:
+        if flags & _F_DUPDATA or flags & ~(_F_BIGDATA | _F_SUBDATA):
+            raise _Bad(f"page {pgno} has a node with flags {flags:#x}")
+        if flags & _F_BIGDATA:
+            if at + 8 > self.psize:
+                raise _Bad(f"page {pgno} has an overflow reference past its end")
+            (first,) = struct.unpack_from("<Q", page, at)
+            run = self.page(first)
+            (oflags,) = struct.unpack_from("<H", run, 10)
+            (pages,) = struct.unpack_from("<I", run, 12)
+            if not oflags & _P_OVERFLOW or pages != -(-(_PAGE_HEADER + size) // self.psize) \
+                    or first + pages - 1 > self.last_pg:
+                raise _Bad(f"overflow page {first} does not hold {size} bytes")
+            return
+        if at + size > self.psize:
+            raise _Bad(f"page {pgno} has a value past its end")
+        if flags & _F_SUBDATA:
+            if not main or size != _DB_SIZE:
+                raise _Bad(f"page {pgno} has a misplaced database record")
+            self.tree(struct.unpack_from(_DB_STRUCT, page, at), main=False)
+
+
+class _Bad(Exception):
+    pass
 
 
 def check_index_file(data_file: Path) -> str | None:
     """Why the LMDB file ``data_file`` must not be mapped, or None when it may be.
 
-    Reads LMDB's two meta pages (it keeps the newer of the two) and checks that the file
-    holds every page the newer one says is in use.
+    Reads LMDB's two meta pages (it uses the newer), checks that the file holds every page
+    the newer one says is in use, and walks every tree it will read. Costs one read of
+    the index's branch and leaf pages (not of blobs stored in it), at each open.
     """
     try:
         with open(data_file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(1 << 16)
+            if size == 0:
+                return "is empty (0 bytes)"
+            first = _meta(head)
+            psize = first[2] if first is not None else 4096
+            metas = [m for m in (first, _meta(head[psize : 2 * psize])) if m is not None]
+            if not metas:
+                return f"is not an LMDB file ({size} bytes, no valid meta page)"
+            _, last_pg, psize, free, main = max(metas, key=lambda m: m[0])
+            need = (last_pg + 1) * psize
+            if size < need:
+                return f"is truncated: {size} bytes, but its pages reach {need}"
+            walk = _Walk(f, psize, last_pg)
+            walk.tree(free, main=False)
+            walk.tree(main, main=True)
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
-    if size == 0:
-        return "is empty (0 bytes)"
-    metas = []
-    first = _meta(head)
-    psize = first[2] if first is not None else 4096
-    for offset in (0, psize):
-        m = _meta(head[offset : offset + psize])
-        if m is not None:
-            metas.append(m)
-    if not metas:
-        return f"is not an LMDB file ({size} bytes, no valid meta page)"
-    _, last_pg, psize = max(metas)
-    need = (last_pg + 1) * psize
-    if size < need:
-        return f"is truncated: {size} bytes, but its pages reach {need}"
+    except (_Bad, struct.error) as e:
+        return f"is damaged: {e}"
     return None

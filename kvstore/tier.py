@@ -13,10 +13,12 @@ import abc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.errors import CorruptObjectError
+
+if TYPE_CHECKING:  # the container imports torch; admin commands read tiers without it
+    from kvcache.kvstore.container import ObjectHeader, StoredObject
 
 # Why an entry was removed other than to make room, and the ``TierStats`` counter of each:
 # an API ``delete``, the store's TTL, an administrator (``kvcache evict``).
@@ -24,7 +26,7 @@ DELETE_CAUSES = {"delete": "deletes", "ttl": "expired", "admin": "admin_eviction
 
 # Called with (key, object) for each victim, before its bytes are released. The object's
 # tensors may view the tier's memory: copy what must outlive the call.
-EvictHandler = Callable[[str, StoredObject], None]
+EvictHandler = Callable[[str, "StoredObject"], None]
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Admin operations on a store directory: inspect, evict, stats. Plain dicts out, no printing.
+"""Admin operations on a store directory: inspect, evict, stats, fsck. Plain dicts out, no
+printing.
 
 They work on the store's *disk tier*, the only tier that outlives a process: the CPU and
 GPU tiers live inside serving processes and are not visible from here. A serving process
@@ -25,6 +26,7 @@ from kvcache.kvstore.errors import (
     EntryPinnedError,
     KVCacheError,
     NoMatchError,
+    StoreCorruptError,
     StoreUnavailableError,
 )
 from kvcache.kvstore.tier import EntryInfo, Tier
@@ -53,28 +55,37 @@ def check_tier(tier: str | None) -> str:
     raise ConfigError(f"unknown tier {tier!r}; admin commands see: {', '.join(ADMIN_TIERS)}")
 
 
+def _check_exists(cfg: KVCacheConfig) -> None:
+    # Checked here, not left to DiskTier, so the message can say how to get a store.
+    if not cfg.store.dir.is_dir() or not cfg.store.disk_path.exists():
+        raise StoreUnavailableError(missing_store_message(cfg.store.dir))
+
+
 @contextlib.contextmanager
 def open_disk_tier(cfg: KVCacheConfig, *, readonly: bool) -> Iterator[Tier]:
-    """The disk tier of ``cfg.store``, opened shared; never creates a store."""
-    store_dir = cfg.store.dir
-    path = cfg.store.disk_path
-    # Checked here, not left to DiskTier, so the message can say how to get a store.
-    if not store_dir.is_dir() or not path.exists():
-        raise StoreUnavailableError(missing_store_message(store_dir))
+    """The disk tier of ``cfg.store``, opened shared; never creates a store. Read-only
+    when ``readonly`` or when the store is configured read-only. A damaged index is an
+    error that says how to repair it (admin commands must not report an empty store)."""
+    _check_exists(cfg)
     # Imported late: the CLI's other commands (and --help) must work without LMDB loaded.
     from kvcache.kvstore.disk_tier import DiskTier
 
     disk = cfg.store.disk
     tier = DiskTier(
-        path,
+        cfg.store.disk_path,
         disk.capacity,
         policy=disk.policy,
         blob_storage=disk.blob_storage,
-        readonly=readonly,
+        readonly=readonly or cfg.store.readonly,
         exclusive=False,
         create=False,
     )
     try:
+        if tier.damage is not None:
+            raise StoreCorruptError(
+                f"{tier.damage} (e.g. `kvcache fsck --repair --store {cfg.store.dir}`, "
+                "with the store's other users stopped)"
+            )
         yield tier
     finally:
         tier.close()
@@ -136,8 +147,18 @@ def inspect_entry(cfg: KVCacheConfig, key: str, *, tier: str | None = None) -> d
                 )
             info = matches[0]
         header = t.header(info.key)
-    if header is None:  # removed by another process between info() and header()
-        raise NoMatchError(f"entry {info.key} was removed while reading it")
+        still_listed = t.info(info.key) is not None
+    if header is None:
+        if still_listed:  # read-only: the unusable entry is reported, not removed
+            raise KVCacheError(
+                f"entry {info.key} is in the index but its object is missing, corrupt or "
+                f"another key's; `kvcache fsck --store {cfg.store.dir}` shows what is wrong "
+                "and `kvcache fsck --repair` removes it"
+            )
+        raise NoMatchError(
+            f"entry {info.key} was removed by another process (or found corrupt and "
+            "removed) while it was being read"
+        )
     return {"entry": entry_dict(info), "header": header.to_json()}
 
 
@@ -235,7 +256,7 @@ def evict(
                 continue
             if not dry_run:
                 try:
-                    if not t.delete(info.key, force=force):
+                    if not t.delete(info.key, force=force, cause="admin"):
                         vanished.append(info)
                         continue
                 except EntryPinnedError:  # pinned by a serving process since the scan
@@ -261,9 +282,25 @@ def evict(
 
 
 def stats(cfg: KVCacheConfig) -> dict[str, Any]:
-    """Each reachable tier's ``TierStats`` and a summary of the store's configuration."""
+    """Each reachable tier's ``TierStats`` (plus its hit rate) and a summary of the
+    store's configuration."""
     with open_disk_tier(cfg, readonly=True) as t:
-        disk_stats = t.stats().to_dict()
+        s = t.stats()
+    disk_stats = s.to_dict() | {"hit_rate": s.hit_rate}
     store = cfg.store.to_dict()
     store["disk"]["resolved_path"] = str(cfg.store.disk_path)
     return {"store": store, "tiers": {"disk": disk_stats}}
+
+
+def fsck(cfg: KVCacheConfig, *, repair: bool = False, verify: bool = True) -> dict[str, Any]:
+    """Check the disk tier's index against its objects (``kvcache.kvstore.fsck``); with
+    ``repair``, fix what is wrong (needs the store to itself)."""
+    _check_exists(cfg)
+    if repair and cfg.store.readonly:
+        raise ConfigError("the store is configured read-only; a repair writes to it")
+    from kvcache.kvstore.fsck import fsck as run_fsck
+
+    disk = cfg.store.disk
+    report = run_fsck(cfg.store.disk_path, capacity_bytes=disk.capacity,
+                      blob_storage=disk.blob_storage, repair=repair, verify=verify)
+    return {"store": str(cfg.store.dir)} | report.to_dict() | {"summary": report.summary()}

@@ -1,7 +1,8 @@
 """The ``kvcache`` command: parses arguments, calls ``kvcache.tools.admin``, prints.
 
-Exit codes: 0 done; 1 nothing matched (or nothing could be removed); 2 an error kvcache
-raised on purpose (printed as ``kvcache: error: ...``, no traceback) or a usage error.
+Exit codes: 0 done; 1 nothing matched (or nothing could be removed; for fsck: problems
+left); 2 an error kvcache raised on purpose (printed as ``kvcache: error: ...``, no
+traceback) or a usage error.
 Tables are for people; ``--json`` output is for scripts and keeps its field names stable.
 """
 
@@ -94,10 +95,12 @@ def _print_json(obj: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> KVCacheConfig:
-    """Defaults ← config file ← environment ← ``--store``."""
+    """Defaults ← config file ← environment ← ``--store`` / ``--readonly``."""
     cfg = KVCacheConfig.load(args.config)
     if args.store is not None:
         cfg = dataclasses.replace(cfg, store=cfg.store.with_dir(args.store))
+    if getattr(args, "readonly", False):
+        cfg = dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, readonly=True))
     return cfg
 
 
@@ -209,23 +212,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     print()
     headers = [
-        "TIER",
-        "ENTRIES",
-        "USED",
-        "CAPACITY",
-        "HITS",
-        "MISSES",
-        "HIT RATE",
-        "PUTS",
-        "READ",
-        "WRITTEN",
-        "EVICTIONS",
-        "CORRUPT",
+        "TIER", "ENTRIES", "USED", "CAPACITY", "HITS", "MISSES", "HIT RATE", "TOKEN HIT RATE",
+        "PUTS", "READ", "WRITTEN", "EVICTED", "EXPIRED", "ADMIN", "CORRUPT",
     ]
     rows = []
     for name, s in result["tiers"].items():
-        lookups = s["hits"] + s["misses"]
-        rate = f"{100.0 * s['hits'] / lookups:.1f}%" if lookups else "-"
+        tokens = s["hit_tokens"] + s["miss_tokens"]
         rows.append(
             [
                 name,
@@ -234,16 +226,39 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 format_size(s["capacity_bytes"]),
                 s["hits"],
                 s["misses"],
-                rate,
+                "-" if s["hit_rate"] is None else f"{100.0 * s['hit_rate']:.1f}%",
+                f"{100.0 * s['hit_tokens'] / tokens:.1f}%" if tokens else "-",
                 s["puts"],
                 format_size(s["bytes_read"]),
                 format_size(s["bytes_written"]),
                 s["evictions"],
+                s["expired"],
+                s["admin_evictions"],
                 s["corrupt"],
             ]
         )
-    print(_table(headers, rows, right=set(range(1, 12))))
+    print(_table(headers, rows, right=set(range(1, len(headers)))))
+    print()
+    print("A chunk asked of a tier is a hit if the tier served it and a miss if it did not; "
+          "a prefix lookup\ncounts every chunk it could not reuse as a miss. EVICTED: to "
+          "make room; EXPIRED: by the TTL;\nADMIN: by `kvcache evict`. Lifetime counters, "
+          "shared by every process using the store.")
     return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    result = admin.fsck(cfg, repair=args.repair, verify=not args.quick)
+    if args.json:
+        _print_json(result)
+    else:
+        for p in result["problems"]:
+            state = "fixed" if p["fixed"] else "found"
+            print(f"{state:5}  {p['kind']:14}  {p['where']}  {p['detail']}")
+        if result["problems"]:
+            print()
+        print(f"{result['store']}: {result['summary']}")
+    return 0 if result["clean"] else 1
 
 
 def _lazy(module: str, what: str) -> Callable[[argparse.Namespace], int]:
@@ -299,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--config", metavar="FILE", help="config file, .toml or .yaml (default: $KVCACHE_CONFIG)"
+    )
+    common.add_argument(
+        "--readonly",
+        action="store_true",
+        help="open the store read-only (store.readonly; KVCACHE_READONLY=1): nothing is "
+        "written, removed or repaired",
     )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -357,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("stats", parents=[common, as_json], help="tier counters and the store's configuration")
     p.set_defaults(handler=cmd_stats)
+
+    p = add(
+        "fsck",
+        parents=[common, as_json],
+        help="check the disk tier's index against its objects (and repair it)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild a damaged index from the objects' headers and remove what is broken "
+        "(needs the store to itself: stop the processes using it)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="read objects' headers only, not every byte"
+    )
+    p.set_defaults(handler=cmd_fsck)
 
     # demo and bench live in their own modules, imported only when they run.
     p = add(
