@@ -45,6 +45,7 @@ from kvcache.kvstore.errors import (
     ObjectTooLargeError,
     StoreCorruptError,
     StoreFullError,
+    UnencodableChunkError,
 )
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tier import EntryInfo, EvictHandler, Tier, TierStats, check_object_key
@@ -219,7 +220,9 @@ class TieredStore:
                 return  # the tier below has this version already
             try:
                 self._put_in(i + 1, key, obj)
-            except CorruptObjectError as e:  # cannot be transcoded: not worth keeping
+            except (CorruptObjectError, UnencodableChunkError) as e:
+                # cannot be decoded, or the lower tier's codec refuses it: it leaves the
+                # store now, older copies below included (they are not this version)
                 self.drop_corrupt(key, e)
                 return
             self.counters.demotions += 1
@@ -261,12 +264,20 @@ class TieredStore:
         got = top.get(key, touch=False) if isinstance(top, CpuTier) else top.get(key)
         if got is None or got.header.created_at != mark:
             return  # evicted since (the demotion copied it down), or not landed yet
-        self._put_in(1, key, got)
-        # Deeper tiers never see new objects directly; replace any older copy they hold.
-        for j in range(2, len(self.tiers)):
-            if _writable(self.tiers[j]) and self.tiers[j].contains(key):
-                self._put_in(j, key, got)
-        self.counters.background_writes += 1
+        try:
+            self._put_in(1, key, got)
+            # Deeper tiers never see new objects directly; replace any older copy.
+            for j in range(2, len(self.tiers)):
+                if _writable(self.tiers[j]) and self.tiers[j].contains(key):
+                    self._put_in(j, key, got)
+            self.counters.background_writes += 1
+        except UnencodableChunkError as e:
+            # The lower tiers' codec refuses it: it stays where it is, and no older copy
+            # below may outlive it.
+            log.warning("%s stays in the %s tier only: %s", key, top.name, e)
+            for tier in self.tiers[1:]:
+                if _writable(tier):
+                    tier.delete(key, force=True)
         self._clean(key, mark)
 
     def flush(self) -> None:

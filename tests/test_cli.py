@@ -456,3 +456,81 @@ def test_lmdb_blob_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert run_json(capsys, "inspect", _key(1), *args)["header"]["num_tokens"] == 4
     assert len(run_json(capsys, "evict", *args, "--key", _key(1))["removed"]) == 1
     assert run_json(capsys, "stats", *args)["tiers"]["disk"]["entries"] == 2
+
+
+# ---------------------------------------------------------------------------- truthful counters
+
+
+def test_admin_evictions_are_counted_as_such(store: Store, capsys) -> None:
+    assert run(capsys, "evict", *store.args(), "--model", "other-model")[0] == 0
+    disk = run_json(capsys, "stats", *store.args())["tiers"]["disk"]
+    assert (disk["admin_evictions"], disk["evictions"], disk["entries"]) == (1, 0, 4)
+
+
+def test_cold_lookups_are_misses_and_the_hit_rate_says_so(tmp_path: Path, capsys) -> None:
+    """A cold run finds nothing: every chunk it asked for is a miss (not 0 of 0), so the
+    warm run after it shows 50% over the store's life, in chunks and in tokens."""
+    from kvcache.kvstore.keys import chunk_tokens
+    from kvcache.kvstore.tiered_store import TieredStore
+
+    cfg = KVCacheConfig.from_dict({"store": {"dir": str(tmp_path / "s"),
+                                             "cpu": {"capacity": "16MiB"}}})
+    tokens = list(range(40))
+    chunks = chunk_tokens(LAYOUT.fingerprint, tokens, 16)  # 16 + 16 + 8 tokens
+    keys, counts = [c.prefix_key for c in chunks], [c.num_tokens for c in chunks]
+    for _ in range(2):  # two processes' worth: the CPU tier starts empty each time
+        with TieredStore.open(cfg.store) as s:
+            n = s.longest_prefix(keys, num_tokens=counts)
+            got = s.get_many(keys[:n])
+            assert all(g is not None for g in got)
+            for c, k in zip(chunks[n:], keys[n:], strict=True):
+                s.put(k, make_chunk(LAYOUT, c.num_tokens), LAYOUT, rope_start=c.start)
+    disk = run_json(capsys, "stats", "--store", str(tmp_path / "s"))["tiers"]["disk"]
+    assert (disk["hits"], disk["misses"]) == (3, 3)
+    assert (disk["hit_tokens"], disk["miss_tokens"]) == (40, 40)
+    assert disk["hit_rate"] == 0.5
+    code, out, _ = run(capsys, "stats", "--store", str(tmp_path / "s"))
+    row = [line.split() for line in out.splitlines() if line.startswith("disk")][-1]
+    assert row.count("50.0%") == 2  # HIT RATE and TOKEN HIT RATE
+
+
+def test_readonly_flag_opens_read_only(store: Store, capsys) -> None:
+    code, _, err = run(capsys, "evict", *store.args(), "--readonly", "--key", store.keys["new"])
+    assert code == 2 and "read-only" in err
+    assert store.keys["new"] in keys_in(store)
+    assert run_json(capsys, "inspect", *store.args(), "--readonly")["entries"]
+
+
+def test_inspect_of_an_entry_whose_object_vanished_says_so(store: Store, capsys) -> None:
+    k = store.keys["week"]
+    for f in (store.dir / "disk" / "blobs").rglob(f"{k}.*"):
+        f.unlink()
+    code, _, err = run(capsys, "inspect", *store.args(), k)
+    assert code == 2
+    assert "in the index but its object is missing" in err and "kvcache fsck" in err
+
+
+def test_fsck_reports_then_repairs(store: Store, capsys) -> None:
+    k = store.keys["week"]
+    for f in (store.dir / "disk" / "blobs").rglob(f"{k}.*"):
+        f.unlink()
+    code, out, _ = run(capsys, "fsck", *store.args())
+    assert code == 1 and "missing-object" in out and k in out
+    assert "not fixed (run with --repair)" in out
+    result = run_json(capsys, "fsck", *store.args(), "--repair")
+    assert result["clean"] and result["counts"] == {"missing-object": 1}
+    code, out, _ = run(capsys, "fsck", *store.args(), "--quick")
+    assert code == 0 and "4 entries" in out and "no problems" in out
+
+
+def test_a_damaged_index_is_an_error_with_the_repair_not_an_empty_store(
+    store: Store, capsys
+) -> None:
+    data = store.dir / "disk" / "index" / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    for command in (["inspect"], ["stats"], ["evict", "--all"]):
+        code, out, err = run(capsys, *command, *store.args())
+        assert code == 2 and "damaged" in err and "kvcache fsck --repair" in err, command
+    result = run_json(capsys, "fsck", *store.args(), "--repair")
+    assert result["rebuilt"]["recovered"] == 5 and result["clean"]
+    assert keys_in(store) == set(store.keys.values())

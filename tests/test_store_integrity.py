@@ -225,3 +225,28 @@ def test_lmdb_value_flip_is_caught_by_the_checksum(tmp_path: Path) -> None:
             value[-1] ^= 0x10
             txn.put(A.encode(), bytes(value), db=t.index.blobs)
         assert t.get(A) is None and t.stats().corrupt == 1
+
+
+# -- objects that cannot be decoded --------------------------------------------------------------
+def test_an_undecodable_object_is_a_counted_miss_removed_everywhere(tmp_path: Path) -> None:
+    """What an older build stored for a chunk with one +inf under fp8 (an inf scale):
+    every read used to raise, the entry stayed and lookups kept counting it."""
+    from kvcache.codecs.registry import get_codec
+
+    chunk = make_chunk(LAYOUT, TOKENS, 0)
+    tensors, params = get_codec("fp8").encode(chunk, LAYOUT)
+    tensors["scale"][0, 0, 0] = float("inf")
+    poisoned = StoredObject(ObjectHeader(A, LAYOUT, TOKENS, "fp8", params), tensors)
+    with TieredStore([CpuTier(1 << 20), DiskTier(tmp_path / "d", 1 << 20)],
+                     codecs=["fp8", "fp8"]) as store:
+        for tier in store.tiers:
+            tier.put(A, poisoned)
+        assert store.longest_prefix([A]) == 1
+        assert store.get(A) is None
+        assert store.counters.corrupt == 1 and store.counters.read_misses == 1
+        assert store.longest_prefix([A]) == 0 and not store.contains(A)
+        for tier in store.tiers:  # and the loader's path: the request fails, the entry goes
+            tier.put(A, poisoned)
+        with LayerLoader(store, [A], LAYOUT) as loader, pytest.raises(LayerLoadError):
+            loader.wait_all()
+        assert not store.contains(A) and store.counters.corrupt == 2

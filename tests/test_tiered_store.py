@@ -305,3 +305,52 @@ def test_disk_get_many_reads_concurrently_and_in_order(tmp_path, layout):
         assert tier.stats().hits == 4 and tier.stats().misses == 1
     finally:
         tier.close()
+
+
+def test_open_reads_the_same_config_as_the_cli(tmp_path, monkeypatch):
+    """TieredStore.open() and `kvcache stats` see one configuration: file + environment."""
+    from kvcache.kvstore.errors import ConfigError
+
+    cfg_file = tmp_path / "kv.toml"
+    cfg_file.write_text('[store.disk]\ncodec = "zstd"\ncapacity = "2GiB"\n')
+    monkeypatch.setenv("KVCACHE_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("KVCACHE_CONFIG", str(cfg_file))
+    monkeypatch.setenv("KVCACHE_CPU_CAPACITY", "32MiB")
+    monkeypatch.setenv("KVCACHE_WRITE_MODE", "write-back")
+    with TieredStore.open() as s:
+        assert s.tiers[0].capacity_bytes == 32 << 20
+        assert s.tiers[1].capacity_bytes == 2 << 30 and s.codecs == ["raw", "zstd"]
+        assert s.write_mode == "write-back"
+        assert s.tiers[1].path == tmp_path / "store" / "disk"
+    monkeypatch.setenv("KVCACHE_CPU_CAPACITY", "lots")
+    with pytest.raises(ConfigError, match="KVCACHE_CPU_CAPACITY='lots'"):
+        TieredStore.open()
+
+
+def test_readonly_store_serves_from_disk_and_writes_nothing_there(tmp_path, layout):
+    from kvcache.kvstore.config import KVCacheConfig
+
+    chunk = make_chunk(layout, TOKENS)
+    cfg = KVCacheConfig.from_dict({"store": {"dir": str(tmp_path), "cpu": {"capacity": "4MiB"}}})
+    with TieredStore.open(cfg.store) as s:
+        s.put(make_key(1), chunk, layout)
+    ro = KVCacheConfig.from_dict({"store": {"dir": str(tmp_path), "readonly": True,
+                                            "cpu": {"capacity": "4MiB"}}})
+    with TieredStore.open(ro.store) as s:
+        assert torch.equal(s.get(make_key(1)), chunk)
+        s.put(make_key(2), chunk, layout)  # kept in this process's CPU tier only
+        assert s.where(make_key(2)) == "cpu"
+        s.flush()
+    with TieredStore.open(cfg.store) as s:
+        assert s.contains(make_key(1)) and not s.contains(make_key(2))
+
+
+def test_ttl_removals_are_counted_as_expired(tmp_path, layout):
+    with make_store(tmp_path, ttl_s=0.05) as store:
+        store.put(make_key(1), make_chunk(layout, TOKENS), layout)
+        store.flush()
+        time.sleep(0.1)
+        assert store.evict_expired() == 2  # one copy in each tier
+        stats = store.stats()
+        assert stats["cpu"].expired == 1 and stats["disk"].expired == 1
+        assert stats["disk"].evictions == 0 and stats["disk"].deletes == 0
