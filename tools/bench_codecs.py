@@ -404,7 +404,7 @@ def run(quick: bool = False, split: str = "eval",
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    # Teammates share this machine: one thread keeps timings stable (torch's intra-op
+    # On a shared machine one thread keeps timings stable (torch's intra-op
     # pool degrades badly when the cores are busy) and is the per-stream figure anyway.
     torch.set_num_threads(1)
     notes: list[str] = []
