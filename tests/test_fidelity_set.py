@@ -4,6 +4,9 @@ not trained on, cut into served windows, with disjoint tuning and evaluation spl
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import re
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,19 @@ def test_splits_share_no_file_and_hold_enough_per_domain():
     # no file in two splits, nor in two domains
     assert len(set(everything)) == len(everything)
     assert fs.WINDOWS_PER_FILE * sum(len(fs.MANIFEST[d]["eval"]) for d in fs.DOMAINS) >= 64
+
+
+def test_every_file_ships_with_a_hard_dependency():
+    # the set must exist wherever kvcache installs: only packages it depends on without
+    # extras (triton, for one, comes only with the test extra or CUDA torch)
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    hard = {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower() for d in deps}
+    dists = importlib.metadata.packages_distributions()
+    for _, path in fs.manifest_paths("eval") + fs.manifest_paths("tune"):
+        package = path.partition("/")[0]
+        assert {d.lower() for d in dists.get(package, [])} & hard, path
 
 
 def test_no_file_comes_from_the_training_corpus():

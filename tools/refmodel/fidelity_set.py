@@ -6,7 +6,7 @@ measured on three other domains instead, all shipped inside packages kvcache its
 depends on, so every machine that installs kvcache has them (no download):
 
 - ``code``: Python modules of third-party packages (aiohttp, PyYAML, transformers, torch,
-  numpy, triton, msgpack);
+  numpy, safetensors, msgpack);
 - ``docs``: English documentation prose: the long string constants (docstrings, and the
   texts torch and numpy attach with ``add_docstr``/``add_newdoc``) of documentation-heavy
   modules of torch, numpy and transformers, ``MIN_DOC_CHARS`` characters or more, each
@@ -70,7 +70,7 @@ MANIFEST: dict[str, dict[str, tuple[str, ...]]] = {
             "torch/serialization.py",
             "torch/utils/data/dataloader.py",
             "numpy/lib/_npyio_impl.py",
-            "triton/runtime/jit.py",
+            "safetensors/torch.py",
         ),
         "tune": (
             "aiohttp/connector.py",
