@@ -276,8 +276,9 @@ def test_reuse_from_a_cachegen_disk_tier(tmp_path: Path):
 
 
 def test_reuse_with_a_cpu_tier_smaller_than_the_prompt(tmp_path: Path):
-    model = build_model("llama")
-    chunk_bytes = 2 * 2 * CHUNK * 2 * 16 * 4  # layers * K/V * tokens * kv_heads * dim * fp32
+    # A CPU tier holds at least 1 MiB: heads of 1024 make a chunk 512 KiB, so it holds two.
+    model = build_model("llama", head_dim=1024)
+    chunk_bytes = 2 * 2 * CHUNK * 2 * 1024 * 4  # layers * K/V * tokens * kv_heads * dim * fp32
     ids = prompt(64)
     with disk_store(tmp_path, cpu=CpuTierConfig(capacity=2 * chunk_bytes)) as store:
         conn = HFConnector(model, store, chunk_size=CHUNK, model_id="m")
