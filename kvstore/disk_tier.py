@@ -1,42 +1,31 @@
 """``DiskTier``: a persistent tier on local disk — a durable LMDB index plus blobs.
 
-Directory layout::
-
-    <path>/kvcache.lock         flock: shared by every opener, exclusive for admin work
-    <path>/index/data.mdb       LMDB: "entries" (key -> msgpack record), "meta" (format and
-                                lifetime counters), "blobs" (key -> container bytes, when
-                                blob_storage="lmdb")
-    <path>/blobs/ab/<key>.<writer>-<id>.kvo   one container per entry (blob_storage="files")
-    <path>/writers/<writer>.lease             flock held by each live writable opener
+Layout: ``index/`` (LMDB: records, lifetime counters and, for ``blob_storage="lmdb"``, the
+objects), ``blobs/ab/<key>.<writer>-<id>.kvo`` (one container file per entry),
+``writers/`` (a lease per live writable opener), ``kvcache.lock`` (``StoreLock``).
 
 Every mutation of the index and of the counters is one LMDB write transaction, so a crash
 leaves either the old or the new state and ``used_bytes`` always matches the records.
 A blob file is written under a temporary name, renamed, and only then referenced by a
 committed record; files of removed entries are unlinked after the commit. Each put gets a
-fresh file name, so a reader never sees a file being rewritten: it reads either the old
-inode or the new one, and if a file vanished under it the record changed too. A file left
-unreferenced by a writer that died (``kill -9`` between rename and commit) is reclaimed by
-the next opener or sweep, as soon as that writer's lease shows it dead
-(``kvcache.kvstore.writer_lease``).
+fresh file name, so a reader never sees a file being rewritten: it reads the old inode or
+the new one. A file left unreferenced by a writer that died between rename and commit is
+reclaimed as soon as its lease shows the writer dead (``kvcache.kvstore.writer_lease``).
 
 Integrity: every object read is checked against its checksum *and* against the key it was
-asked for (a blob copied over another's name, or a record whose key lost a bit, would
-otherwise serve another key's KV); a failure is a counted miss and the entry is removed.
-Index records are validated as they are read (``kvcache.kvstore.index_format``). An index
-that cannot be trusted — a file cut short, unreadable pages, an index missing beside blob
-files — is never mapped: the tier opens *damaged* (every read a miss, writes refused with
-``StoreCorruptError``, ``stats().damage`` saying why and how to repair), or, when opened
-exclusively, rebuilds the index from the blob headers (``kvcache.kvstore.fsck``).
+asked for; a failure is a counted miss and the entry is removed. Records are validated as
+they are read (``kvcache.kvstore.index_format``). An index that cannot be trusted is never
+mapped: the tier opens *damaged* (reads miss, writes raise ``StoreCorruptError``,
+``stats().damage`` says why and how to repair), or, opened exclusively, rebuilds the
+index from the blob headers (``kvcache.kvstore.fsck``).
 
-Another process may have the same directory open (LMDB is multi-process): counters are
+Other processes may have the directory open (LMDB is multi-process): counters are
 read-modify-written inside write transactions, victims that vanished are skipped, and the
 in-memory policy is re-read from the index when it runs out of victims.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import threading
@@ -80,9 +69,8 @@ from kvcache.kvstore.index_format import (
     BadRecordError,
     Record,
     blob_name,
-    check_index_file,
+    index_problem,
     new_record_id,
-    parse_blob_name,
 )
 from kvcache.kvstore.lmdb_index import (
     LmdbIndex,
@@ -91,8 +79,9 @@ from kvcache.kvstore.lmdb_index import (
     is_enospc,
     lmdb_put,
 )
+from kvcache.kvstore.store_lock import StoreLock, unavailable
 from kvcache.kvstore.tier import DELETE_CAUSES, EntryInfo, Tier, TierStats, check_object_key
-from kvcache.kvstore.writer_lease import WriterLease, reap_dead_leases, writer_alive
+from kvcache.kvstore.writer_lease import WriterLease, sweep_orphans
 
 __all__ = ["BLOB_STORAGES", "LOCK_FILE", "DiskTier"]
 
@@ -109,29 +98,12 @@ _FLUSH_INTERVAL_S = 2.0
 _ORPHAN_AGE_S = 3600.0
 _SWEEP_INTERVAL_S = 60.0  # at most one orphan sweep per minute when the tier is full
 
-_open_paths: set[str] = set()  # LMDB forbids opening one environment twice per process
-_open_paths_lock = threading.Lock()
-
-
 def _pread(fd: int, offset: int, length: int) -> bytes:
     return os.pread(fd, length, offset)
 
 
 def _header_of(buf: bytearray) -> ObjectHeader:
     return read_header_unverified(lambda o, n: bytes(buf[o : o + n]), len(buf))
-
-
-def _unavailable(path: Path, e: OSError) -> StoreUnavailableError:
-    if e.errno == errno.EROFS:
-        hint = ("the file system is read-only: open the store read-only (store.readonly = "
-                "true, KVCACHE_READONLY=1 or --readonly), or use a writable disk")
-    elif e.errno in (errno.EACCES, errno.EPERM):
-        hint = "permission denied: fix the directory's permissions (read-only opens need read)"
-    elif e.errno == errno.ENOENT:
-        hint = "no kvcache store there: check the path, or open it writable to create one"
-    else:
-        hint = str(e)
-    return StoreUnavailableError(f"cannot open the kvcache store at {path}: {hint}")
 
 
 class DiskTier(Tier):
@@ -189,14 +161,15 @@ class DiskTier(Tier):
         self._known: set[str] = set()  # keys the policy holds
         self._lock = threading.RLock()
         self._closed = False
-        self._lock_fd: int | None = None
+        self._dir_lock: StoreLock | None = None
         self._lease: WriterLease | None = None
         self._opened_at = time.time()
         self._pending: dict[str, tuple[float, int]] = {}  # key -> (last_access, new hits)
         self._pending_counts: dict[str, int] = {}
         self._last_flush = time.monotonic()
         self._last_sweep = time.monotonic()
-        self._lock_fd = self._lock_directory(create and not readonly, exclusive)
+        self._dir_lock = StoreLock(self.path, create=create and not readonly,
+                                   readonly=readonly, exclusive=exclusive)
         try:
             self._open(exclusive)
             if self.damage is None and not readonly:
@@ -208,44 +181,6 @@ class DiskTier(Tier):
             raise
 
     # -- opening ---------------------------------------------------------------------------
-    def _lock_directory(self, create: bool, exclusive: bool) -> int:
-        if not self.path.is_dir():
-            if self.path.exists():
-                raise StoreUnavailableError(f"{self.path} is not a directory; pick another path")
-            if not create:
-                raise StoreUnavailableError(
-                    f"no kvcache store at {self.path}: the directory does not exist; check "
-                    "the path, or open it writable (not read-only) to create one"
-                )
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise _unavailable(self.path, e) from e
-        real = os.path.realpath(self.path)
-        with _open_paths_lock:
-            if real in _open_paths:
-                raise StoreUnavailableError(
-                    f"the kvcache store at {self.path} is already open in this process; "
-                    "share that DiskTier instead of opening it twice"
-                )
-            flags = os.O_RDONLY if self.readonly else os.O_RDWR | os.O_CREAT
-            try:
-                fd = os.open(self.path / LOCK_FILE, flags, 0o644)
-            except OSError as e:
-                raise _unavailable(self.path, e) from e
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                held = "in use" if exclusive else "held exclusively (e.g. by `kvcache fsck`)"
-                raise StoreUnavailableError(
-                    f"the kvcache store at {self.path} is locked by another process ({held}); "
-                    "stop that process or retry when it is done"
-                ) from None
-            _open_paths.add(real)
-        self._real_path = real
-        return fd
-
     def _open(self, exclusive: bool) -> None:
         """Map the index if it can be trusted; otherwise rebuild it (exclusive, writable
         opens) or open damaged."""
@@ -269,26 +204,14 @@ class DiskTier(Tier):
         self._damaged(problem)
 
     def _index_problem(self) -> str | None:
-        """Why the index file must not be mapped, or None (also None for a new store)."""
-        data = self.path / INDEX_DIR / "data.mdb"
-        if data.exists():
-            problem = check_index_file(data)
-            if problem is None or not problem.startswith("is empty"):
-                return None if problem is None else f"index/data.mdb {problem}"
-        elif self.readonly:
-            raise StoreUnavailableError(
-                f"no kvcache store at {self.path} (no index); check the path or create it "
-                "by opening it writable"
-            )
-        # Missing or empty: a new store, unless blob files say objects were stored here.
-        blobs = self.path / BLOBS_DIR
-        if blobs.is_dir() and any(any(s.iterdir()) for s in blobs.iterdir() if s.is_dir()):
-            return "index/data.mdb is missing or empty while blobs/ holds objects"
-        if not self.readonly and free_disk_bytes(self.path) < _MIN_FREE_TO_CREATE:
+        """Why the index must not be mapped, or None (also None for a new store)."""
+        problem = index_problem(self.path, readonly=self.readonly)
+        new = not (self.path / INDEX_DIR / "data.mdb").exists()
+        if problem is None and new and free_disk_bytes(self.path) < _MIN_FREE_TO_CREATE:
             # LMDB maps the files it creates: on a full disk a new one would SIGBUS.
             raise DiskFullError(disk_full_message(
                 self.path, f"creating the index needs {_MIN_FREE_TO_CREATE >> 20} MiB free"))
-        return None
+        return problem
 
     def _map_size(self) -> int:
         if self.blob_storage == "lmdb":
@@ -300,7 +223,7 @@ class DiskTier(Tier):
             self._index = LmdbIndex(self.path / INDEX_DIR, map_size=self._map_size(),
                                     readonly=self.readonly, on_damage=self._damaged)
         except OSError as e:
-            raise _unavailable(self.path, e) from e
+            raise unavailable(self.path, e) from e
         self._rebuild_policy()
 
     def _rebuild_policy(self) -> None:
@@ -328,34 +251,14 @@ class DiskTier(Tier):
         name no writer, older than ``min_age`` seconds); returns how many."""
         if self.blob_storage != "files" or self.readonly or self.damage is not None:
             return 0
-        root, writers = self.path / BLOBS_DIR, self.path / WRITERS_DIR
-        own = self._lease.token if self._lease is not None else None
-        alive: dict[str, bool] = {}
-        candidates: list[tuple[str, Path, bool]] = []  # (rel, path, writer known dead)
-        for shard in root.iterdir() if root.is_dir() else ():
-            for f in shard.iterdir() if shard.is_dir() else ():
-                parsed = parse_blob_name(f.name)
-                writer = None if parsed is None else parsed[1]  # None: only its age tells
-                if writer is not None and writer != own and writer not in alive:
-                    alive[writer] = writer_alive(writers, writer)
-                dead = writer is not None and writer != own and not alive[writer]
-                candidates.append((f"{shard.name}/{f.name}", f, dead))
-        # The records are read *after* the writers were found dead: a dead writer cannot
-        # commit any more, so everything it committed is in this snapshot.
-        with self._locked():
-            referenced = self._idx().referenced_blobs()
-        cutoff = time.time() - min_age
-        n = 0
-        for rel, f, dead in candidates:
-            if rel in referenced:
-                continue
-            try:
-                if dead or f.stat().st_mtime <= cutoff:
-                    f.unlink()
-                    n += 1
-            except FileNotFoundError:
-                pass  # another opener swept it
-        reap_dead_leases(writers)
+
+        def referenced() -> set[str]:
+            with self._locked():
+                return self._idx().referenced_blobs()
+
+        n = sweep_orphans(self.path / BLOBS_DIR, self.path / WRITERS_DIR,
+                          self._lease.token if self._lease is not None else None,
+                          referenced, min_age)
         self._last_sweep = time.monotonic()
         if n:
             log.info("disk tier at %s: removed %d orphan blob files", self.path, n)
@@ -703,7 +606,7 @@ class DiskTier(Tier):
             if is_enospc(e):
                 raise DiskFullError(disk_full_message(self.path, f"writing {final.name}: {e}")
                                     ) from e
-            raise _unavailable(self.path, e) from e
+            raise unavailable(self.path, e) from e
 
     def _put_txn(
         self, txn: lmdb.Transaction, key: str, rec: Record, parts: list[bytes | memoryview]
@@ -901,8 +804,6 @@ class DiskTier(Tier):
         if self._lease is not None:
             self._lease.release()
             self._lease = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # drops the flock
-            self._lock_fd = None
-            with _open_paths_lock:
-                _open_paths.discard(self._real_path)
+        if self._dir_lock is not None:
+            self._dir_lock.release()
+            self._dir_lock = None

@@ -30,7 +30,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from kvcache.kvstore.errors import CorruptObjectError
+from kvcache.kvstore.errors import CorruptObjectError, StoreUnavailableError
 from kvcache.kvstore.keys import is_key
 
 Record = dict[str, Any]
@@ -313,4 +313,25 @@ def check_index_file(data_file: Path) -> str | None:
         return f"cannot be read ({e.strerror or e})"
     except (_Bad, struct.error) as e:
         return f"is damaged: {e}"
+    return None
+
+
+def index_problem(tier_dir: Path, *, readonly: bool) -> str | None:
+    """Why the index of the disk tier at ``tier_dir`` must not be mapped, or None (also for
+    a store that has no index yet). Raises ``StoreUnavailableError`` for a read-only open
+    of a directory that holds no store."""
+    data = tier_dir / INDEX_DIR / "data.mdb"
+    if data.exists():
+        problem = check_index_file(data)
+        if problem is None or not problem.startswith("is empty"):
+            return None if problem is None else f"index/data.mdb {problem}"
+    elif readonly:
+        raise StoreUnavailableError(
+            f"no kvcache store at {tier_dir} (no index); check the path or create it by "
+            "opening it writable"
+        )
+    # Missing or empty: a new store, unless blob files say objects were stored here.
+    blobs = tier_dir / BLOBS_DIR
+    if blobs.is_dir() and any(any(s.iterdir()) for s in blobs.iterdir() if s.is_dir()):
+        return "index/data.mdb is missing or empty while blobs/ holds objects"
     return None

@@ -1,4 +1,5 @@
-"""Writer leases: which processes that write blob files into a disk tier are alive.
+"""Writer leases: which processes that write blob files into a disk tier are alive, and
+removing the files that dead ones left behind (``sweep_orphans``).
 
 A blob file is written under a temporary name, renamed, and only then referenced by a
 committed index record. A process killed between those steps leaves a file nobody
@@ -15,7 +16,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from kvcache.kvstore.index_format import parse_blob_name
 
 LEASE_SUFFIX = ".lease"
 _STARTING_SUFFIX = ".starting"
@@ -84,4 +89,43 @@ def reap_dead_leases(root: Path) -> int:
             pass
         finally:
             os.close(fd)
+    return n
+
+
+def sweep_orphans(
+    blobs: Path,
+    leases: Path,
+    own: str | None,
+    referenced: Callable[[], set[str]],
+    min_age: float,
+) -> int:
+    """Remove the files under ``blobs`` (``<shard>/<name>``) that ``referenced()`` does not
+    name and whose writer is dead; files that name no writer (made before tokens existed)
+    only once older than ``min_age`` seconds. ``own``: this process's token (alive).
+    Returns how many were removed."""
+    alive: dict[str, bool] = {}
+    candidates: list[tuple[str, Path, bool]] = []  # (rel, path, writer known dead)
+    for shard in blobs.iterdir() if blobs.is_dir() else ():
+        for f in shard.iterdir() if shard.is_dir() else ():
+            parsed = parse_blob_name(f.name)
+            writer = None if parsed is None else parsed[1]  # None: only its age tells
+            if writer is not None and writer != own and writer not in alive:
+                alive[writer] = writer_alive(leases, writer)
+            dead = writer is not None and writer != own and not alive[writer]
+            candidates.append((f"{shard.name}/{f.name}", f, dead))
+    # The records are read *after* the writers were found dead: a dead writer cannot
+    # commit any more, so everything it committed is in this snapshot.
+    in_use = referenced()
+    cutoff = time.time() - min_age
+    n = 0
+    for rel, f, dead in candidates:
+        if rel in in_use:
+            continue
+        try:
+            if dead or f.stat().st_mtime <= cutoff:
+                f.unlink()
+                n += 1
+        except FileNotFoundError:
+            pass  # another opener swept it
+    reap_dead_leases(leases)
     return n
