@@ -534,3 +534,18 @@ def test_a_damaged_index_is_an_error_with_the_repair_not_an_empty_store(
     result = run_json(capsys, "fsck", *store.args(), "--repair")
     assert result["rebuilt"]["recovered"] == 5 and result["clean"]
     assert keys_in(store) == set(store.keys.values())
+
+
+def test_bench_options_reach_only_the_benchmark_that_takes_them(tmp_path: Path) -> None:
+    from kvcache.tools import bench
+
+    args = cli.build_parser().parse_args(
+        ["bench", "codecs", "--split", "tune", "--lmcache-python", "/opt/lm/bin/python"])
+    assert bench._options(args) == {"split": "tune", "lmcache_python_path": "/opt/lm/bin/python"}
+    args = cli.build_parser().parse_args(["bench", "store", "--store", str(tmp_path),
+                                          "--drop-caches"])
+    assert bench._options(args) == {"store": tmp_path, "drop_caches": True}
+    with pytest.raises(KVCacheError, match="--split does not apply to `kvcache bench store`"):
+        bench.run("store", quick=True, split="tune")
+    with pytest.raises(KVCacheError, match="--store does not apply to `kvcache bench transfer`"):
+        bench.run("transfer", quick=True, store=tmp_path)

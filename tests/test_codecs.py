@@ -39,15 +39,6 @@ TOLERANCE = {
 }
 
 
-def bench_codecs_lmcache_python():
-    import os
-    from pathlib import Path
-
-    from kvcache.tools.bench_codecs import LMCACHE_PYTHON
-
-    return Path(os.environ.get("KVCACHE_LMCACHE_PYTHON", LMCACHE_PYTHON))
-
-
 def bits_per_element(tensors: dict[str, torch.Tensor], chunk: torch.Tensor) -> float:
     return sum(t.numel() * t.element_size() for t in tensors.values()) * 8 / chunk.numel()
 
@@ -369,45 +360,6 @@ def test_cachegen_decode_into_and_odd_planes():
 
 
 # -- LMCache side by side (bench) -------------------------------------------------------------
-
-
-def test_bench_skips_lmcache_without_its_venv(monkeypatch, tmp_path):
-    from kvcache.tools import bench_codecs
-
-    monkeypatch.setenv("KVCACHE_LMCACHE_PYTHON", str(tmp_path / "no-such-python"))
-    notes: list[str] = []
-    assert bench_codecs._lmcache([], None, LAYOUT, notes) is None
-    assert len(notes) == 1 and "skipped" in notes[0]
-
-
-@pytest.mark.skipif(
-    not bench_codecs_lmcache_python().exists(), reason="no LMCache venv (comparison only)"
-)
-def test_lmcache_runner_roundtrip(tmp_path):
-    import subprocess
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save_file
-
-    import kvcache.tools
-
-    chunks = {f"chunk{i}": synthetic_kv(LAYOUT, 32, seed=i) for i in range(2)}
-    save_file(chunks, str(tmp_path / "in.st"))
-    runner = Path(kvcache.tools.__file__).with_name("lmcache_cachegen_runner.py")
-    proc = subprocess.run(
-        [str(bench_codecs_lmcache_python()), str(runner), str(tmp_path), "--repeat", "1"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    info = json.loads((tmp_path / "out.json").read_text())
-    out = load_file(str(tmp_path / "out.st"))
-    raw = sum(c.numel() * c.element_size() for c in chunks.values())
-    assert info["raw_bytes"] == raw
-    # sizes count its per-(layer, channel) 16-bit CDFs (at 32 tokens they outweigh the KV)
-    assert 0 < info["cdf_bytes"] < info["encoded_bytes"] <= info["serialized_bytes"]
-    for name, chunk in chunks.items():
-        assert out[name].shape == chunk.shape and out[name].dtype == chunk.dtype
-        assert nmse(out[name], chunk) < 0.1
 
 
 def test_bench_served_chunk_load_reports_each_codec_beside_raw():

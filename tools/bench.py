@@ -42,8 +42,27 @@ def load(name: str) -> ModuleType:
     return importlib.import_module(module)
 
 
-def run(name: str, quick: bool = False) -> dict[str, Any]:
-    result: dict[str, Any] = load(name).run(quick=quick)
+# Options a benchmark takes beyond ``quick``: CLI flag -> keyword of its ``run``.
+OPTIONS: dict[str, dict[str, str]] = {
+    "store": {"--store": "store", "--drop-caches": "drop_caches"},
+    "codecs": {"--split": "split", "--lmcache-python": "lmcache_python_path"},
+    "transfer": {},
+}
+
+
+def run(name: str, quick: bool = False, **options: Any) -> dict[str, Any]:
+    """Run benchmark ``name``; ``options`` (``OPTIONS[name]``'s keywords) go to its ``run``."""
+    module = load(name)
+    known = set(OPTIONS.get(name, {}).values())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        flags = {kw: flag for opts in OPTIONS.values() for flag, kw in opts.items()}
+        raise KVCacheError(
+            f"{', '.join(flags.get(k, k) for k in unknown)} does not apply to "
+            f"`kvcache bench {name}`; it takes: "
+            f"{', '.join(OPTIONS.get(name, {})) or 'no options but --quick'}"
+        )
+    result: dict[str, Any] = module.run(quick=quick, **options)
     return result
 
 
@@ -153,8 +172,19 @@ def plot(result: dict[str, Any], out_dir: Path) -> Path | None:
 # -- entry point -----------------------------------------------------------------------------
 
 
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark options given on the command line (unset ones left out)."""
+    given = {
+        "store": None if getattr(args, "store", None) is None else Path(args.store),
+        "drop_caches": getattr(args, "drop_caches", False) or None,
+        "split": getattr(args, "split", None),
+        "lmcache_python_path": getattr(args, "lmcache_python", None),
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def main(args: argparse.Namespace) -> int:
-    result = run(args.name, quick=args.quick)
+    result = run(args.name, quick=args.quick, **_options(args))
     if args.out is not None:
         path = plot(result, Path(args.out))
         result["plot"] = None if path is None else str(path)
@@ -174,4 +204,8 @@ if __name__ == "__main__":
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path)
+    p.add_argument("--store", type=Path)
+    p.add_argument("--drop-caches", action="store_true")
+    p.add_argument("--split", choices=("eval", "tune"))
+    p.add_argument("--lmcache-python", type=Path)
     sys.exit(main(p.parse_args()))

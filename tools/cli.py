@@ -403,9 +403,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_lazy("demo", "demo"))
     p = add("bench", parents=[common, as_json], help="run a benchmark (prints JSON and a table)")
-    p.add_argument("name", metavar="NAME", help="which benchmark, e.g. store")
+    p.add_argument("name", metavar="NAME", help="which benchmark: store, codecs or transfer")
     p.add_argument("--quick", action="store_true", help="a small, fast configuration")
     p.add_argument("--out", metavar="DIR", type=Path, help="also draw a PNG plot into DIR")
+    p.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="store: make cold reads cold by dropping the WHOLE HOST's page cache (root "
+        "only; by default only the benchmark's own files are evicted)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("eval", "tune"),
+        help="codecs: the fidelity set's evaluation split (default; the figures to report) "
+        "or its tuning split (where codec defaults are chosen)",
+    )
+    p.add_argument(
+        "--lmcache-python",
+        metavar="PATH",
+        help="codecs: the interpreter of an LMCache venv (tools/lmcache_venv.sh makes one) "
+        "for the side-by-side (default: $KVCACHE_LMCACHE_PYTHON)",
+    )
     p.set_defaults(handler=_lazy("bench", "bench"))
 
     # The reference model: kvcache.tools.refmodel imports torch and transformers when run.
