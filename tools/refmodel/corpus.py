@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ class Corpus:
             return sum(f.path.stat().st_size for f in files)
 
         return {
-            "source": "Python standard library (sysconfig stdlib path)",
-            "root": str(self.root),
+            # the interpreter, not its install path: a log names no machine's folders
+            "source": "Python standard library (sysconfig stdlib path) of "
+                      f"{platform.python_implementation()} {platform.python_version()}",
             "suffixes": list(SUFFIXES),
             "excluded_dirs": sorted(EXCLUDED_DIRS),
             "max_file_bytes": MAX_FILE_BYTES,
