@@ -224,7 +224,10 @@ def main(args: argparse.Namespace) -> int:
     corpus = load_corpus()
     model, log = train(cfg, corpus, progress=not args.json)
     full_log: dict[str, Any] = {
-        "command": " ".join(["kvcache", *sys.argv[1:]]),
+        # the checkpoint's own folder is where it ends up, not part of how it was made
+        "command": " ".join(["kvcache", "refmodel", "train", "--out", "DIR",
+                             "--minutes", f"{args.minutes:g}", "--seed", str(args.seed),
+                             *(["--steps", str(args.steps)] if args.steps else [])]),
         "seed": cfg.seed,
         **log,
         "environment": environment(),
