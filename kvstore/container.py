@@ -284,20 +284,21 @@ _HUGE_BUFFER_MIN = 4 << 20
 _HUGE_PAGE = 2 << 20
 
 
-def object_buffer(size: int) -> memoryview:
+def object_buffer(size: int, *, huge_pages: bool = True) -> memoryview:
     """Uninitialised, writable memory for a container of ``size`` bytes, to read it into.
 
     The view starts at a ``BUFFER_ALIGN`` boundary and is ``size`` rounded up to a
     multiple of it (slice ``[:size]`` for the object). The memory lives as long as anything
     views it, e.g. the tensors ``decode_object`` builds on it.
 
-    Large buffers are a private anonymous mapping advised for transparent huge pages: a
-    fresh 32 MiB buffer faulted in 4 KiB page by page took 25-60 ms on a 2-vCPU VM -- as
-    long as reading the blob from its disk -- and 7 ms in 2 MiB pages. (glibc would map
-    a fresh block for it anyway: it serves every allocation above 32 MiB by ``mmap``.)
+    Large buffers (with ``huge_pages``) are a private anonymous mapping advised for
+    transparent huge pages: a fresh 32 MiB buffer faulted in 4 KiB page by page took
+    25-60 ms on a 2-vCPU VM -- as long as reading the blob from its disk -- and 7 ms in
+    2 MiB pages. (glibc would map a fresh block for it anyway: it serves every allocation
+    above 32 MiB by ``mmap``.)
     """
     cap = -(-size // BUFFER_ALIGN) * BUFFER_ALIGN
-    if cap < _HUGE_BUFFER_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
+    if not huge_pages or cap < _HUGE_BUFFER_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
         raw = torch.empty(cap + BUFFER_ALIGN, dtype=torch.uint8)
         skip = -raw.data_ptr() % BUFFER_ALIGN
         return raw.numpy().data[skip : skip + cap]
@@ -350,15 +351,17 @@ class ContainerDigest:
         return digest
 
 
-def read_object(readinto: Callable[[memoryview], int], size: int) -> StoredObject:
+def read_object(
+    readinto: Callable[[memoryview], int], size: int, *, huge_pages: bool = True
+) -> StoredObject:
     """Read and decode a container of ``size`` bytes from a stream (e.g. a file).
 
     The stream is read in pieces into an ``object_buffer`` (uninitialised, owned by the
-    returned tensors: no zero-fill pass) and each piece is hashed as soon as it lands, so
-    the checksum overlaps the kernel's readahead of the next piece. Raises
-    ``CorruptObjectError`` when the stream ends early or the bytes do not verify.
+    returned tensors: no zero-fill pass; ``huge_pages`` as there) and each piece is hashed
+    as soon as it lands, so the checksum overlaps the kernel's readahead of the next piece.
+    Raises ``CorruptObjectError`` when the stream ends early or the bytes do not verify.
     """
-    buf = object_buffer(size)[:size]
+    buf = object_buffer(size, huge_pages=huge_pages)[:size]
     digest = ContainerDigest(buf, size)
     got = 0
     while got < size:

@@ -180,7 +180,7 @@ def test_unknown_benchmark_lists_known_names(capsys):
 def test_cli_hands_options_to_the_benchmark(monkeypatch, capsys):
     seen = {}
 
-    def fake_run(name, quick=False):  # only the argument plumbing is under test here
+    def fake_run(name, quick=False, **options):  # only the argument plumbing is under test
         seen["quick"] = quick
         return {"benchmark": name, "rows": [], "notes": []}
 

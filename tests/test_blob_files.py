@@ -108,6 +108,16 @@ def test_cold_large_blob_bypasses_the_page_cache(direct_dir: Path):
     assert _cached(warm)
 
 
+def test_reads_that_overlap_others_go_through_the_page_cache(direct_dir: Path):
+    """Only a lone read takes O_DIRECT: the reads of a batch (get_many) keep the disk busy
+    together and take the plain path."""
+    data = encode_object(_obj(3 * MiB + 5))
+    path = _write(direct_dir / "blob.kvo", data, cold=True)
+    back = blob_files._read(str(path), alone=False)
+    assert torch.equal(back.tensors["kv"], _obj(3 * MiB + 5).tensors["kv"])
+    assert _cached(path)
+
+
 def test_file_systems_without_o_direct_are_read_buffered(direct_dir: Path):
     data = encode_object(_obj(3 * MiB))
     path = _write(direct_dir / "blob.kvo", data, cold=True)
@@ -129,6 +139,7 @@ def test_truncated_file_is_corrupt(direct_dir: Path, payload: int, cold: bool):
         path = _write(direct_dir / f"cut{keep}.kvo", data[:keep], cold=cold)
         with pytest.raises(CorruptObjectError):
             blob_files.read_blob_file(str(path))
+    assert blob_files._reading == 0  # a failed read does not count as one in progress
 
 
 @pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
