@@ -489,7 +489,7 @@ def test_cold_lookups_are_misses_and_the_hit_rate_says_so(tmp_path: Path, capsys
     assert (disk["hits"], disk["misses"]) == (3, 3)
     assert (disk["hit_tokens"], disk["miss_tokens"]) == (40, 40)
     assert disk["hit_rate"] == 0.5
-    code, out, _ = run(capsys, "stats", "--store", str(tmp_path / "s"))
+    _, out, _ = run(capsys, "stats", "--store", str(tmp_path / "s"))
     row = [line.split() for line in out.splitlines() if line.startswith("disk")][-1]
     assert row.count("50.0%") == 2  # HIT RATE and TOKEN HIT RATE
 
@@ -529,7 +529,7 @@ def test_a_damaged_index_is_an_error_with_the_repair_not_an_empty_store(
     data = store.dir / "disk" / "index" / "data.mdb"
     os.truncate(data, data.stat().st_size // 2)
     for command in (["inspect"], ["stats"], ["evict", "--all"]):
-        code, out, err = run(capsys, *command, *store.args())
+        code, _, err = run(capsys, *command, *store.args())
         assert code == 2 and "damaged" in err and "kvcache fsck --repair" in err, command
     result = run_json(capsys, "fsck", *store.args(), "--repair")
     assert result["rebuilt"]["recovered"] == 5 and result["clean"]

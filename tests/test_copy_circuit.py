@@ -154,4 +154,7 @@ def test_shipped_checkpoint_carries_the_circuit():
     params = dict(shipped.named_parameters())
     for name, mask in circuit.masks.items():
         want = circuit.values[name].to(torch.bfloat16).float()  # stored in bfloat16
-        assert torch.allclose(params[name][mask], want, rtol=1e-2, atol=1e-6), name
+        # The query weights are a least-squares fit: another CPU's BLAS can land a value
+        # on a neighbouring bfloat16 (seen on 4 of 32768: two near 0.5, two near 0.002),
+        # so allow two bf16 steps, and 1e-4 for the tiny ones.
+        assert torch.allclose(params[name][mask], want, rtol=2 * 2**-7, atol=1e-4), name

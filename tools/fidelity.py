@@ -33,7 +33,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvcache.connectors.hf import cache_to_canonical, canonical_to_cache
+from kvcache.connectors.hf import (
+    cache_kwarg,
+    cache_to_canonical,
+    canonical_to_cache,
+    output_cache,
+)
 
 if TYPE_CHECKING:
     from transformers import DynamicCache, PreTrainedModel
@@ -83,7 +88,7 @@ def exact_kv(model: PreTrainedModel, context_ids: torch.Tensor | Sequence[int]) 
     """The full-prefill KV of the context: ``[layers, 2, T, kv_heads, head_dim]``."""
     ids = _ids(context_ids).to(model.device)
     out = model(input_ids=ids[None], use_cache=True)
-    return cache_to_canonical(out.past_key_values, 0, ids.shape[0])
+    return cache_to_canonical(output_cache(out), 0, ids.shape[0])
 
 
 @torch.no_grad()
@@ -104,7 +109,7 @@ def independent_chunks_kv(
         n = ids.shape[0]
         pos = torch.arange(offset, offset + n, device=model.device)[None]
         out = model(input_ids=ids[None], position_ids=pos, use_cache=True)
-        parts.append(cache_to_canonical(out.past_key_values, 0, n))
+        parts.append(cache_to_canonical(output_cache(out), 0, n))
         offset += n
     return torch.cat(parts, dim=2)
 
@@ -123,7 +128,8 @@ def continuation_logits(
     cache = canonical_to_cache(kv, model.config, model.device, model.dtype)
     t = kv.shape[2]
     pos = torch.arange(t, t + ids.shape[0], device=model.device)
-    out = model(input_ids=ids[None], past_key_values=cache, cache_position=pos, use_cache=True)
+    out = model(input_ids=ids[None], cache_position=pos, use_cache=True,
+                **{cache_kwarg(model): cache})
     return out.logits[0].double().cpu()
 
 

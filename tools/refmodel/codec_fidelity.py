@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from kvcache.codecs.base import Codec
-from kvcache.connectors.hf import cache_to_canonical
+from kvcache.connectors.hf import cache_to_canonical, output_cache
 from kvcache.kvstore.layout import KVLayout
 from kvcache.tools.fidelity import (
     FidelityResult,
@@ -62,7 +62,7 @@ def prepare_windows(model: Any, fset: FidelitySet) -> list[ServedWindow]:
     for w in fset.windows:
         ctx, cont = w.context_tensor(), w.continuation_tensor()
         with torch.no_grad():
-            cache = model(ctx[None], use_cache=True).past_key_values
+            cache = output_cache(model(ctx[None], use_cache=True))
         exact = cache_to_canonical(cache, 0, ctx.shape[0]).to(torch.bfloat16)
         out.append(ServedWindow(w.domain, ctx, cont, exact,
                                 continuation_logits(model, exact, cont)))
