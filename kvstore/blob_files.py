@@ -32,9 +32,9 @@ from kvcache.kvstore.container import (
 )
 from kvcache.kvstore.errors import CorruptObjectError
 
-# Blobs smaller than this are read through the page cache: one request either way, and
-# the cache probe plus a second open would cost more than they save.
-_DIRECT_MIN = 1 << 20
+# Blobs smaller than this are read through the page cache: a few requests either way, and
+# the cache probe and second open cost warm reads more than O_DIRECT saved cold ones.
+_DIRECT_MIN = 4 << 20
 # One O_DIRECT request: a blob is split into about _READERS of them, 1-4 MiB each.
 _PIECE_MIN, _PIECE_MAX = 1 << 20, 4 << 20
 _READERS = 8  # O_DIRECT requests in flight, shared by every concurrent read

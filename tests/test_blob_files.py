@@ -60,7 +60,7 @@ def _write(path: Path, data: bytes, cold: bool) -> Path:
 def direct_dir(tmp_path: Path) -> Path:
     """A directory whose file system lets a file leave the page cache and takes O_DIRECT
     (not tmpfs, for one): where the cold path really runs."""
-    probe = _write(tmp_path / "probe", b"x" * (2 * MiB), cold=True)
+    probe = _write(tmp_path / "probe", b"x" * (5 * MiB), cold=True)
     if _cached(probe):
         pytest.skip("this file system keeps files in the page cache (tmpfs?)")
     try:
@@ -71,9 +71,11 @@ def direct_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-# Sizes around the thresholds: below _DIRECT_MIN (read buffered even when cold), one
-# piece, whole pieces, and sizes that are not a multiple of the piece or of a block.
-PAYLOADS = [1000, MiB - 4096, 2 * MiB, 8 * MiB - 1024, 3 * MiB + 123, 5 * MiB + 7]
+# Sizes around the thresholds: below _DIRECT_MIN (read buffered even when cold), just
+# above it, 1 MiB pieces and 4 MiB pieces, sizes that are not a multiple of the piece or
+# of a block.
+PAYLOADS = [1000, 2 * MiB, 4 * MiB - 4096, 4 * MiB + 123, 8 * MiB - 1024, 25 * MiB + 3]
+LARGE = 5 * MiB + 5  # read with O_DIRECT when cold
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -93,12 +95,13 @@ def test_round_trip(direct_dir: Path, payload: int, cold: bool):
 def test_cold_large_blob_bypasses_the_page_cache(direct_dir: Path):
     """The cold path reads with O_DIRECT (nothing lands in the page cache); a cached blob
     is read through the cache; a small one always is."""
-    data = encode_object(_obj(3 * MiB + 5))
+    data = encode_object(_obj(LARGE))
     big = _write(direct_dir / "big.kvo", data, cold=True)
     blob_files.read_blob_file(str(big))
     assert not _cached(big)
 
-    small = _write(direct_dir / "small.kvo", encode_object(_obj(200_000)), cold=True)
+    below = blob_files._DIRECT_MIN - 4096
+    small = _write(direct_dir / "small.kvo", encode_object(_obj(below)), cold=True)
     blob_files.read_blob_file(str(small))
     assert _cached(small)
 
@@ -111,21 +114,21 @@ def test_cold_large_blob_bypasses_the_page_cache(direct_dir: Path):
 def test_reads_that_overlap_others_go_through_the_page_cache(direct_dir: Path):
     """Only a lone read takes O_DIRECT: the reads of a batch (get_many) keep the disk busy
     together and take the plain path."""
-    data = encode_object(_obj(3 * MiB + 5))
+    data = encode_object(_obj(LARGE))
     path = _write(direct_dir / "blob.kvo", data, cold=True)
     back = blob_files._read(str(path), alone=False)
-    assert torch.equal(back.tensors["kv"], _obj(3 * MiB + 5).tensors["kv"])
+    assert torch.equal(back.tensors["kv"], _obj(LARGE).tensors["kv"])
     assert _cached(path)
 
 
 def test_file_systems_without_o_direct_are_read_buffered(direct_dir: Path):
-    data = encode_object(_obj(3 * MiB))
+    data = encode_object(_obj(LARGE))
     path = _write(direct_dir / "blob.kvo", data, cold=True)
     dev = os.stat(path).st_dev
     blob_files._no_direct.add(dev)  # as after an EINVAL from this file system
     try:
         back = blob_files.read_blob_file(str(path))
-        assert torch.equal(back.tensors["kv"], _obj(3 * MiB).tensors["kv"])
+        assert torch.equal(back.tensors["kv"], _obj(LARGE).tensors["kv"])
         assert _cached(path)  # it went through the page cache
     finally:
         blob_files._no_direct.discard(dev)
