@@ -32,7 +32,7 @@ from kvcache.connectors.hf_layerwise_cache import LayerwiseCache
 from kvcache.kvstore.errors import KVCacheError, LayoutMismatchError
 from kvcache.kvstore.keys import DEFAULT_CHUNK_SIZE, Chunk, chunk_tokens
 from kvcache.kvstore.layer_loader import LayerLoader, LayerLoadError
-from kvcache.kvstore.layout import DTYPE_NAMES, AttentionKind, KVLayout, RopeSpec, RopeStyle
+from kvcache.kvstore.layout import AttentionKind, KVLayout, RopeSpec, RopeStyle, dtype_names
 from kvcache.kvstore.tiered_store import TieredStore
 
 if TYPE_CHECKING:
@@ -142,11 +142,11 @@ def layout_from_hf_config(
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPE_NAMES:
+        if dtype not in dtype_names():
             raise LayoutMismatchError(
-                f"unsupported KV dtype {dtype}; use one of {sorted(DTYPE_NAMES.values())}"
+                f"unsupported KV dtype {dtype}; use one of {sorted(dtype_names().values())}"
             )
-        dtype = DTYPE_NAMES[dtype]
+        dtype = dtype_names()[dtype]
     return KVLayout(
         model_id=model_id,
         num_layers=int(config.num_hidden_layers),

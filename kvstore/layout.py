@@ -12,22 +12,35 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
-
-import torch
+from functools import cache
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvcache.kvstore.errors import LayoutMismatchError
 
-# Names used in stored headers and configs. They are part of the on-disk format: never
-# rename one; add new ones instead.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# Names used in stored headers and configs, with each one's bytes per element. They are
+# part of the on-disk format: never rename one; add new ones instead. The torch dtypes they
+# name are looked up on first use (``dtypes()``): reading headers, as the admin commands
+# do, must not cost a torch import.
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@cache
+def dtypes() -> dict[str, torch.dtype]:
+    """Each dtype name of ``DTYPE_SIZES`` -> its torch dtype."""
+    import torch
+
+    return {name: getattr(torch, name) for name in DTYPE_SIZES}
+
+
+@cache
+def dtype_names() -> dict[torch.dtype, str]:
+    """The inverse of ``dtypes()``."""
+    return {v: k for k, v in dtypes().items()}
 E = TypeVar("E", bound=Enum)
 
 
@@ -159,9 +172,9 @@ class KVLayout:
         for name in ("num_layers", "num_kv_heads", "head_dim", "tp_size"):
             if getattr(self, name) <= 0:
                 raise LayoutMismatchError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPE_SIZES:
             raise LayoutMismatchError(
-                f"unsupported dtype {self.dtype!r}; use one of {sorted(DTYPES)}"
+                f"unsupported dtype {self.dtype!r}; use one of {sorted(DTYPE_SIZES)}"
             )
         if not 0 <= self.tp_rank < self.tp_size:
             raise LayoutMismatchError(
@@ -173,7 +186,7 @@ class KVLayout:
     # -- derived -------------------------------------------------------------------------
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return dtypes()[self.dtype]
 
     @property
     def is_mla(self) -> bool:
@@ -196,7 +209,7 @@ class KVLayout:
         elems = 1
         for d in self.chunk_shape(1):
             elems *= d
-        return elems * self.torch_dtype.itemsize
+        return elems * DTYPE_SIZES[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -232,6 +245,8 @@ class KVLayout:
         ``[num_layers, num_tokens, latent_dim]``) of ``self.torch_dtype``.
         Returns the number of tokens it holds.
         """
+        import torch
+
         if not isinstance(chunk, torch.Tensor):
             raise LayoutMismatchError(f"expected a torch.Tensor, got {type(chunk).__name__}")
         if chunk.dtype != self.torch_dtype:
