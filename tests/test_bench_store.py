@@ -5,7 +5,6 @@ No timing assertions: benchmarks are programs, not tests (docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -56,7 +55,16 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
             for p in sorted(root.rglob("*"))}
 
 
-def test_store_option_runs_the_disk_part_inside_that_directory(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_quick(monkeypatch):
+    """``--quick`` runs the smoke-test configuration, so the CLI can be driven for real."""
+    monkeypatch.setattr(bench_store.StoreBenchConfig, "quick",
+                        classmethod(lambda cls: cls.tiny()))
+
+
+def test_store_option_runs_the_disk_part_inside_that_directory(
+    tmp_path, monkeypatch, capsys, tiny_quick
+):
     """--store DIR: the disk figures are measured in a scratch directory under DIR (so on
     DIR's disk); the store's own entries are untouched and nothing is left behind."""
     store = tmp_path / "store"
@@ -76,7 +84,8 @@ def test_store_option_runs_the_disk_part_inside_that_directory(tmp_path, monkeyp
         return measure_disk(shape, cfg, storage, root, *args, **kwargs)
 
     monkeypatch.setattr(bench_store, "_bench_disk", spy)
-    result = bench_store.run(store=store, config=bench_store.StoreBenchConfig.tiny())
+    assert cli.main(["bench", "store", "--quick", "--json", "--store", str(store)]) == 0
+    result = json.loads(capsys.readouterr().out)
 
     assert roots and all(r.parent == store for r in roots)
     assert not roots[0].exists()
@@ -91,13 +100,6 @@ def test_store_option_must_name_an_existing_directory(tmp_path):
     with pytest.raises(ConfigError, match="no such directory"):
         bench_store.run(store=tmp_path / "nope", config=bench_store.StoreBenchConfig.tiny())
     assert list(tmp_path.iterdir()) == []
-
-
-def test_options_from_the_command_line():
-    assert bench_store.options_from_args(argparse.Namespace()) == {
-        "store": None, "drop_caches": False}
-    got = bench_store.options_from_args(argparse.Namespace(store="~/x", drop_caches=True))
-    assert got == {"store": Path("~/x").expanduser(), "drop_caches": True}
 
 
 @pytest.fixture
@@ -119,10 +121,20 @@ def test_the_host_page_cache_is_left_alone_by_default(tmp_path, fake_drop_caches
     assert fake_drop_caches.read_text() == "0\n"  # never written
 
 
-def test_drop_caches_only_when_asked_and_allowed(tmp_path, fake_drop_caches, monkeypatch):
+def test_drop_caches_only_when_asked_and_allowed(
+    tmp_path, fake_drop_caches, monkeypatch, capsys, tiny_quick
+):
     dropper = bench_store.CacheDropper("drop_caches")
     assert "whole host" in dropper.description
     dropper.drop([])
+    assert fake_drop_caches.read_text() == "1\n"
+
+    fake_drop_caches.write_text("0\n")
+    store = tmp_path / "store"
+    store.mkdir()
+    assert cli.main(["bench", "store", "--quick", "--json", "--store", str(store),
+                     "--drop-caches"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"]["cold_cache_method"] == "drop_caches"
     assert fake_drop_caches.read_text() == "1\n"
 
     # Not writable (not root): refused. A missing file stands for it, since root may
@@ -130,11 +142,9 @@ def test_drop_caches_only_when_asked_and_allowed(tmp_path, fake_drop_caches, mon
     monkeypatch.setattr(bench_store.CacheDropper, "DROP_CACHES", tmp_path / "no" / "file")
     with pytest.raises(ConfigError, match="root"):
         bench_store.CacheDropper("drop_caches")
-    store = tmp_path / "store"
-    store.mkdir()
-    with pytest.raises(ConfigError, match="root"):  # refused before any work
-        bench_store.run(store=store, config=bench_store.StoreBenchConfig.tiny(),
-                        drop_caches=True)
+    assert cli.main(["bench", "store", "--quick", "--store", str(store),
+                     "--drop-caches"]) == 2  # refused before any work
+    assert "root" in capsys.readouterr().err
     assert list(store.iterdir()) == []
     with pytest.raises(ConfigError, match="cold-cache method"):
         bench_store.CacheDropper("everything")

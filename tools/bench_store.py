@@ -718,16 +718,6 @@ def _code_version() -> dict[str, Any]:
 DEFAULT_STORE = Path.home() / ".cache" / "kvcache-bench"
 
 
-def options_from_args(args: Any) -> dict[str, Any]:
-    """``run`` keyword arguments from ``kvcache bench store``'s command line: ``--store DIR``
-    (the disk to measure) and ``--drop-caches`` (host-wide, root only)."""
-    store = getattr(args, "store", None)
-    return {
-        "store": None if store is None else Path(store).expanduser(),
-        "drop_caches": bool(getattr(args, "drop_caches", False)),
-    }
-
-
 def run(
     quick: bool = False,
     store: Path | None = None,
