@@ -46,13 +46,16 @@ _reading = 0  # blob reads in progress in this process
 _reading_lock = threading.Lock()
 
 
-def _forget_pool() -> None:
-    global _pool
-    _pool = None  # a forked child has none of the parent's threads
+def _after_fork() -> None:
+    """A forked child has none of the parent's threads: no pool, no reads in progress, and
+    locks that a parent's thread may have held at the fork."""
+    global _pool, _pool_lock, _reading, _reading_lock
+    _pool, _pool_lock = None, threading.Lock()
+    _reading, _reading_lock = 0, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _reader_pool() -> ThreadPoolExecutor:
@@ -100,7 +103,7 @@ def _read(path: str, alone: bool) -> StoredObject:
 
     Only a lone read takes the O_DIRECT path and huge pages. Reads that overlap (a
     ``get_many`` batch) already keep the disk busy together, and there the plain path was
-    the faster one on a 2-vCPU VM (a 32 MiB x 32 batch: 0.9-1.0 GB/s against 0.6-0.8
+    the faster one on a 2-vCPU VM (a 32 MiB x 32 batch: 0.9-1.0 GB/s against 0.4-0.8
     with O_DIRECT or huge pages, whose fresh memory for a whole batch held at once costs
     more than it saves), while a lone read got 2x faster with them.
     """

@@ -4,6 +4,7 @@ for cached or small ones, and the same checksum strictness on both."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,28 @@ def test_object_buffer_is_aligned_and_block_rounded(size: int):
     if len(buf):
         t.fill_(7)  # writable, all of it
         assert int(t[-1]) == 7
+
+
+def test_a_forked_child_reads_with_its_own_readers(direct_dir: Path):
+    """The reader pool's threads do not survive a fork: a child makes its own (and does
+    not wait forever on the parent's)."""
+    path = _write(direct_dir / "blob.kvo", encode_object(_obj(LARGE)), cold=True)
+    blob_files.read_blob_file(str(path))  # the parent's pool exists now
+    _evict(path)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the cold read round-trips
+        code = 1
+        try:
+            back = blob_files.read_blob_file(str(path))
+            code = 0 if torch.equal(back.tensors["kv"], _obj(LARGE).tensors["kv"]) else 1
+        finally:
+            os._exit(code)
+    for _ in range(600):  # a hang guard, not a timing: a healthy child is done at once
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's read never finished")
