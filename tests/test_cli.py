@@ -402,6 +402,7 @@ def _subprocess(*argv: str, env: dict[str, str] | None = None) -> subprocess.Com
     )
 
 
+@pytest.mark.slow
 def test_subprocess_inspect_while_store_is_open(store: Store) -> None:
     # A serving process holds the store open (shared): the admin command still reads it.
     with disk_tier.DiskTier(store.dir / "disk", 1 << 20):
@@ -410,6 +411,7 @@ def test_subprocess_inspect_while_store_is_open(store: Store) -> None:
     assert len(json.loads(proc.stdout)["entries"]) == 5
 
 
+@pytest.mark.slow
 def test_subprocess_evict_while_store_is_open(store: Store) -> None:
     # The serving process keeps the store open; an admin evicts from another process, and
     # the server sees the entry gone (a miss) with its byte accounting updated.
@@ -422,6 +424,7 @@ def test_subprocess_evict_while_store_is_open(store: Store) -> None:
         assert served.used_bytes == store.used - store.nbytes[key]
 
 
+@pytest.mark.slow
 def test_subprocess_exit_codes_and_no_traceback(store: Store, tmp_path: Path) -> None:
     proc = _subprocess("evict", "--store", str(store.dir), "--prefix", "ffff")
     assert proc.returncode == 1
@@ -436,6 +439,7 @@ def test_subprocess_exit_codes_and_no_traceback(store: Store, tmp_path: Path) ->
     assert proc.returncode == 0 and "removed 1 entry" in proc.stdout
 
 
+@pytest.mark.slow
 def test_subprocess_store_locked_exclusively(store: Store) -> None:
     with disk_tier.DiskTier(store.dir / "disk", 1 << 20, exclusive=True):
         proc = _subprocess("inspect", "--store", str(store.dir))

@@ -362,6 +362,7 @@ def test_cachegen_decode_into_and_odd_planes():
 # -- LMCache side by side (bench) -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_served_chunk_load_reports_each_codec_beside_raw():
     from kvcache.tools import bench_codecs
 

@@ -20,6 +20,8 @@ from kvcache.tools.refmodel.copy_circuit import (
 )
 from kvcache.tools.refmodel.model import build_model, reference_config
 
+pytestmark = pytest.mark.slow  # builds and trains models
+
 
 @pytest.fixture(scope="module")
 def fresh():

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from kvcache.tools import demo
 from kvcache.tools.demo import format_table, run_demo
 
@@ -17,6 +19,7 @@ from kvcache.tools.demo import format_table, run_demo
 MAX_LOGIT_DIFF = 1e-4
 
 
+@pytest.mark.slow
 def test_run_demo_reuses_and_second_run_hits_disk(tmp_path: Path):
     first = run_demo(tmp_path, requests=2)
     for key in (
@@ -87,6 +90,7 @@ _WITHOUT_TRITON = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_demo_runs_without_triton_and_without_deprecation_warnings(tmp_path: Path):
     out = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TRITON, str(tmp_path)],

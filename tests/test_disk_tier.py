@@ -185,6 +185,7 @@ def test_evict_handler_sees_victim_before_removal(tmp_path: Path) -> None:
         assert keys_of(t) == {key(2)}  # nothing lost when the handler fails
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", STORAGES)
 def test_durable_across_processes(tmp_path: Path, storage: str) -> None:
     child_put = f"""
@@ -212,6 +213,7 @@ def test_durable_across_processes(tmp_path: Path, storage: str) -> None:
         assert t.info("p" * 32).hits == 1  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_resyncs_with_entries_added_by_another_process(tmp_path: Path) -> None:
     size = obj_size(tmp_path)
     path = tmp_path / "s"
@@ -317,6 +319,7 @@ def test_readonly_rejects_writes(tmp_path: Path) -> None:
         assert keys_of(t) == {key(1)}
 
 
+@pytest.mark.slow
 def test_locking(tmp_path: Path) -> None:
     probe = f"""
         from kvcache.kvstore.disk_tier import DiskTier

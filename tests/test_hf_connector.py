@@ -242,6 +242,7 @@ def test_reuse_from_disk_only(family_model, tmp_path: Path):
     torch.testing.assert_close(res.logits, full_logits(model, [*ids, 5]), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_reuse_from_a_cachegen_disk_tier(tmp_path: Path):
     """A lossy disk tier: each chunk's keys are coded before RoPE at the positions the
     connector stored them at, and the reused prefix gives nearly the full prefill's
@@ -275,6 +276,7 @@ def test_reuse_from_a_cachegen_disk_tier(tmp_path: Path):
     assert float((res.logits - full).abs().max()) < 0.02 * float(full.abs().max())
 
 
+@pytest.mark.slow
 def test_reuse_with_a_cpu_tier_smaller_than_the_prompt(tmp_path: Path):
     # A CPU tier holds at least 1 MiB: heads of 1024 make a chunk 512 KiB, so it holds two.
     model = build_model("llama", head_dim=1024)
@@ -289,6 +291,7 @@ def test_reuse_with_a_cpu_tier_smaller_than_the_prompt(tmp_path: Path):
     torch.testing.assert_close(res.logits, full_logits(model, [*ids, 7]), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_reopened_store_in_another_process_serves_the_prefix(tmp_path: Path):
     """A separate process fills the store and exits; this one reopens the directory."""
     ids = prompt(70)
@@ -315,6 +318,7 @@ def test_reopened_store_in_another_process_serves_the_prefix(tmp_path: Path):
     torch.testing.assert_close(res.logits, full_logits(model, longer), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_reopened_store_in_process(tmp_path: Path):
     model = build_model("mistral")
     ids = prompt(50)

@@ -94,6 +94,7 @@ def probe(storage: str, *opens: tuple[Path, bool]) -> list[dict]:
     return outs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["files", "lmdb"])
 def test_truncated_index_opens_damaged_then_repairs_itself_exclusively(
     tmp_path: Path, storage: str
@@ -131,6 +132,7 @@ def test_emptied_index_is_never_silently_a_new_empty_store(tmp_path: Path, damag
         assert t.used_bytes == sum(e.nbytes for e in t.scan())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["files", "lmdb"])
 def test_random_damage_never_crashes_or_serves_wrong_data(tmp_path: Path, storage: str) -> None:
     """Bit flips, zeroed pages and truncations anywhere in data.mdb: every opener exits
@@ -205,6 +207,7 @@ def test_fsck_finds_every_kind_of_problem_and_repair_fixes_them(tmp_path: Path) 
         assert not orphan.exists()
 
 
+@pytest.mark.slow
 def test_fsck_repair_needs_the_store_to_itself(tmp_path: Path) -> None:
     build(tmp_path, n=2)
     with DiskTier(tmp_path, CAP):
@@ -232,6 +235,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_orphans_of_a_killed_writer_are_reclaimed_at_the_next_open(tmp_path: Path) -> None:
     build(tmp_path, n=2)
     before = sorted((tmp_path / "blobs").rglob("*.kvo"))
@@ -294,6 +298,7 @@ def test_lmdb_blobs_on_a_full_disk_raise_disk_full(small_fs: Path) -> None:
         assert {e.key for e in t.scan()} == set(stored)
 
 
+@pytest.mark.slow
 def test_opening_a_new_store_on_a_full_disk_is_a_typed_error(small_fs: Path) -> None:
     with open(small_fs / "filler", "wb") as f:
         try:

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -48,6 +50,7 @@ def test_ci_runs_the_readmes_test_command():
     assert setup_commands()[1] in ci
 
 
+@pytest.mark.slow
 def test_python_example_runs_as_written_and_prints_what_it_says(tmp_path: Path):
     """Run the README's Python block in a fresh interpreter (twice: the second run finds
     the first's chunks on disk), and compare what each ``print`` writes with the comment

@@ -90,6 +90,7 @@ def test_checkpoint_loads_offline_with_recorded_shape(model_and_log):
         assert key in log
 
 
+@pytest.mark.slow
 def test_checkpoint_reproduces_recorded_heldout_loss(model_and_log):
     model, log = model_and_log
     corpus = load_corpus()
@@ -148,6 +149,7 @@ def test_training_is_deterministic_for_a_seed(tmp_path: Path):
     assert not torch.equal(other.model.embed_tokens.weight, a.model.embed_tokens.weight)
 
 
+@pytest.mark.slow
 def test_cli_refmodel_eval_prints_json(capsys, monkeypatch, model_and_log):
     from kvcache.tools.refmodel import evaluate
 
@@ -169,6 +171,7 @@ def test_cli_refmodel_eval_prints_json(capsys, monkeypatch, model_and_log):
     assert cli.main(["refmodel"]) == 2  # an action is required
 
 
+@pytest.mark.slow
 def test_copy_probe_scores_both_copies_deterministically(model_and_log):
     from kvcache.tools.refmodel.evaluate import copy_probe
 

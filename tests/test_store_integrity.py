@@ -168,6 +168,7 @@ def _reopen_and_read(store_dir: Path, key: str, storage: str) -> torch.Tensor:
     return torch.load(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["files", "lmdb"])
 @pytest.mark.parametrize("write_mode", ["write-through", "write-back"])
 def test_overwrite_reaches_disk_and_survives_a_restart(
@@ -202,6 +203,7 @@ def test_overwrite_of_an_entry_evicted_before_its_write_down(tmp_path: Path) -> 
         assert torch.equal(s.get(A), v2)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_overwrite_that_falls_through_drops_the_older_copy_above(tmp_path: Path) -> None:
     """The CPU tier cannot take v2 (its only other entry is pinned, and a put never evicts
     the key it replaces): v2 goes to disk, and the CPU's v1 must not shadow it."""

@@ -95,6 +95,7 @@ def test_longest_prefix_across_tiers(tmp_path, layout):
         assert store.longest_prefix(keys[3:]) == 0
 
 
+@pytest.mark.slow
 def test_restart_serves_everything_from_disk(tmp_path, layout):
     chunks = {i: make_chunk(layout, TOKENS, i) for i in range(6)}
     with make_store(tmp_path) as store:
@@ -221,6 +222,7 @@ def test_concurrent_readers_and_writers_across_tiers(tmp_path, layout):
             assert torch.equal(store.get(make_key(i)), c)
 
 
+@pytest.mark.slow
 def test_reader_process_alongside_a_writer(tmp_path, layout):
     """A second process reads the disk tier while this one writes, evicts and overwrites:
     every hit it gets is a whole, correct chunk."""
