@@ -21,34 +21,42 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-import torch
 import xxhash
 
 from kvcache.kvstore.errors import CorruptObjectError, KVCacheError
 from kvcache.kvstore.layout import KVLayout
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "kvcache-object"
 FORMAT_VERSION = 1
 _CHECKSUM_PLACEHOLDER = "0" * 32
 _MAX_HEADER_BYTES = 16 * 1024 * 1024
 
-_ST_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+# safetensors dtype name -> (torch dtype name, bytes per element). Torch itself is imported
+# when tensors are built or serialised, not to read headers (the admin commands do that).
+_ST_TYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
 }
-_ST_NAMES: dict[str, torch.dtype] = {v: k for k, v in _ST_DTYPES.items()}
+
+
+@cache
+def _st_names() -> dict[str, torch.dtype]:
+    import torch
+
+    return {st: getattr(torch, name) for st, (name, _) in _ST_TYPES.items()}
+
+
+@cache
+def _st_dtypes() -> dict[torch.dtype, str]:
+    return {v: k for k, v in _st_names().items()}
 
 
 @dataclass(frozen=True)
@@ -116,11 +124,13 @@ class StoredObject:
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    if t.dtype not in _ST_DTYPES:
+    if t.dtype not in _st_dtypes():
         raise KVCacheError(f"tensor dtype {t.dtype} cannot be stored")
     return t.reshape(-1).view(torch.uint8).numpy().data
 
@@ -139,7 +149,7 @@ def encode_parts(obj: StoredObject) -> list[bytes | memoryview]:
         mv = _byte_view(t)
         views.append(mv)
         table[name] = {
-            "dtype": _ST_DTYPES[t.dtype],
+            "dtype": _st_dtypes()[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + mv.nbytes],
         }
@@ -229,13 +239,13 @@ def decode_header(
     for name, entry in table.items():
         try:
             b, e = entry["data_offsets"]
-            dtype = _ST_NAMES[entry["dtype"]]
+            itemsize = _ST_TYPES[entry["dtype"]][1]
             numel = 1
             for d in entry["shape"]:
                 numel *= int(d)
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptObjectError(f"bad tensor entry {name!r}: {err}") from err
-        if not (0 <= b <= e <= payload_len) or e - b != numel * dtype.itemsize:
+        if not (0 <= b <= e <= payload_len) or e - b != numel * itemsize:
             raise CorruptObjectError(f"tensor {name!r} does not fit the payload")
         end_max = max(end_max, e)
     if end_max != payload_len:
@@ -248,6 +258,8 @@ def decode_object(
 ) -> StoredObject:
     """Verify and parse a container. Tensors view ``data`` unless ``copy`` (or misaligned).
     ``digest``: see ``decode_header``."""
+    import torch
+
     header, table = decode_header(data, digest=digest)
     mv = memoryview(data).cast("B")
     (n,) = struct.unpack("<Q", mv[:8])
@@ -265,7 +277,7 @@ def decode_object(
         flat = flat.clone()
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in table.items():
-        dtype = _ST_NAMES[entry["dtype"]]
+        dtype = _st_names()[entry["dtype"]]
         b, e = entry["data_offsets"]
         part = flat[base + b : base + e]
         if (base + b) % dtype.itemsize:
@@ -299,6 +311,8 @@ def object_buffer(size: int, *, huge_pages: bool = True) -> memoryview:
     """
     cap = -(-size // BUFFER_ALIGN) * BUFFER_ALIGN
     if not huge_pages or cap < _HUGE_BUFFER_MIN or not hasattr(mmap, "MAP_ANONYMOUS"):
+        import torch
+
         raw = torch.empty(cap + BUFFER_ALIGN, dtype=torch.uint8)
         skip = -raw.data_ptr() % BUFFER_ALIGN
         return raw.numpy().data[skip : skip + cap]

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 import types
 from dataclasses import dataclass
@@ -553,3 +554,20 @@ def test_bench_options_reach_only_the_benchmark_that_takes_them(tmp_path: Path) 
         bench.run("store", quick=True, split="tune")
     with pytest.raises(KVCacheError, match="--store does not apply to `kvcache bench transfer`"):
         bench.run("transfer", quick=True, store=tmp_path)
+
+
+def test_help_and_index_reading_commands_do_not_import_torch(store: Store) -> None:
+    """They must start in well under a second: importing torch alone takes 1-6 s."""
+    key = store.keys["new"]
+    code = textwrap.dedent(f"""
+        import sys
+        from kvcache.tools import cli
+        for argv in (["--help"], ["stats"], ["inspect"], ["inspect", {key!r}],
+                     ["evict", "--key", {key!r}, "--dry-run"], ["fsck", "--quick"]):
+            cli.main([*argv, "--store", {str(store.dir)!r}] if argv != ["--help"] else argv)
+        print("torch" in sys.modules)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "False"

@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--store",
         metavar="DIR",
-        help="store directory (default: from the config, $KVCACHE_DIR or ~/.cache/kvcache)",
+        help="store directory (default: from the config, $KVCACHE_DIR or ~/.cache/kvcache); "
+        "for `bench store`, the directory whose disk to measure (default: "
+        "~/.cache/kvcache-bench)",
     )
     common.add_argument(
         "--config", metavar="FILE", help="config file, .toml or .yaml (default: $KVCACHE_CONFIG)"
