@@ -55,7 +55,9 @@ class ChunkStore(Protocol):
 
     def get_many(self, keys: Sequence[str]) -> list[torch.Tensor | None]: ...
 
-    def longest_prefix(self, keys: Sequence[str]) -> int: ...
+    def longest_prefix(
+        self, keys: Sequence[str], *, num_tokens: Sequence[int] | None = None
+    ) -> int: ...
 
     def where(self, key: str) -> str | None: ...
 
@@ -185,7 +187,7 @@ def cached_prefix(
     lookup and read ends the prefix there) and the number of hits per tier name.
     """
     keys = [c.prefix_key for c in chunks]
-    n = store.longest_prefix(keys)
+    n = store.longest_prefix(keys, num_tokens=[c.num_tokens for c in chunks])
     # Ask where before reading: a read promotes a lower-tier hit to the top tier.
     tiers = [store.where(k) for k in keys[:n]]
     got = store.get_many(keys[:n]) if n else []
@@ -381,7 +383,7 @@ class HFConnector:
         """The cached prefix as a ``LayerwiseCache``: layer 0 is loaded now, the others
         while the model computes the layers before them."""
         keys = [c.prefix_key for c in chunks]
-        n = store.longest_prefix(keys)
+        n = store.longest_prefix(keys, num_tokens=[c.num_tokens for c in chunks])
         if n == 0:
             return None, 0, {}
         loader = stack.enter_context(
