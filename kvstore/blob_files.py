@@ -25,9 +25,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from kvcache.kvstore.container import (
     BUFFER_ALIGN,
     ContainerDigest,
+    ObjectHeader,
     StoredObject,
     decode_object,
     object_buffer,
+    read_header_unverified,
     read_object,
 )
 from kvcache.kvstore.errors import CorruptObjectError
@@ -77,6 +79,16 @@ def write_blob_file(path: str, parts: list[bytes | memoryview], sync: bool) -> N
                 view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_blob_header(path: str) -> ObjectHeader:
+    """The header of the container in the file at ``path``, read without the payload (no
+    checksum: that needs every byte). ``CorruptObjectError`` when it is not one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return read_header_unverified(lambda o, n: os.pread(fd, n, o), os.fstat(fd).st_size)
     finally:
         os.close(fd)
 

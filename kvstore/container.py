@@ -202,6 +202,12 @@ def read_header_unverified(read_at: Callable[[int, int], bytes], size: int) -> O
     return ObjectHeader.from_json(_parse_header(read_at, size)[4])
 
 
+def header_of_bytes(data: bytes | bytearray | memoryview) -> ObjectHeader:
+    """``read_header_unverified`` of a container held in memory."""
+    mv = memoryview(data).cast("B")
+    return read_header_unverified(lambda o, n: bytes(mv[o : o + n]), mv.nbytes)
+
+
 def _header_for_checksum(raw_header: bytes) -> bytes:
     """``raw_header`` with its checksum digits zeroed, as they were when it was computed."""
     needle = b'"checksum":"'

@@ -33,19 +33,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
 
-from kvcache.kvstore.blob_files import read_blob_file, write_blob_file
+from kvcache.kvstore.blob_files import read_blob_file, read_blob_header, write_blob_file
 from kvcache.kvstore.container import (
     ObjectHeader,
     StoredObject,
     decode_object,
     encode_parts,
-    read_header_unverified,
+    header_of_bytes,
 )
 from kvcache.kvstore.errors import (
     ConfigError,
@@ -98,14 +97,6 @@ _FLUSH_INTERVAL_S = 2.0
 _ORPHAN_AGE_S = 3600.0
 _SWEEP_INTERVAL_S = 60.0  # at most one orphan sweep per minute when the tier is full
 
-def _pread(fd: int, offset: int, length: int) -> bytes:
-    return os.pread(fd, length, offset)
-
-
-def _header_of(buf: bytearray) -> ObjectHeader:
-    return read_header_unverified(lambda o, n: bytes(buf[o : o + n]), len(buf))
-
-
 class DiskTier(Tier):
     """Persistent tier: LMDB index, blobs in files or LMDB; thread- and process-safe.
 
@@ -150,6 +141,7 @@ class DiskTier(Tier):
         self.blob_storage = blob_storage
         self.readonly = readonly
         self.damage: str | None = None
+        self._opening = False
         self.rebuilt: Any = None  # fsck.FsckReport of a rebuild done while opening
         self._index = None
         self._sync_blobs = sync_blobs
@@ -186,13 +178,15 @@ class DiskTier(Tier):
         opens) or open damaged."""
         problem = self._index_problem()
         if problem is None:
+            self._opening = True  # damage found now is reported once, below, or repaired
             try:
                 self._open_index()
                 return
             except StoreCorruptError as e:
-                problem = str(e.__cause__ or e)
+                problem = str(e)
                 self._close_index()
-                self.damage = None
+            finally:
+                self._opening = False
         if exclusive and not self.readonly:
             from kvcache.kvstore.fsck import rebuild_index
 
@@ -266,7 +260,10 @@ class DiskTier(Tier):
 
     # -- plumbing (every transaction runs under self._lock) ------------------------------------
     def _damaged(self, why: str) -> StoreCorruptError:
-        """Mark the index damaged (reads miss, writes refuse) and return the error to raise."""
+        """Mark the index damaged (reads miss, writes refuse) and return the error to raise.
+        While opening, only the reason: ``_open`` decides between damaged and rebuilt."""
+        if self._opening:
+            return StoreCorruptError(why)
         if self.damage is None:
             self.damage = (
                 f"the index of the disk tier at {self.path} is damaged ({why}); it serves "
@@ -401,14 +398,9 @@ class DiskTier(Tier):
                 # unlinks, so we read a whole old file, a whole new one, or nothing.
                 if rec["loc"] == "files":
                     path = str(self.blob_path(rec["blob"]))
-                    if header_only:
-                        with open(path, "rb") as f:
-                            size = os.fstat(f.fileno()).st_size
-                            data = read_header_unverified(partial(_pread, f.fileno()), size)
-                    else:
-                        data = read_blob_file(path)
+                    data = read_blob_header(path) if header_only else read_blob_file(path)
                 elif data is not None:
-                    data = _header_of(data) if header_only else decode_object(data)
+                    data = header_of_bytes(data) if header_only else decode_object(data)
                 if data is None:
                     raise CorruptObjectError(f"the blob of {key} is missing")
                 check_object_key(key, data if header_only else data.header)

@@ -26,14 +26,13 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from kvcache.kvstore.blob_files import read_blob_file
-from kvcache.kvstore.container import ObjectHeader, decode_object, read_header_unverified
+from kvcache.kvstore.blob_files import read_blob_file, read_blob_header
+from kvcache.kvstore.container import ObjectHeader, decode_object, header_of_bytes
 from kvcache.kvstore.errors import CorruptObjectError, StoreCorruptError
 from kvcache.kvstore.index_format import (
     BLOB_SUFFIX,
@@ -48,6 +47,7 @@ from kvcache.kvstore.index_format import (
     pack,
     parse_blob_name,
     safe_name,
+    unpack_counter,
 )
 from kvcache.kvstore.lmdb_index import LmdbIndex
 from kvcache.kvstore.writer_lease import writer_alive
@@ -156,8 +156,8 @@ def _check(tier: Any, report: FsckReport, verify: bool) -> None:
     idx: LmdbIndex = tier.index
     with idx.read() as txn:
         rows = list(idx.records(txn))
-        try:
-            recorded = idx.counter(txn, "used_bytes")
+        try:  # not idx.counter(): that reads a damaged counter as 0
+            recorded = unpack_counter(txn.get(b"used_bytes", db=idx.meta))
             recorded_ok = True
         except BadRecordError:
             recorded, recorded_ok = 0, False
@@ -213,17 +213,12 @@ def _check_object(tier: Any, key: str, rec: Record, verify: bool) -> tuple[str, 
                 data = None if buf is None else bytearray(buf)
             if data is None:
                 return "missing-object", "no object in LMDB"
-            header = decode_object(data).header if verify else read_header_unverified(
-                lambda o, n: bytes(data[o : o + n]), len(data))
+            header = decode_object(data).header if verify else header_of_bytes(data)
             size = len(data)
         else:
             path = tier.blob_path(rec["blob"])
             size = path.stat().st_size
-            if verify:
-                header = read_blob_file(str(path)).header
-            else:
-                with open(path, "rb") as f:
-                    header = read_header_unverified(partial(_pread, f.fileno()), size)
+            header = read_blob_file(str(path)).header if verify else read_blob_header(str(path))
     except FileNotFoundError:
         return "missing-object", f"{rec['blob']} does not exist"
     except CorruptObjectError as e:
@@ -263,10 +258,6 @@ def _fix(tier: Any, report: FsckReport) -> None:
         if p.kind == "orphan" and p.raw_key is None:
             tier.blob_path(p.where).unlink(missing_ok=True)
         p.fixed = True
-
-
-def _pread(fd: int, offset: int, length: int) -> bytes:
-    return os.pread(fd, length, offset)
 
 
 def _blob_files(root: Path) -> list[tuple[str, Path]]:
@@ -322,8 +313,7 @@ def _rebuild_from_files(path: Path, new: LmdbIndex) -> dict[str, int]:
             continue
         try:
             st = f.stat()
-            with open(f, "rb") as fh:
-                header = read_header_unverified(partial(_pread, fh.fileno()), st.st_size)
+            header = read_blob_header(str(f))
         except (OSError, CorruptObjectError):
             unusable += 1
             f.unlink(missing_ok=True)

@@ -412,13 +412,14 @@ class TieredStore:
             for j, obj in zip(pending, got, strict=True):
                 if obj is None:
                     still.append(j)
-                elif obj.header.key != keys[j]:
-                    try:
-                        check_object_key(keys[j], obj.header)
-                    except CorruptObjectError as e:
-                        self.drop_corrupt(keys[j], e)
+                    continue
+                try:  # whatever a tier hands out is checked, remote ones included
+                    check_object_key(keys[j], obj.header)
+                except CorruptObjectError as e:
+                    self.drop_corrupt(keys[j], e)
                     still.append(j)
-                elif self.expired(obj.header):
+                    continue
+                if self.expired(obj.header):
                     self.counters.expired += 1
                     self.delete(keys[j], force=True, cause="ttl")
                 else:

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from kvcache.kvstore import blob_files
 from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.disk_tier import DiskTier
 from kvcache.kvstore.errors import ConfigError
 from kvcache.kvstore.layout import KVLayout
-from kvcache.tools import bench, bench_store, cli
+from kvcache.tools import bench, bench_store, cli, cold_cache
+from tests.helpers import page_cached
 
 LAYOUT = KVLayout("test-model", 2, 2, 64, dtype="float16")
 
@@ -107,12 +106,12 @@ def fake_drop_caches(tmp_path, monkeypatch) -> Path:
     """Points the dropper at a file of ours instead of the host's /proc/sys/vm/drop_caches."""
     path = tmp_path / "drop_caches"
     path.write_text("0\n")
-    monkeypatch.setattr(bench_store.CacheDropper, "DROP_CACHES", path)
+    monkeypatch.setattr(cold_cache.CacheDropper, "DROP_CACHES", path)
     return path
 
 
 def test_the_host_page_cache_is_left_alone_by_default(tmp_path, fake_drop_caches):
-    assert bench_store.CacheDropper().method == "fadvise"
+    assert cold_cache.CacheDropper().method == "fadvise"
     store = tmp_path / "store"
     store.mkdir()
     result = bench_store.run(store=store, config=bench_store.StoreBenchConfig.tiny())
@@ -124,7 +123,7 @@ def test_the_host_page_cache_is_left_alone_by_default(tmp_path, fake_drop_caches
 def test_drop_caches_only_when_asked_and_allowed(
     tmp_path, fake_drop_caches, monkeypatch, capsys, tiny_quick
 ):
-    dropper = bench_store.CacheDropper("drop_caches")
+    dropper = cold_cache.CacheDropper("drop_caches")
     assert "whole host" in dropper.description
     dropper.drop([])
     assert fake_drop_caches.read_text() == "1\n"
@@ -139,35 +138,27 @@ def test_drop_caches_only_when_asked_and_allowed(
 
     # Not writable (not root): refused. A missing file stands for it, since root may
     # write a read-only file anyway.
-    monkeypatch.setattr(bench_store.CacheDropper, "DROP_CACHES", tmp_path / "no" / "file")
+    monkeypatch.setattr(cold_cache.CacheDropper, "DROP_CACHES", tmp_path / "no" / "file")
     with pytest.raises(ConfigError, match="root"):
-        bench_store.CacheDropper("drop_caches")
+        cold_cache.CacheDropper("drop_caches")
     assert cli.main(["bench", "store", "--quick", "--store", str(store),
                      "--drop-caches"]) == 2  # refused before any work
     assert "root" in capsys.readouterr().err
     assert list(store.iterdir()) == []
     with pytest.raises(ConfigError, match="cold-cache method"):
-        bench_store.CacheDropper("everything")
+        cold_cache.CacheDropper("everything")
 
 
 def test_fadvise_dropper_evicts_exactly_the_given_files(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for p in (a, b):
         p.write_bytes(b"x" * (2 << 20))  # dirty: the dropper must flush before evicting
-    if not (_cached(a) and _cached(b)):
+    if not (page_cached(a) and page_cached(b)):
         pytest.skip("this file system does not keep written files in the page cache")
-    bench_store.CacheDropper().drop([a])
-    if _cached(a):
+    cold_cache.CacheDropper().drop([a])
+    if page_cached(a):
         pytest.skip("this file system keeps files in the page cache (tmpfs?)")
-    assert _cached(b)
-
-
-def _cached(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return blob_files._mostly_cached(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
+    assert page_cached(b)
 
 
 def test_table_and_plot(tmp_path):

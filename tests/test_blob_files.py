@@ -21,6 +21,8 @@ from kvcache.kvstore.container import (
 )
 from kvcache.kvstore.errors import CorruptObjectError
 from kvcache.kvstore.layout import KVLayout
+from kvcache.tools.cold_cache import evict
+from tests.helpers import page_cached
 
 MiB = 1 << 20
 LAYOUT = KVLayout("test-model", 2, 2, 64, dtype="float16")
@@ -33,27 +35,10 @@ def _obj(payload: int, seed: int = 0) -> StoredObject:
     return StoredObject(ObjectHeader("ab" * 16, LAYOUT, 1), {"kv": data})
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _cached(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return blob_files._mostly_cached(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-
-
 def _write(path: Path, data: bytes, cold: bool) -> Path:
     path.write_bytes(data)
     if cold:
-        _evict(path)
+        evict(path)
     return path
 
 
@@ -62,7 +47,7 @@ def direct_dir(tmp_path: Path) -> Path:
     """A directory whose file system lets a file leave the page cache and takes O_DIRECT
     (not tmpfs, for one): where the cold path really runs."""
     probe = _write(tmp_path / "probe", b"x" * (5 * MiB), cold=True)
-    if _cached(probe):
+    if page_cached(probe):
         pytest.skip("this file system keeps files in the page cache (tmpfs?)")
     try:
         os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
@@ -86,7 +71,7 @@ def test_round_trip(direct_dir: Path, payload: int, cold: bool):
     path = direct_dir / "blob.kvo"
     blob_files.write_blob_file(str(path), encode_parts(obj), sync=True)
     if cold:
-        _evict(path)
+        evict(path)
     back = blob_files.read_blob_file(str(path))
     assert back.header == obj.header
     assert torch.equal(back.tensors["kv"], obj.tensors["kv"])
@@ -99,17 +84,17 @@ def test_cold_large_blob_bypasses_the_page_cache(direct_dir: Path):
     data = encode_object(_obj(LARGE))
     big = _write(direct_dir / "big.kvo", data, cold=True)
     blob_files.read_blob_file(str(big))
-    assert not _cached(big)
+    assert not page_cached(big)
 
     below = blob_files._DIRECT_MIN - 4096
     small = _write(direct_dir / "small.kvo", encode_object(_obj(below)), cold=True)
     blob_files.read_blob_file(str(small))
-    assert _cached(small)
+    assert page_cached(small)
 
     warm = _write(direct_dir / "warm.kvo", data, cold=False)  # just written: cached
-    assert _cached(warm)
+    assert page_cached(warm)
     blob_files.read_blob_file(str(warm))
-    assert _cached(warm)
+    assert page_cached(warm)
 
 
 def test_reads_that_overlap_others_go_through_the_page_cache(direct_dir: Path):
@@ -119,7 +104,7 @@ def test_reads_that_overlap_others_go_through_the_page_cache(direct_dir: Path):
     path = _write(direct_dir / "blob.kvo", data, cold=True)
     back = blob_files._read(str(path), alone=False)
     assert torch.equal(back.tensors["kv"], _obj(LARGE).tensors["kv"])
-    assert _cached(path)
+    assert page_cached(path)
 
 
 def test_file_systems_without_o_direct_are_read_buffered(direct_dir: Path):
@@ -130,7 +115,7 @@ def test_file_systems_without_o_direct_are_read_buffered(direct_dir: Path):
     try:
         back = blob_files.read_blob_file(str(path))
         assert torch.equal(back.tensors["kv"], _obj(LARGE).tensors["kv"])
-        assert _cached(path)  # it went through the page cache
+        assert page_cached(path)  # it went through the page cache
     finally:
         blob_files._no_direct.discard(dev)
 
@@ -181,7 +166,7 @@ def test_a_forked_child_reads_with_its_own_readers(direct_dir: Path):
     path = _write(direct_dir / "blob.kvo", encode_object(_obj(LARGE)), cold=True)
     want = _obj(LARGE).tensors["kv"].numpy().tobytes()
     blob_files.read_blob_file(str(path))  # the parent's pool exists now
-    _evict(path)
+    evict(path)
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only if the cold read round-trips
         code = 1

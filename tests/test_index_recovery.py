@@ -21,7 +21,7 @@ import pytest
 
 from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.disk_tier import DiskTier
-from kvcache.kvstore.errors import DiskFullError, StoreCorruptError, StoreUnavailableError
+from kvcache.kvstore.errors import DiskFullError, StoreCorruptError
 from kvcache.kvstore.fsck import fsck
 from kvcache.kvstore.index_format import check_index_file
 from kvcache.kvstore.layout import KVLayout
@@ -198,6 +198,8 @@ def test_fsck_finds_every_kind_of_problem_and_repair_fixes_them(tmp_path: Path) 
                      "counter": 1, "bad-record": 1}, report.problems
     assert not report.clean and "writer dead" in next(
         p.detail for p in report.problems if p.kind == "orphan")
+    assert next(p.detail for p in report.problems if p.kind == "counter").startswith(
+        "recorded unreadable")
     fixed = fsck(tmp_path, capacity_bytes=CAP, repair=True)
     assert fixed.clean and fixed.repaired
     again = fsck(tmp_path, capacity_bytes=CAP)
@@ -313,6 +315,37 @@ def test_opening_a_new_store_on_a_full_disk_is_a_typed_error(small_fs: Path) -> 
     assert "DiskFullError" in r.stderr or "StoreUnavailableError" in r.stderr
 
 
-def test_readonly_open_of_a_missing_store_is_typed(tmp_path: Path) -> None:
-    with pytest.raises(StoreUnavailableError):
-        DiskTier(tmp_path / "none", CAP, readonly=True)
+
+def test_lmdb_rebuild_salvages_every_readable_object(tmp_path: Path) -> None:
+    """A damaged index that can still be mapped (here: its format record unreadable)
+    gives back every object stored in it."""
+    build(tmp_path, "lmdb")
+    with DiskTier(tmp_path, CAP, blob_storage="lmdb") as t, \
+            t.index.env.begin(write=True) as txn:
+        txn.put(b"format", b"\xc1", db=t.index.meta)
+    with DiskTier(tmp_path, CAP, blob_storage="lmdb") as t:
+        assert t.damage is not None and "format record" in t.damage
+    report = fsck(tmp_path, capacity_bytes=CAP, blob_storage="lmdb", repair=True)
+    assert report.rebuilt == {"recovered": N, "unreadable": 0, "superseded": 0}
+    with DiskTier(tmp_path, CAP, blob_storage="lmdb") as t:
+        assert all(t.get(make_key(i)) is not None for i in range(N))
+
+
+def test_a_full_tier_sweeps_dead_writers_orphans_before_evicting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvcache.kvstore import disk_tier
+
+    with DiskTier(tmp_path / "probe", CAP) as probe:
+        probe.put(make_key(0), obj(0))
+        one = probe.used_bytes
+    with DiskTier(tmp_path / "s", 2 * one) as t:
+        t.put(make_key(0), obj(0))
+        shard = next((tmp_path / "s" / "blobs").iterdir())
+        orphan = shard / f"{make_key(9)}.deadbeef0000-1.kvo"  # no such writer is alive
+        orphan.write_bytes(b"left by a killed writer")
+        t.put(make_key(1), obj(1))  # not full yet: no sweep
+        assert orphan.exists()
+        monkeypatch.setattr(disk_tier, "_SWEEP_INTERVAL_S", 0.0)
+        t.put(make_key(2), obj(2))  # full: sweeps, then evicts
+        assert not orphan.exists()

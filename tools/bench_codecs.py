@@ -52,6 +52,7 @@ from kvcache.kernels import cpu_native
 from kvcache.kernels.rope_shift import rope_reference
 from kvcache.kvstore.config import ENV_LMCACHE_PYTHON
 from kvcache.kvstore.layout import KVLayout, RopeSpec
+from kvcache.tools.cold_cache import evict
 from kvcache.tools.fidelity import bootstrap_interval
 from kvcache.tools.refmodel.codec_fidelity import (
     CodecRun,
@@ -102,8 +103,7 @@ def _disk_read_gbps(nbytes: int) -> float:
         for _ in range(max(1, nbytes >> 20)):
             f.write(block)
         f.flush()
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        evict(f.name)
         t = time.perf_counter()
         with open(f.name, "rb", buffering=0) as r:
             while r.read(4 << 20):

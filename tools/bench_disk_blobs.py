@@ -29,6 +29,8 @@ import torch
 from kvcache.kvstore.container import ObjectHeader, StoredObject, decode_object, encode_object
 from kvcache.kvstore.disk_tier import DiskTier
 from kvcache.kvstore.layout import KVLayout
+from kvcache.tools.cold_cache import evict as evict_file
+from kvcache.tools.cold_cache import fsync_paths
 
 MiB = 1 << 20
 # (chunk bytes, objects, churn rounds): 32 MiB is a 256-token chunk of an 8B-class model
@@ -59,14 +61,12 @@ def _objects(nbytes: int, count: int, tag: str) -> list[tuple[str, StoredObject]
 def _flush(root: Path, evict: bool = False) -> None:
     """fsync every file and directory under ``root`` (ours only: no host-wide ``sync``),
     and with ``evict`` drop the files from the page cache (no root needed)."""
-    for p in [root, *root.rglob("*")]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            if evict and p.is_file():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    paths = [root, *root.rglob("*")]
+    fsync_paths(paths)
+    if evict:
+        for p in paths:
+            if p.is_file():
+                evict_file(p)
 
 
 def _rate(nbytes: int, ops: int, seconds: float) -> dict[str, float]:

@@ -29,17 +29,14 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import mmap
 import os
 import platform
-import queue
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +49,16 @@ from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import ConfigError
 from kvcache.kvstore.keys import content_key
 from kvcache.kvstore.layout import KVLayout
+from kvcache.tools.cold_cache import (
+    COLD_CACHE_METHODS,
+    DIRECT_IN_FLIGHT,
+    DIRECT_REQUEST,
+    CacheDropper,
+    direct_reader,
+    dirs_under,
+    files_under,
+    fsync_paths,
+)
 
 GB = 1e9
 MiB = 1 << 20
@@ -74,7 +81,6 @@ HEADLINE_KEYS = (
     "disk_warm_get_vs_read",
 )
 
-COLD_CACHE_METHODS = ("fadvise", "drop_caches")
 
 LLAMA_3_8B = KVLayout("llama-3-8b", 32, 8, 128, dtype="bfloat16")  # 128 KiB per token
 LLAMA_3_2_1B = KVLayout("llama-3.2-1b", 16, 8, 64, dtype="bfloat16")  # 32 KiB per token
@@ -388,118 +394,6 @@ def _bench_cpu(shape: BenchShape, cfg: StoreBenchConfig, tag: int) -> list[Figur
 # -- disk tier -------------------------------------------------------------------------------
 
 
-def _files_under(path: Path) -> list[Path]:
-    return [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
-
-
-def _fsync(paths: list[Path]) -> None:
-    """fsync files or directories (a directory's fsync commits its unlinks)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _dirs_under(path: Path) -> list[Path]:
-    return [Path(d) for d, _, _ in os.walk(path)]
-
-
-class CacheDropper:
-    """Makes the next read of some files cold, by one of ``COLD_CACHE_METHODS``:
-
-    - ``"fadvise"`` (the default): fsync each file (dirty pages cannot be dropped), then
-      ``posix_fadvise(POSIX_FADV_DONTNEED)`` on it. Only the benchmark's own files leave
-      the page cache; nothing else on the machine notices.
-    - ``"drop_caches"``: ``sync`` and ``echo 1 > /proc/sys/vm/drop_caches``, which empties
-      the page cache of the whole host (every process's files, not only ours). Root only;
-      only when asked for explicitly.
-    """
-
-    DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-
-    def __init__(self, method: str = "fadvise") -> None:
-        if method not in COLD_CACHE_METHODS:
-            raise ConfigError(
-                f"unknown cold-cache method {method!r}; use one of {', '.join(COLD_CACHE_METHODS)}"
-            )
-        if method == "drop_caches" and not os.access(self.DROP_CACHES, os.W_OK):
-            raise ConfigError(
-                f"dropping the host's page cache needs write access to {self.DROP_CACHES} "
-                "(root); run as root or leave it out (the default evicts only the "
-                "benchmark's own files)"
-            )
-        self.method = method
-
-    @property
-    def description(self) -> str:
-        if self.method == "drop_caches":
-            return ("sync + `echo 1 > /proc/sys/vm/drop_caches` before each cold pass: the "
-                    "page cache of the whole host was dropped (asked for explicitly)")
-        return ("fsync + posix_fadvise(POSIX_FADV_DONTNEED) on exactly the files about to be "
-                "read (nothing else leaves the page cache); the tier is closed first so "
-                "LMDB's mapping does not pin pages")
-
-    def drop(self, paths: list[Path]) -> None:
-        if self.method == "drop_caches":
-            os.sync()  # dirty pages are not dropped
-            self.DROP_CACHES.write_text("1\n")
-            return
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-# The "what the disk gives" read: O_DIRECT requests of this size, this many in flight.
-_DIRECT_REQUEST = 2 << 20
-_DIRECT_IN_FLIGHT = 8
-
-
-def _direct_reader(path: Path) -> Callable[[], None] | None:
-    """A read of the whole file at ``path`` with ``O_DIRECT`` requests in flight together,
-    into reused memory: about what the disk can deliver (cf. fio). None when the file
-    system refuses ``O_DIRECT``."""
-    if not hasattr(os, "O_DIRECT"):
-        return None
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-    except OSError:
-        return None
-    # One aligned slot per request in flight, faulted in once (mmap is page-aligned).
-    slots = mmap.mmap(-1, _DIRECT_REQUEST * _DIRECT_IN_FLIGHT,
-                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    slots.write(b"\0" * len(slots))
-    views = [memoryview(slots)[i * _DIRECT_REQUEST : (i + 1) * _DIRECT_REQUEST]
-             for i in range(_DIRECT_IN_FLIGHT)]
-    free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-    for v in views:
-        free.put(v)
-
-    def read() -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        size = os.fstat(fd).st_size
-
-        def one(offset: int) -> None:
-            slot = free.get()
-            try:
-                os.preadv(fd, [slot], offset)
-            finally:
-                free.put(slot)
-
-        try:
-            with ThreadPoolExecutor(_DIRECT_IN_FLIGHT) as pool:
-                list(pool.map(one, range(0, size, _DIRECT_REQUEST)))
-        finally:
-            os.close(fd)
-
-    return read
-
-
 def _bench_disk(
     shape: BenchShape,
     cfg: StoreBenchConfig,
@@ -533,18 +427,18 @@ def _bench_disk(
             tier.delete(k)
         # The deletes' journal commit must not land in the timed section (a directory's
         # fsync commits it; no host-wide sync).
-        _fsync(_dirs_under(tier_dir))
+        fsync_paths(dirs_under(tier_dir))
 
         def body() -> None:
             for k, o in zip(keys, objs, strict=True):
                 tier.put(k, o)
             # Durable like the baseline: blob files are not fsynced by the tier by default.
-            _fsync(_files_under(tier_dir))
+            fsync_paths(files_under(tier_dir))
         return _gbps(total, body)
 
     def write() -> float:
         base.unlink(missing_ok=True)
-        _fsync([root])
+        fsync_paths([root])
 
         def body() -> None:
             with open(base, "wb", buffering=0) as f:
@@ -574,13 +468,13 @@ def _bench_disk(
 
     def cold_get() -> float:
         tier.close()  # unmaps LMDB, whose mapped pages no eviction can drop
-        dropper.drop(_files_under(tier_dir))
+        dropper.drop(files_under(tier_dir))
         reopen()  # reads the (small) index: a serving process has it warm anyway
         return _gbps(total, get_all)
 
     def cold_get_many() -> float:
         tier.close()
-        dropper.drop(_files_under(tier_dir))
+        dropper.drop(files_under(tier_dir))
         reopen()
         return _gbps(total, get_batch)
 
@@ -594,7 +488,7 @@ def _bench_disk(
     got = tier.get(keys[0])
     assert got is not None and torch.equal(got.tensors["kv"], srcs[0]), "disk tier corrupted data"
     del got
-    direct_read = _direct_reader(base)
+    direct_read = direct_reader(base)
 
     label = shape.name
     figs = [Figure("disk_put_vs_write", "disk tier put + fsync",
@@ -611,7 +505,7 @@ def _bench_disk(
                        "sequential read, cold", label, gets, reads, variant=storage))
     if direct_read is not None:
         figs.append(Figure("disk_cold_get_vs_direct_read", "disk tier get, cold",
-                           f"O_DIRECT read, {_DIRECT_IN_FLIGHT} x {_DIRECT_REQUEST // MiB} MiB "
+                           f"O_DIRECT read, {DIRECT_IN_FLIGHT} x {DIRECT_REQUEST // MiB} MiB "
                            "in flight", label, gets, directs, variant=storage))
     figs.append(Figure("disk_cold_get_many_vs_read", "disk tier get_many, cold",
                        "sequential read, cold", label,
@@ -823,7 +717,7 @@ def run(
                 "sequential write + fsync of the same bytes; get: N gets (read, xxh3 verify, "
                 "decode, one get at a time) vs a buffered sequential read of one file of the "
                 "same bytes into fresh N chunk-sized tensors, and vs O_DIRECT reads of that "
-                f"file with {_DIRECT_IN_FLIGHT} requests of {_DIRECT_REQUEST // MiB} MiB in "
+                f"file with {DIRECT_IN_FLIGHT} requests of {DIRECT_REQUEST // MiB} MiB in "
                 "flight into reused memory (about what the disk gives); all in the same "
                 "directory; the tier is reopened after each eviction",
         "profile": "GB/s of single steps on warm memory for the headline shape "
