@@ -12,12 +12,10 @@ fresh file name, so a reader never sees a file being rewritten: it reads the old
 the new one. A file left unreferenced by a writer that died between rename and commit is
 reclaimed as soon as its lease shows the writer dead (``kvcache.kvstore.writer_lease``).
 
-Integrity: every object read is checked against its checksum *and* against the key it was
-asked for; a failure is a counted miss and the entry is removed. Records are validated as
-they are read (``kvcache.kvstore.index_format``). An index that cannot be trusted is never
-mapped: the tier opens *damaged* (reads miss, writes raise ``StoreCorruptError``,
-``stats().damage`` says why and how to repair), or, opened exclusively, rebuilds the
-index from the blob headers (``kvcache.kvstore.fsck``).
+Integrity: an object read must match its checksum and the key asked for, else it is a
+counted miss, removed; records are validated as read (``index_format``). An untrusted index
+is never mapped: the tier opens *damaged* (reads miss, writes raise ``StoreCorruptError``,
+``stats().damage`` says why) or, opened exclusively, is rebuilt (``kvcache.kvstore.fsck``).
 
 Other processes may have the directory open (LMDB is multi-process): counters are
 read-modify-written inside write transactions, victims that vanished are skipped, and the
