@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -49,6 +50,8 @@ S = TypeVar("S", bound="_Section")
 
 
 MIN_TIER_CAPACITY = 1 << 20  # below this a tier cannot hold one chunk of any real model
+REMOTE_SCHEMES = ("http", "unix", "redis", "rediss", "redis+cluster")
+TENANT_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def physical_memory() -> int | None:
@@ -270,6 +273,43 @@ class DiskTierConfig(_Section):
 
 
 @dataclass
+class RemoteTierConfig(_Section):
+    """A tier below the disk, shared by many processes or nodes: the cache daemon
+    (``http://host:port``, ``unix:///path/to.sock``) or Redis (``redis://host:port/db``,
+    ``redis+cluster://host:port``). Unset ``url``: no remote tier. Remote tiers fail open:
+    a server that is down or slow costs a miss within ``timeout``, never an error."""
+
+    PATH: ClassVar[str] = "store.remote"
+    url: str | None = None
+    codec: str = _choice("raw", codec_names)
+    # One request's whole budget, retries included.
+    timeout: float = field(default=2.0, metadata={"unit": "duration"})
+    retries: int = 1
+    # Bearer token for the daemon (or a file holding it, mode 0600); Redis takes its
+    # password in the URL (redis://:password@host:port/0).
+    token: str | None = None
+    token_file: Path | None = None
+    tenant: str = "default"
+    # Per-key expiry on the remote side; None: the store's ttl, else until evicted there.
+    ttl: float | None = field(default=None, metadata={"unit": "duration"})
+
+    def _validate(self) -> None:
+        if self.url is not None:
+            scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
+            if scheme not in REMOTE_SCHEMES:
+                self._fail("url", f"{self.url!r} is not a remote tier URL; use one of "
+                                  + ", ".join(f"{s}://..." for s in REMOTE_SCHEMES))
+        if self.timeout <= 0:
+            self._fail("timeout", f"{self.timeout} must be > 0; use e.g. '2s'")
+        if not 0 <= self.retries <= 10:
+            self._fail("retries", f"{self.retries} must be between 0 and 10")
+        if self.ttl is not None and self.ttl <= 0:
+            self._fail("ttl", f"{self.ttl} must be > 0; use e.g. '1h', or leave it unset")
+        if not TENANT_RE.match(self.tenant):
+            self._fail("tenant", f"{self.tenant!r} must be 1-64 letters, digits, '.', '_', '-'")
+
+
+@dataclass
 class StoreConfig(_Section):
     """The tiered store: where it lives, how KV is chunked, how tiers are written."""
 
@@ -285,6 +325,7 @@ class StoreConfig(_Section):
     readonly: bool = False
     cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
     disk: DiskTierConfig = field(default_factory=DiskTierConfig)
+    remote: RemoteTierConfig = field(default_factory=RemoteTierConfig)
 
     def _validate(self) -> None:
         if self.chunk_size <= 0:
@@ -309,12 +350,53 @@ class StoreConfig(_Section):
 
 
 @dataclass
+class ServerConfig(_Section):
+    """``kvcache serve``: the node's cache daemon (``docs/operations.md``)."""
+
+    PATH: ClassVar[str] = "server"
+    host: str = "127.0.0.1"
+    port: int = 8470
+    # A Unix socket to listen on as well (same-node clients; the shared-memory fast path).
+    socket: Path | None = None
+    # Bearer token for writes, pins, evictions and admin; or a file holding it (0600).
+    token: str | None = None
+    token_file: Path | None = None
+    # "open": anyone who can connect may look up and read; "token": reads need it too.
+    read_auth: str = _choice("open", ("open", "token"))
+    max_body: int = _size(1 * GiB)
+    max_batch: int = 1024
+    # Requests one client address may have in flight at once (more get 429).
+    max_client_requests: int = 64
+    request_timeout: float = field(default=60.0, metadata={"unit": "duration"})
+    # Leases pin chunks while a client reads them; one not renewed in time unpins.
+    lease_ttl: float = field(default=30.0, metadata={"unit": "duration"})
+    max_lease_ttl: float = field(default=600.0, metadata={"unit": "duration"})
+    # Bytes each tenant may keep stored (its oldest entries go first); None: no quota.
+    tenant_quota: int | None = field(default=None, metadata={"unit": "size"})
+
+    def _validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            self._fail("port", f"{self.port} is not a TCP port (0-65535; 0 picks a free one)")
+        for name in ("max_body", "max_batch", "max_client_requests"):
+            if getattr(self, name) < 1:
+                self._fail(name, f"{getattr(self, name)} must be >= 1")
+        for name in ("request_timeout", "lease_ttl", "max_lease_ttl"):
+            if getattr(self, name) <= 0:
+                self._fail(name, f"{getattr(self, name)} must be > 0")
+        if self.lease_ttl > self.max_lease_ttl:
+            self._fail("lease_ttl", f"{self.lease_ttl} is above max_lease_ttl")
+        if self.tenant_quota is not None and self.tenant_quota < MIN_TIER_CAPACITY:
+            self._fail("tenant_quota", f"{self.tenant_quota} bytes is below 1MiB")
+
+
+@dataclass
 class KVCacheConfig(_Section):
     """The whole configuration. Build with ``load()`` unless you have a reason not to."""
 
     PATH: ClassVar[str] = ""
 
     store: StoreConfig = field(default_factory=StoreConfig, metadata={"env_prefix": ""})
+    server: ServerConfig = field(default_factory=ServerConfig)
     log_level: str = "INFO"
 
     def _validate(self) -> None:

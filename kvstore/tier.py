@@ -70,7 +70,9 @@ class TierStats:
     misses in every tier. ``*_tokens`` count the same events in tokens where they are
     known. Removals by cause: ``evictions`` to make room, ``expired`` by the TTL,
     ``admin_evictions`` by ``kvcache evict``, ``deletes`` by the API, ``corrupt`` objects
-    that failed verification. ``damage``: why the tier serves nothing, if it is damaged.
+    that failed verification. ``errors``: requests a remote tier could not complete (server
+    down, slow or answering garbage), each a miss or a skipped write. ``damage``: why the
+    tier serves nothing, if it is damaged.
     """
 
     name: str
@@ -89,6 +91,7 @@ class TierStats:
     admin_evictions: int = 0
     deletes: int = 0
     corrupt: int = 0
+    errors: int = 0
     opened_at: float = field(default_factory=time.time)
     damage: str | None = None
 

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import re
@@ -51,7 +52,7 @@ from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tier import EntryInfo, EvictHandler, Tier, TierStats, check_object_key
 
 if TYPE_CHECKING:
-    from kvcache.kvstore.config import StoreConfig
+    from kvcache.kvstore.config import RemoteTierConfig, StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,17 @@ def _decode(obj: StoredObject) -> torch.Tensor:
 
 def _writable(tier: Tier) -> bool:
     return not getattr(tier, "readonly", False)
+
+
+def open_remote_tier(cfg: RemoteTierConfig, *, store_ttl: float | None = None) -> Tier:
+    """The tier ``cfg.url`` names: the cache daemon (http, unix) or Redis (redis*)."""
+    if cfg.url is not None and cfg.url.startswith("redis"):
+        from kvcache.kvstore.redis_tier import RedisTier
+
+        return RedisTier.from_config(cfg, store_ttl)
+    from kvcache.kvstore.remote_tier import RemoteTier
+
+    return RemoteTier.from_config(cfg)
 
 
 @dataclass
@@ -187,6 +199,9 @@ class TieredStore:
             )
             tiers.append(disk)
             codecs.append(config.disk.codec)
+        if config.remote.url is not None:
+            tiers.append(open_remote_tier(config.remote, store_ttl=config.ttl))
+            codecs.append(config.remote.codec)
         return cls(tiers, codecs=codecs, write_mode=config.write_mode, ttl_s=config.ttl)
 
     @classmethod
@@ -323,11 +338,41 @@ class TieredStore:
             )
         codec = get_codec(self.codecs[0])
         tensors, params = codec.encode(chunk, layout, rope_start=rope_start)
-        stamp = self._stamp()
-        obj = StoredObject(
-            ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start, stamp),
+        self._place(StoredObject(
+            ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start, self._stamp()),
             tensors,
-        )
+        ))
+
+    def put_object(self, obj: StoredObject) -> None:
+        """Store an already encoded object under its header's key (what a cache daemon
+        receives). Its ``created_at`` is restamped: overwrites are ordered by this store's
+        clock, not by the sender's. Raises like ``put`` on bad input and stores nothing."""
+        self.check_object(obj)
+        self._place(StoredObject(dataclasses.replace(obj.header, created_at=self._stamp()),
+                                 obj.tensors))
+
+    def check_object(self, obj: StoredObject) -> None:
+        """The checks ``put_object`` makes before storing anything (a batch checks every
+        object first, so that a bad one stores none)."""
+        header = obj.header
+        check_key(header.key)
+        get_codec(header.codec)  # an unknown codec is refused, not stored undecodable
+        if header.codec == "raw":
+            tensor = obj.tensors.get("kv")
+            if tensor is None or len(obj.tensors) != 1:
+                raise LayoutMismatchError("a raw object holds exactly one tensor, 'kv'")
+            if header.layout.check_chunk(tensor) != header.num_tokens:
+                raise LayoutMismatchError(
+                    f"the object says {header.num_tokens} tokens, its tensor holds "
+                    f"{tensor.shape}")
+        largest = max(t.capacity_bytes for t in self.tiers if _writable(t))
+        if obj.nbytes > largest:
+            raise ObjectTooLargeError(
+                f"an object of {obj.nbytes} bytes is larger than any tier ({largest} bytes)")
+
+    def _place(self, obj: StoredObject) -> None:
+        """Put ``obj`` into the top tier that takes it and queue its copy down."""
+        key, stamp = obj.header.key, obj.header.created_at
         marked = len(self.tiers) > 1 and _writable(self.tiers[1])
         with self._lock:
             # Marked before it lands: an eviction of it must already know to copy it down.

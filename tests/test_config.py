@@ -247,12 +247,12 @@ def test_direct_construction_validates_too() -> None:
         (
             {"stor": {}},
             r"unknown config key 'stor' in the top level \(did you mean 'store'\?\); "
-            r"known keys: log_level, store",
+            r"known keys: log_level, server, store",
         ),
         (
             {"store": {"chunksize": 1}},
             r"unknown config key 'store\.chunksize' in section 'store'.*"
-            r"known keys: chunk_size, cpu, dir, disk, readonly, ttl, write_mode",
+            r"known keys: chunk_size, cpu, dir, disk, readonly, remote, ttl, write_mode",
         ),
         (
             {"store": {"cpu": {"size": "1GiB"}}},
@@ -373,7 +373,9 @@ def test_env_map_is_derived_from_the_fields() -> None:
     assert m["KVCACHE_LOG_LEVEL"] == ("log_level",)
     # One variable per leaf field, no more.
     assert m["KVCACHE_READONLY"] == ("store", "readonly")
-    leaves = 5 + 4 + 6 + 1  # store scalars + cpu + disk + log_level
+    assert m["KVCACHE_REMOTE_URL"] == ("store", "remote", "url")
+    assert m["KVCACHE_SERVER_TOKEN"] == ("server", "token")
+    leaves = 5 + 4 + 6 + 8 + 13 + 1  # store scalars + cpu + disk + remote + server + log_level
     assert len(m) == leaves
 
 

@@ -228,55 +228,58 @@ def evict(
     not an error: there is simply nothing to do).
     """
     name = check_tier(tier)
-    now = time.time() if now is None else now
     # A dry run only reads: open read-only so it works beside a writer and on read-only media.
     with open_disk_tier(cfg, readonly=dry_run) as t:
-        candidates = [i for i in t.scan() if selection.matches(i, now)]
-        # A bare --to-size on a small or empty tier has simply nothing to do.
-        size_only = selection.to_size is not None and not selection.filters()
-        if not candidates and not size_only:
-            what = (
-                "the disk tier is empty"
-                if selection.all
-                else (f"no entry matches {selection.describe()}")
-            )
-            raise NoMatchError(f"{what} in {cfg.store.dir}; nothing evicted")
-        # The admin's policy order is plain LRU by recorded last access, whatever policy
-        # the tier runs: it is the order a person can predict from `kvcache inspect`.
-        candidates.sort(key=lambda i: (i.last_access, i.created_at, i.key))
-        used = t.used_bytes
-        removed: list[EntryInfo] = []
-        skipped: list[EntryInfo] = []
-        vanished: list[EntryInfo] = []
-        for info in candidates:
-            if selection.to_size is not None and used <= selection.to_size:
-                break
-            if info.pinned and not force:
+        report = evict_from(t, selection, dry_run=dry_run, force=force, now=now)
+    # A bare --to-size on a small or empty tier has simply nothing to do.
+    if not report.pop("matched") and not (selection.to_size is not None
+                                          and not selection.filters()):
+        what = ("the disk tier is empty" if selection.all
+                else f"no entry matches {selection.describe()}")
+        raise NoMatchError(f"{what} in {cfg.store.dir}; nothing evicted")
+    return {"store": str(cfg.store.dir), "tier": name, **report}
+
+
+def evict_from(
+    t: Tier, selection: Selection, *, dry_run: bool = False, force: bool = False,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """``evict``'s work on one open tier (the CLI's disk tier, or a daemon's tiers)."""
+    now = time.time() if now is None else now
+    candidates = [i for i in t.scan() if selection.matches(i, now)]
+    # The admin's policy order is plain LRU by recorded last access, whatever policy
+    # the tier runs: it is the order a person can predict from `kvcache inspect`.
+    candidates.sort(key=lambda i: (i.last_access, i.created_at, i.key))
+    used = t.used_bytes
+    removed: list[EntryInfo] = []
+    skipped: list[EntryInfo] = []
+    vanished: list[EntryInfo] = []
+    for info in candidates:
+        if selection.to_size is not None and used <= selection.to_size:
+            break
+        if info.pinned and not force:
+            skipped.append(info)
+            continue
+        if not dry_run:
+            try:
+                if not t.delete(info.key, force=force, cause="admin"):
+                    vanished.append(info)
+                    continue
+            except EntryPinnedError:  # pinned by a serving process since the scan
                 skipped.append(info)
                 continue
-            if not dry_run:
-                try:
-                    if not t.delete(info.key, force=force, cause="admin"):
-                        vanished.append(info)
-                        continue
-                except EntryPinnedError:  # pinned by a serving process since the scan
-                    skipped.append(info)
-                    continue
-            removed.append(info)
-            used -= info.nbytes
-        used_after = used if dry_run else t.used_bytes
-        capacity = t.capacity_bytes
+        removed.append(info)
+        used -= info.nbytes
     return {
-        "store": str(cfg.store.dir),
-        "tier": name,
+        "matched": len(candidates),
         "selection": selection.describe(),
         "dry_run": dry_run,
         "removed": [entry_dict(i) for i in removed],
         "skipped_pinned": [entry_dict(i) for i in skipped],
         "vanished": [entry_dict(i) for i in vanished],
         "freed_bytes": sum(i.nbytes for i in removed),
-        "used_bytes": used_after,
-        "capacity": capacity,
+        "used_bytes": used if dry_run else t.used_bytes,
+        "capacity": t.capacity_bytes,
         "target_bytes": selection.to_size,
     }
 

@@ -104,10 +104,33 @@ def _config(args: argparse.Namespace) -> KVCacheConfig:
     return cfg
 
 
+def _daemon(args: argparse.Namespace, cfg: KVCacheConfig) -> Any:
+    """A client of the daemon ``--server`` names, or None to work on the store directly."""
+    if args.server is None:
+        return None
+    if getattr(args, "tier", None) is not None:
+        raise ConfigError("--tier applies to a store directory; with --server every tier of "
+                          "the daemon is used")
+    from kvcache.kvstore.tokens import resolve_token
+    from kvcache.tools import admin_remote
+
+    remote = cfg.store.remote
+    token = args.token
+    if token is None and args.token_file is None:
+        token = resolve_token(remote.token, remote.token_file, what="store.remote")
+    else:
+        token = resolve_token(token, args.token_file and Path(args.token_file), what="--token")
+    return admin_remote.connect(args.server, token)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    client = _daemon(args, cfg)
+    if client is not None:
+        from kvcache.tools import admin_remote
     if args.key is not None:
-        one = admin.inspect_entry(cfg, args.key, tier=args.tier)
+        one = (admin.inspect_entry(cfg, args.key, tier=args.tier) if client is None
+               else admin_remote.inspect_entry(client, args.key))
         if args.json:
             _print_json(one)
             return 0
@@ -125,7 +148,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(one["header"], indent=2, sort_keys=True))
         return 0
 
-    result = admin.inspect(cfg, tier=args.tier, model=args.model)
+    result = (admin.inspect(cfg, tier=args.tier, model=args.model) if client is None
+              else admin_remote.inspect(client, model=args.model))
     if args.json:
         _print_json(result)
         return 0
@@ -154,46 +178,70 @@ def cmd_evict(args: argparse.Namespace) -> int:
         to_size=args.to_size,
         all=args.all,
     )
+    client = _daemon(args, cfg)
+    if client is not None:
+        from kvcache.tools import admin_remote
+
+        per_tier = admin_remote.evict(client, selection, dry_run=args.dry_run, force=args.force)
+        if args.json:
+            _print_json(per_tier)
+            return 0
+        codes = [_print_evict(args, r) for r in per_tier.values()]
+        return 1 if all(codes) else 0
     result = admin.evict(cfg, selection, tier=args.tier, dry_run=args.dry_run, force=args.force)
-    removed, skipped = result["removed"], result["skipped_pinned"]
     if args.json:
         _print_json(result)
-    else:
-        if removed:
-            headers, rows, right = _entry_rows(removed)
-            print(_table(headers, rows, right))
-            print()
-        verb = "would remove" if args.dry_run else "removed"
+        return 1 if result["skipped_pinned"] and not result["removed"] else 0
+    return _print_evict(args, result)
+
+
+def _print_evict(args: argparse.Namespace, result: dict[str, Any]) -> int:
+    removed, skipped = result["removed"], result["skipped_pinned"]
+    if removed:
+        headers, rows, right = _entry_rows(removed)
+        print(_table(headers, rows, right))
+        print()
+    verb = "would remove" if args.dry_run else "removed"
+    print(
+        f"{verb} {_count(len(removed), 'entry', 'entries')} "
+        f"({format_size(result['freed_bytes'])}) from the {result['tier']} tier of "
+        f"{result['store']}; it {'would use' if args.dry_run else 'uses'} "
+        f"{_usage(result['used_bytes'], result['capacity'])}"
+    )
+    if skipped:
         print(
-            f"{verb} {_count(len(removed), 'entry', 'entries')} "
-            f"({format_size(result['freed_bytes'])}) from the {result['tier']} tier of "
-            f"{result['store']}; it {'would use' if args.dry_run else 'uses'} "
-            f"{_usage(result['used_bytes'], result['capacity'])}"
+            f"skipped {_count(len(skipped), 'pinned entry', 'pinned entries')} "
+            "(pass --force to remove pinned entries): "
+            f"{', '.join(e['key'] for e in skipped)}"
         )
-        if skipped:
-            print(
-                f"skipped {_count(len(skipped), 'pinned entry', 'pinned entries')} "
-                "(pass --force to remove pinned entries): "
-                f"{', '.join(e['key'] for e in skipped)}"
-            )
-        if result["vanished"]:
-            print(
-                f"{len(result['vanished'])} more matched but were removed by another process "
-                "meanwhile"
-            )
-        target = result["target_bytes"]
-        if target is not None and result["used_bytes"] > target:
-            print(
-                f"{PROG}: warning: the tier still uses more than {format_size(target)}: "
-                "the rest is pinned or outside the filters",
-                file=sys.stderr,
-            )
+    if result["vanished"]:
+        print(
+            f"{len(result['vanished'])} more matched but were removed by another process "
+            "meanwhile"
+        )
+    target = result["target_bytes"]
+    if target is not None and result["used_bytes"] > target:
+        print(
+            f"{PROG}: warning: the tier still uses more than {format_size(target)}: "
+            "the rest is pinned or outside the filters",
+            file=sys.stderr,
+        )
     # Nothing removed although something matched (all pinned): tell scripts it did not happen.
     return 1 if skipped and not removed else 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    client = _daemon(args, cfg)
+    if client is not None:
+        from kvcache.tools import admin_remote
+
+        result = admin_remote.stats(client)
+        if args.json:
+            _print_json(result)
+        else:
+            _print_daemon_stats(result)
+        return 0
     result = admin.stats(cfg)
     if args.json:
         _print_json(result)
@@ -211,12 +259,45 @@ def cmd_stats(args: argparse.Namespace) -> int:
         f"policy {disk['policy']}, blobs in {disk['blob_storage']}, at {disk['resolved_path']}"
     )
     print()
+    _print_tier_table(result["tiers"])
+    print()
+    print("A chunk asked of a tier is a hit if the tier served it and a miss if it did not; "
+          "a prefix lookup\ncounts every chunk it could not reuse as a miss. EVICTED: to "
+          "make room; EXPIRED: by the TTL;\nADMIN: by `kvcache evict`. Lifetime counters, "
+          "shared by every process using the store.")
+    return 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100.0 * x:.1f}%"
+
+
+def _print_daemon_stats(result: dict[str, Any]) -> None:
+    server, leases = result["server"], result["leases"]
+    print(f"daemon     {result['server_url']}, up {format_duration(server['uptime_s'])}, "
+          f"{server['open_connections']} connection(s)")
+    print(f"leases     {leases['active']} active, {leases['pinned_keys']} key(s) pinned, "
+          f"{leases['expired']} expired unrenewed")
+    print()
+    _print_tier_table(result["tiers"])
+    tenants = sorted(result["tenants"].items(), key=lambda kv: -kv[1]["used_bytes"])
+    if tenants:
+        print()
+        print("top consumers:")
+        rows = [[name, format_size(t["used_bytes"]), t["entries"], t["hits"], t["misses"],
+                 _pct(t["hit_rate"]), format_size(t["bytes_in"]), format_size(t["bytes_out"]),
+                 t["quota_evictions"]] for name, t in tenants[:10]]
+        print(_table(["TENANT", "USED", "ENTRIES", "HITS", "MISSES", "HIT RATE", "IN", "OUT",
+                      "QUOTA EVICTED"], rows, right=set(range(1, 9))))
+
+
+def _print_tier_table(tiers: dict[str, dict[str, Any]]) -> None:
     headers = [
         "TIER", "ENTRIES", "USED", "CAPACITY", "HITS", "MISSES", "HIT RATE", "TOKEN HIT RATE",
         "PUTS", "READ", "WRITTEN", "EVICTED", "EXPIRED", "ADMIN", "CORRUPT",
     ]
     rows = []
-    for name, s in result["tiers"].items():
+    for name, s in tiers.items():
         tokens = s["hit_tokens"] + s["miss_tokens"]
         rows.append(
             [
@@ -226,7 +307,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 format_size(s["capacity_bytes"]),
                 s["hits"],
                 s["misses"],
-                "-" if s["hit_rate"] is None else f"{100.0 * s['hit_rate']:.1f}%",
+                _pct(s["hit_rate"]),
                 f"{100.0 * s['hit_tokens'] / tokens:.1f}%" if tokens else "-",
                 s["puts"],
                 format_size(s["bytes_read"]),
@@ -238,12 +319,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
             ]
         )
     print(_table(headers, rows, right=set(range(1, len(headers)))))
-    print()
-    print("A chunk asked of a tier is a hit if the tier served it and a miss if it did not; "
-          "a prefix lookup\ncounts every chunk it could not reuse as a miss. EVICTED: to "
-          "make room; EXPIRED: by the TTL;\nADMIN: by `kvcache evict`. Lifetime counters, "
-          "shared by every process using the store.")
-    return 0
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -332,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tier to operate on ({', '.join(admin.ADMIN_TIERS)}; the default)",
     )
 
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--server", metavar="URL", help="act through a running daemon "
+                        "(http://host:port or unix:///path) instead of opening the store")
+    remote.add_argument("--token", metavar="TOKEN", help="the daemon's bearer token (default: "
+                        "store.remote.token; KVCACHE_REMOTE_TOKEN)")
+    remote.add_argument("--token-file", metavar="FILE", help="read the token from FILE (0600)")
+
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, **kw: Any) -> argparse.ArgumentParser:
@@ -341,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "inspect",
-        parents=[common, tier, as_json],
+        parents=[common, tier, as_json, remote],
         help="list the entries of a store, or show one entry",
     )
     p.add_argument(
@@ -355,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "evict",
-        parents=[common, tier, as_json],
+        parents=[common, tier, as_json, remote],
         help="remove entries from a store (filters combine with AND)",
     )
     p.add_argument("--key", metavar="K", help="the entry with this exact key")
@@ -378,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="remove pinned entries too")
     p.set_defaults(handler=cmd_evict)
 
-    p = add("stats", parents=[common, as_json], help="tier counters and the store's configuration")
+    p = add("stats", parents=[common, as_json, remote],
+            help="tier counters and the store's configuration (or a daemon's)")
     p.set_defaults(handler=cmd_stats)
 
     p = add(
@@ -396,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="read objects' headers only, not every byte"
     )
     p.set_defaults(handler=cmd_fsck)
+
+    p = add("serve", parents=[common], help="run the cache daemon in the foreground")
+    p.add_argument("--host", metavar="ADDR", help="TCP address (default: server.host, 127.0.0.1)")
+    p.add_argument("--port", metavar="N", type=int, help="TCP port (default: server.port, 8470; "
+                   "0 picks a free one)")
+    p.add_argument("--socket", metavar="PATH", help="also listen on this Unix socket")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines on stderr as text or one JSON object each")
+    p.set_defaults(handler=_lazy("server.run", "serve"))
 
     # demo and bench live in their own modules, imported only when they run.
     p = add(

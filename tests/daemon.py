@@ -1,0 +1,120 @@
+"""Cache daemons for the tests: in-process (a thread with its own event loop) or as a
+``kvcache serve`` subprocess, on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from aiohttp import web
+
+from kvcache.kvstore.config import KVCacheConfig, ServerConfig, StoreConfig
+from kvcache.kvstore.tiered_store import TieredStore
+from kvcache.tools.server.app import CacheServer
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+class ThreadDaemon:
+    """``CacheServer`` over ``store`` on 127.0.0.1:<free port>, served from a thread."""
+
+    def __init__(self, store: TieredStore, cfg: ServerConfig, token: str | None = None) -> None:
+        self.store = store
+        self.server = CacheServer(store, cfg, token=token)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.url = ""
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the test daemon did not start")
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._runner = web.AppRunner(self.server.app(), handle_signals=False, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        self.server.web_server = self._runner.server
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        self._ready.set()
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        fut.result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self.server.close()
+
+
+def store_config(path: Path, **cpu: object) -> StoreConfig:
+    cfg = StoreConfig(dir=path)
+    if cpu:
+        cfg = dataclasses.replace(cfg, cpu=dataclasses.replace(cfg.cpu, **cpu))
+    return cfg
+
+
+class ProcessDaemon:
+    """``kvcache serve`` as a child process (``kill`` sends a signal; ``wait`` reaps it)."""
+
+    def __init__(self, store_dir: Path, *args: str, port: int = 0,
+                 env: dict[str, str] | None = None) -> None:
+        self.store_dir = store_dir
+        self.args = args
+        cmd = [sys.executable, "-m", "kvcache.tools.cli", "serve", "--store", str(store_dir),
+               "--port", str(port), *args]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=full_env, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        m = re.search(r"listening on (http://\S+)", line)
+        if m is None:
+            self.proc.kill()
+            err = self.proc.stderr.read()  # type: ignore[union-attr]
+            raise RuntimeError(f"kvcache serve did not start: {line!r} {err[-2000:]}")
+        self.url = m.group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        return self.proc.stderr.read() if self.proc.stderr else ""  # type: ignore[union-attr]
+
+    def stop(self) -> int:
+        self.kill(signal.SIGTERM)
+        try:
+            return self.wait()
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.wait()
+
+
+@contextlib.contextmanager
+def thread_daemon(tmp_path: Path, *, token: str | None = None, **server: object
+                  ) -> Iterator[ThreadDaemon]:
+    store = TieredStore.open(store_config(tmp_path / "store", capacity="64MiB"))
+    d = ThreadDaemon(store, dataclasses.replace(KVCacheConfig().server, **server), token=token)
+    try:
+        yield d
+    finally:
+        d.stop()
+        store.close()

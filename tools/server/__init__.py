@@ -1,0 +1,1 @@
+"""``kvcache serve``: the node's cache daemon (``docs/architecture.md``, "Daemon")."""
