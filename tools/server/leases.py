@@ -68,8 +68,9 @@ class LeaseTable:
                     self._holders[key] = self._holders.get(key, 0) + 1
                     held.append(key)
                 pinned.append(ok)
-            self._leases[lease_id] = _Lease(held, self._clock() + ttl_s, client)
-            self.granted += 1
+            if held:  # a lease that pins nothing is not kept (renewing it answers False)
+                self._leases[lease_id] = _Lease(held, self._clock() + ttl_s, client)
+                self.granted += 1
         return lease_id, pinned
 
     def renew(self, lease_id: str, ttl_s: float) -> bool:
