@@ -261,8 +261,12 @@ class CacheClient:
             out.append(obj)
         return out
 
-    def put_objects(self, objs: Sequence[StoredObject], deadline: Deadline | None = None) -> int:
-        """Store ``objs`` (all or none: a refused one stores nothing); returns how many."""
+    def put_objects(self, objs: Sequence[StoredObject], deadline: Deadline | None = None, *,
+                    durable: bool = False) -> int:
+        """Store ``objs`` (all or none: a refused one stores nothing); returns how many.
+        ``durable``: answer only once they are in the daemon's lowest tier (by default the
+        daemon answers when they are in memory and writes them down in the background, so
+        a crash of the daemon can lose the last moments' puts, never serve a torn one)."""
         if not objs:
             return 0
 
@@ -270,7 +274,8 @@ class CacheClient:
             for obj in objs:
                 yield from wire.frame_parts(encode_parts(obj))
 
-        got = self._call("PUT", wire.API + "/objects", what="put", body=frames,
+        path = wire.API + "/objects" + ("?durable=1" if durable else "")
+        got = self._call("PUT", path, what="put", body=frames,
                          content_type=wire.OBJECTS, read=_read_map, deadline=deadline)
         return int(got.get("stored", 0))
 

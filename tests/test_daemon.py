@@ -304,3 +304,9 @@ def test_admin_cli_through_the_daemon(daemon, client, capsys):
     assert cli.main(["evict", "--key", make_key(2), *server]) == 1  # nothing matches now
     assert cli.main(["stats", "--server", daemon.url]) == 2  # no token: refused
     assert "token" in capsys.readouterr().err
+
+
+def test_a_durable_put_answers_once_the_objects_are_on_disk(daemon, client):
+    disk = daemon.store.tiers[1]
+    assert client.put_objects([obj(i) for i in range(8)], durable=True) == 8
+    assert all(disk.contains(make_key(i)) for i in range(8))

@@ -301,6 +301,8 @@ class CacheServer:
         except ValueError as e:
             raise HttpError(413, str(e)) from None
 
+        durable = request.query.get("durable") in ("1", "true")
+
         def store() -> int:
             for key in victims:
                 if self.store.delete(key, force=True):
@@ -309,6 +311,8 @@ class CacheServer:
             for obj in objs:
                 self.store.put_object(obj)
                 self.tenants.wrote(tenant, obj.header.key, obj.nbytes)
+            if durable:  # answer once the objects are on disk: a crash cannot lose them
+                self.store.flush()
             return len(objs)
 
         return _ok({"stored": await self._io(store)})
