@@ -17,6 +17,7 @@ import http.client
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,11 +37,13 @@ from kvcache.kvstore.fail_open import (
     RemoteUnavailableError,
     call_with_retries,
 )
+from kvcache.kvstore.shm_reader import SharedMemoryReader
 from kvcache.kvstore.tier import check_object_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _READ_PIECE = 1 << 20
+_FAST_PATH_RETRY_S = 5.0
 
 
 class RemoteAuthError(KVCacheError):
@@ -117,6 +120,7 @@ class CacheClient:
         backoff_s: float = 0.02,
         breaker: CircuitBreaker | None = None,
         pool_size: int = 16,
+        fast_path: bool = True,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
@@ -131,6 +135,14 @@ class CacheClient:
         self._pool_size = pool_size
         self._lock = threading.Lock()
         self.corrupt = 0  # objects received that failed verification
+        # Same node (a unix:// URL): reads go through the daemon's shared-memory fast path
+        # when it offers one; any trouble there falls back to HTTP for a while.
+        parts = urlsplit(url)
+        self._fast_path_at = (parts.path + wire.FAST_PATH_SUFFIX
+                              if fast_path and parts.scheme == "unix" else None)
+        self._fast: SharedMemoryReader | None = None
+        self._fast_retry_at = 0.0
+        self._token, self._tenant = token, tenant
 
     # -- transport -----------------------------------------------------------------------
     def _take(self, timeout: float) -> http.client.HTTPConnection:
@@ -243,6 +255,18 @@ class CacheClient:
         back failed verification)."""
         if not keys:
             return []
+        dl = deadline or Deadline(self.timeout_s)
+        fast = self._fast_reader()
+        if fast is not None:
+            try:
+                got = fast.get_objects(keys, dl)
+                self.corrupt += fast.corrupt
+                fast.corrupt = 0
+                return got
+            except (OSError, wire.ProtocolError) as e:
+                log.info("fast path of %s failed (%s); reading over HTTP", self.url, e)
+                self._drop_fast()
+        deadline = dl
         raw = self._call(
             "POST", wire.API + "/get", what="get", body=wire.pack({"keys": list(keys)}),
             read=lambda answer: _read_frames(answer, len(keys)), deadline=deadline,
@@ -313,7 +337,33 @@ class CacheClient:
     def stats(self) -> dict[str, Any]:
         return self._meta("GET", "/stats", "stats")
 
+    def _fast_reader(self) -> SharedMemoryReader | None:
+        if self._fast_path_at is None or time.monotonic() < self._fast_retry_at:
+            return None
+        with self._lock:
+            if self._fast is None:
+                try:
+                    self._fast = SharedMemoryReader(self._fast_path_at, timeout_s=self.timeout_s,
+                                                    token=self._token, tenant=self._tenant)
+                except (OSError, wire.ProtocolError, KeyError, ValueError) as e:
+                    log.debug("no fast path at %s: %s", self._fast_path_at, e)
+                    self._fast_retry_at = time.monotonic() + _FAST_PATH_RETRY_S
+                    return None
+            return self._fast
+
+    def _drop_fast(self) -> None:
+        with self._lock:
+            if self._fast is not None:
+                self._fast.close()
+                self._fast = None
+            self._fast_retry_at = time.monotonic() + _FAST_PATH_RETRY_S
+
+    @property
+    def uses_fast_path(self) -> bool:
+        return self._fast is not None
+
     def close(self) -> None:
+        self._drop_fast()
         with self._lock:
             pool, self._pool = self._pool, []
         for conn in pool:

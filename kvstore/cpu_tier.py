@@ -5,13 +5,17 @@ reading it one copy out. Readers hold a reference on the entry while they copy, 
 the tier's lock, so many readers copy at once and eviction never frees bytes under them
 (two-phase I/O as in vLLM's kv_offload: ``borrow`` = prepare + complete).
 
-Bytes in this tier never leave the process, so no checksum is computed here: integrity is
-checked where bytes cross a trust boundary (disk, network).
+Bytes in this tier never cross a disk or a network, so no checksum is computed here:
+integrity is checked where they do. With ``shared=True`` (the cache daemon's fast path)
+the pool is a memfd that same-node clients map read-only; ``lend`` hands them an entry's
+place in it, held like a borrow until the loan is returned.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -56,6 +60,17 @@ class _Entry:
     removed: bool = False  # deleted/replaced while readers held it: free on last release
 
 
+@dataclass(frozen=True)
+class Loan:
+    """An entry lent out of a shared pool: where its tensors are, until ``release``."""
+
+    header: ObjectHeader
+    offset: int
+    size: int
+    slots: list[_Slot]
+    _entry: _Entry
+
+
 def _plan(obj: StoredObject) -> tuple[list[_Slot], int]:
     slots, rel = [], 0
     for name, t in obj.tensors.items():
@@ -88,19 +103,29 @@ class CpuTier(Tier):
         policy: str = "lru",
         pin_memory: bool | None = None,
         busy_wait_s: float = 2.0,
+        shared: bool = False,
     ) -> None:
         super().__init__()
         check_memory_capacity(capacity_bytes)
         if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
+            pin_memory = torch.cuda.is_available() and not shared
         self._arena = Arena(capacity_bytes)
         self.capacity_bytes = self._arena.capacity
-        # torch.empty does not touch the pages: memory is committed as objects arrive.
+        self.pool_fd: int | None = None
+        self._mmap: mmap.mmap | None = None
+        # torch.empty (and a fresh memfd) do not touch the pages: memory is committed as
+        # objects arrive.
         try:
-            self._pool = torch.empty(
-                self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory
-            )
-        except RuntimeError as e:  # out of memory, or pinned memory refused
+            if shared:
+                self.pool_fd = os.memfd_create("kvcache-cpu-pool", os.MFD_CLOEXEC)
+                os.ftruncate(self.pool_fd, self.capacity_bytes)
+                self._mmap = mmap.mmap(self.pool_fd, self.capacity_bytes)
+                self._pool = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            else:
+                self._pool = torch.empty(
+                    self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory
+                )
+        except (RuntimeError, OSError) as e:  # out of memory, or pinned memory refused
             raise ConfigError(
                 f"cannot allocate the CPU tier's {capacity_bytes} bytes ({e}); lower "
                 "store.cpu.capacity"
@@ -183,6 +208,17 @@ class CpuTier(Tier):
     def _borrowed(self, key: str, touch: bool = True) -> Iterator[_Entry | None]:
         """Hold a reference on ``key``'s entry while the block runs. ``touch``: count it as
         a hit and tell the policy (internal copies, e.g. write-through, do not)."""
+        e = self._acquire(key, touch)
+        if e is None:
+            yield None
+            return
+        try:
+            yield e
+        finally:
+            self._release(e)
+
+    def _acquire(self, key: str, touch: bool) -> _Entry | None:
+        """``key``'s entry with a reference taken (None: a miss)."""
         with self._lock:
             e = self._entries.get(key)
             if e is not None and e.header.key != key:
@@ -202,13 +238,16 @@ class CpuTier(Tier):
                 self._stats.hits += 1
                 self._stats.hit_tokens += e.header.num_tokens
                 self._stats.bytes_read += e.size
-        if e is None:
-            yield None
-            return
-        try:
-            yield e
-        finally:
-            self._release(e)
+        return e
+
+    def lend(self, key: str) -> Loan | None:
+        """``key``'s place in the pool, held (never evicted, never reused) until
+        ``release(loan)``: a same-node client copies it out of its own mapping."""
+        e = self._acquire(key, True)
+        return None if e is None else Loan(e.header, e.offset, e.size, e.slots, e)
+
+    def release(self, loan: Loan) -> None:
+        self._release(loan._entry)
 
     @contextlib.contextmanager
     def borrow(self, key: str) -> Iterator[StoredObject | None]:
@@ -329,3 +368,7 @@ class CpuTier(Tier):
         with self._lock:
             self._entries.clear()
             self._pool = torch.empty(0, dtype=torch.uint8)
+            self._mmap = None  # unmapped once no tensor views it any more
+            if self.pool_fd is not None:
+                os.close(self.pool_fd)
+                self.pool_fd = None

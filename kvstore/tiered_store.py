@@ -173,8 +173,11 @@ class TieredStore:
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def open(cls, config: StoreConfig | None = None) -> TieredStore:
-        """CPU tier, plus the disk tier under the configured store directory.
+    def open(cls, config: StoreConfig | None = None, *, shared_cpu: bool = False
+             ) -> TieredStore:
+        """CPU tier, plus the disk tier under the configured store directory, plus the
+        remote tier ``store.remote.url`` names. ``shared_cpu``: the CPU pool in shared
+        memory (the daemon's same-node fast path).
 
         ``config``: the store section; by default the one ``kvcache`` itself uses —
         defaults ← ``$KVCACHE_CONFIG`` ← ``KVCACHE_*`` variables (``KVCacheConfig.load``).
@@ -183,7 +186,8 @@ class TieredStore:
 
         config = config or KVCacheConfig.load().store
         tiers: list[Tier] = [
-            CpuTier(config.cpu.capacity, policy=config.cpu.policy, pin_memory=config.cpu.pin_memory)
+            CpuTier(config.cpu.capacity, policy=config.cpu.policy,
+                    pin_memory=config.cpu.pin_memory, shared=shared_cpu)
         ]
         codecs = [config.cpu.codec]
         if config.disk.enabled:

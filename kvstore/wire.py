@@ -72,3 +72,16 @@ def key_list(body: dict[str, Any], field: str = "keys", *, limit: int) -> list[s
     if len(keys) > limit:
         raise ProtocolError(f"{len(keys)} keys in one request; the limit is {limit}")
     return keys
+
+
+# The shared-memory fast path (same node, Unix socket): messages are a 4-byte
+# little-endian length and a msgpack map. The daemon's first message carries the memfd of
+# its CPU pool as SCM_RIGHTS ancillary data.
+MESSAGE_HEADER = struct.Struct("<I")
+FAST_PATH_SUFFIX = ".fast"
+FAST_PATH_VERSION = 1
+
+
+def message(body: dict[str, Any]) -> bytes:
+    data = pack(body)
+    return MESSAGE_HEADER.pack(len(data)) + data

@@ -25,10 +25,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kvcache.kvstore import wire
 from kvcache.kvstore.config import KVCacheConfig, ServerConfig
+from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import ConfigError
 from kvcache.kvstore.tokens import resolve_token
 from kvcache.tools.server.app import CacheServer
+from kvcache.tools.server.fast_path import FastPath
 
 log = logging.getLogger("kvcache.server")
 SHUTDOWN_GRACE_S = 10.0
@@ -100,7 +103,8 @@ def serve(cfg: KVCacheConfig, server_cfg: ServerConfig,
             "or KVCACHE_SERVER_TOKEN), or listen on 127.0.0.1")
     from kvcache.kvstore.tiered_store import TieredStore
 
-    store = TieredStore.open(cfg.store)
+    # With a Unix socket, same-node clients read the CPU tier from shared memory.
+    store = TieredStore.open(cfg.store, shared_cpu=server_cfg.socket is not None)
     server = CacheServer(store, server_cfg, token=token)
     try:
         asyncio.run(_run(server, server_cfg, on_ready))
@@ -111,11 +115,13 @@ def serve(cfg: KVCacheConfig, server_cfg: ServerConfig,
         log.info("stopped")
 
 
-async def _housekeeping(server: CacheServer) -> None:
+async def _housekeeping(server: CacheServer, fast: FastPath | None) -> None:
     loop = asyncio.get_running_loop()
     last_ttl = time.monotonic()
     while True:
         await asyncio.sleep(_LEASE_SWEEP_S)
+        if fast is not None and fast.expire():
+            log.warning("fast-path loans expired unreturned; their readers get misses")
         n = server.leases.expire()
         if n:
             log.info("%d lease(s) expired unrenewed; their pins are released", n)
@@ -136,17 +142,22 @@ async def _run(server: CacheServer, cfg: ServerConfig,
     for sock in tcp._server.sockets if tcp._server is not None else []:  # type: ignore[attr-defined]
         host, port = sock.getsockname()[:2]
         urls.append(f"http://{host if ':' not in host else f'[{host}]'}:{port}")
+    fast: FastPath | None = None
     if cfg.socket is not None:
         with contextlib.suppress(FileNotFoundError):
             cfg.socket.unlink()  # a stale socket of a daemon that died
         await web.UnixSite(runner, str(cfg.socket)).start()
         os.chmod(cfg.socket, 0o660)
         urls.append(f"unix://{cfg.socket}")
+        cpu = server.store.tiers[0]
+        assert isinstance(cpu, CpuTier)
+        fast = FastPath(server, cpu, Path(str(cfg.socket) + wire.FAST_PATH_SUFFIX))
+        await fast.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    chores = asyncio.create_task(_housekeeping(server))
+    chores = asyncio.create_task(_housekeeping(server, fast))
     log.info("listening on %s (tiers: %s)", ", ".join(urls),
              ", ".join(t.name for t in server.store.tiers))
     if on_ready is not None:
@@ -159,6 +170,8 @@ async def _run(server: CacheServer, cfg: ServerConfig,
         _sd_notify("STOPPING=1")
         server.stopping = True
         chores.cancel()
+        if fast is not None:
+            await fast.stop()
         await runner.cleanup()
         if cfg.socket is not None:
             with contextlib.suppress(FileNotFoundError):

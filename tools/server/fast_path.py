@@ -1,0 +1,169 @@
+"""The same-node fast path: clients read the daemon's CPU tier straight from shared memory.
+
+HTTP costs a socket copy per byte (daemon → kernel → client) plus framing; a client on
+the same node can instead map the CPU tier's pool (a memfd, ``CpuTier(shared=True)``)
+read-only and copy an object out of it with one memcpy. The control channel is a Unix
+socket beside the daemon's (``<socket>.fast``):
+
+1. on connect, the daemon sends ``{"pool_bytes", "version"}`` with the memfd attached;
+2. ``{"op": "get", "keys", "token"?, "tenant"?}`` → ``{"loan", "objects"}``: per key,
+   None or the object's header and where its tensors are in the pool. The entries are
+   lent (never evicted or reused) until
+3. ``{"op": "release", "loan"}`` → ``{"valid"}``: False when the loan had expired (after
+   ``lease_ttl``) — the client then drops what it copied, since those bytes may have been
+   reused meanwhile. A client that disconnects returns all its loans.
+
+Keys the CPU tier lacks but a lower tier holds are promoted first, so the fast path
+serves whatever the daemon holds. Only reads take this path; writes go over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from kvcache.kvstore import wire
+from kvcache.kvstore.container import StoredObject
+from kvcache.kvstore.cpu_tier import CpuTier, Loan
+from kvcache.kvstore.errors import KVCacheError
+from kvcache.kvstore.tiered_store import check_key
+from kvcache.kvstore.tokens import token_matches
+from kvcache.tools.server.app import CacheServer
+
+log = logging.getLogger("kvcache.server")
+
+
+def _describe(loan: Loan) -> dict[str, Any]:
+    return {"header": loan.header.to_json(), "offset": loan.offset, "size": loan.size,
+            "slots": [[s.name, str(s.dtype).removeprefix("torch."), list(s.shape), s.rel,
+                       s.nbytes] for s in loan.slots]}
+
+
+class FastPath:
+    """Serves loans of ``cpu``'s entries on a Unix socket at ``path``."""
+
+    def __init__(self, server: CacheServer, cpu: CpuTier, path: Path) -> None:
+        if cpu.pool_fd is None:
+            raise KVCacheError("the fast path needs a CPU tier built with shared=True")
+        self.server, self.cpu, self.path = server, cpu, path
+        self._loans: dict[str, tuple[list[Loan], float, str]] = {}  # id -> loans, expiry, conn
+        self._listener: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.served = 0
+        self.expired = 0
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._listener = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        os.chmod(self.path, 0o660)
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            for writer in list(self._writers):  # ends each client's loop at its next read
+                writer.close()
+            await self._listener.wait_closed()
+        for loan_id in list(self._loans):
+            self._return(loan_id)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def expire(self) -> int:
+        """Return loans older than the lease time (their clients are told at release)."""
+        now = time.monotonic()
+        dead = [i for i, (_, until, _) in self._loans.items() if until <= now]
+        for loan_id in dead:
+            self._return(loan_id)
+        self.expired += len(dead)
+        return len(dead)
+
+    def _return(self, loan_id: str) -> bool:
+        held = self._loans.pop(loan_id, None)
+        if held is None:
+            return False
+        for loan in held[0]:
+            self.cpu.release(loan)
+        return True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn_id = secrets.token_hex(8)
+        self._writers.add(writer)
+        try:
+            self._send_pool(writer)
+            while True:
+                head = await reader.readexactly(wire.MESSAGE_HEADER.size)
+                (n,) = wire.MESSAGE_HEADER.unpack(head)
+                if n > wire.MAX_METADATA_BYTES:
+                    raise wire.ProtocolError(f"message of {n} bytes is over the limit")
+                try:
+                    reply = await self._handle(wire.unpack_map(await reader.readexactly(n)),
+                                               conn_id)
+                except (KVCacheError, ValueError) as e:
+                    reply = {"error": type(e).__name__, "message": str(e)}
+                writer.write(wire.message(reply))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, wire.ProtocolError):
+            pass  # the client left (or spoke garbage): its loans come back below
+        except asyncio.CancelledError:
+            pass  # the daemon is stopping
+        finally:
+            self._writers.discard(writer)
+            for loan_id in [i for i, (_, _, c) in self._loans.items() if c == conn_id]:
+                self._return(loan_id)
+            writer.close()
+
+    def _send_pool(self, writer: asyncio.StreamWriter) -> None:
+        # asyncio's transport cannot send ancillary data: send the greeting and the memfd
+        # on a duplicate of the connection's socket (a small message, it never blocks).
+        fd = writer.get_extra_info("socket").fileno()
+        with socket.socket(fileno=os.dup(fd)) as s:
+            socket.send_fds(s, [wire.message({"pool_bytes": self.cpu.capacity_bytes,
+                                              "version": wire.FAST_PATH_VERSION})],
+                            [self.cpu.pool_fd])
+
+    async def _handle(self, msg: dict[str, Any], conn_id: str) -> dict[str, Any]:
+        op = msg.get("op")
+        if op == "release":
+            loan_id = msg.get("loan")
+            return {"valid": isinstance(loan_id, str) and self._return(loan_id)}
+        if op != "get":
+            raise wire.ProtocolError(f"unknown op {op!r}")
+        cfg, token = self.server.cfg, self.server.token
+        if token is not None and cfg.read_auth == "token" and not token_matches(
+                token, f"Bearer {msg.get('token', '')}"):
+            return {"error": "unauthorized", "message": "a valid token is required"}
+        keys = wire.key_list(msg, limit=cfg.max_batch)
+        for key in keys:
+            check_key(key)
+        loans = await self.server._io(self._lend, keys)
+        loan_id = secrets.token_hex(16)
+        held = [loan for loan in loans if loan is not None]
+        if held:
+            self._loans[loan_id] = (held, time.monotonic() + cfg.lease_ttl, conn_id)
+        tenant = str(msg.get("tenant", "default"))
+        self.server.tenants.read(tenant, len(held), len(keys) - len(held),
+                                 sum(loan.size for loan in held))
+        self.served += len(held)
+        return {"loan": loan_id, "objects": [None if lo is None else _describe(lo)
+                                             for lo in loans]}
+
+    def _lend(self, keys: list[str]) -> list[Loan | None]:
+        """Loans of ``keys``; those only below the CPU tier are promoted into it first."""
+        loans = [self.cpu.lend(k) for k in keys]
+        missing = [i for i, loan in enumerate(loans) if loan is None]
+        if missing:
+            store = self.server.store
+            got: list[StoredObject | None] = store.get_objects(
+                [keys[i] for i in missing], from_tier=1)
+            for i, obj in zip(missing, got, strict=True):
+                if obj is not None:
+                    loans[i] = self.cpu.lend(keys[i])
+        return loans
