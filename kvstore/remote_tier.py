@@ -59,8 +59,8 @@ class RemoteTier(Tier):
         self._remote: dict[str, Any] = {}
         self._remote_at = 0.0
         self._warned: set[str] = set()
-        self.capacity_bytes = self._remote_tier_stats().get("capacity_bytes", 0)
-        self._stats.capacity_bytes = self.capacity_bytes
+        # Known once the daemon first answers: an engine must not wait for it to start.
+        self.capacity_bytes = 0
 
     @classmethod
     def from_config(cls, cfg: RemoteTierConfig) -> RemoteTier:
@@ -91,6 +91,8 @@ class RemoteTier(Tier):
         if now - self._remote_at > _STATS_MAX_AGE_S:
             self._remote = self._try("stats", lambda: self.client.stats().get("totals", {}), {})
             self._remote_at = now
+            if self._remote:
+                self.capacity_bytes = int(self._remote.get("capacity_bytes", 0))
         return self._remote
 
     # -- Tier ------------------------------------------------------------------------------
@@ -184,6 +186,7 @@ class RemoteTier(Tier):
             s = TierStats(**self._stats.to_dict())
         s.used_bytes = int(remote.get("used_bytes", 0))
         s.entries = int(remote.get("entries", 0))
+        s.capacity_bytes = self.capacity_bytes
         return s
 
     @property
