@@ -37,6 +37,7 @@ from kvcache.kvstore.container import (
     ObjectHeader,
     StoredObject,
     decode_object,
+    encode_object,
     encode_parts,
     read_header_unverified,
 )
@@ -86,6 +87,13 @@ class _Value:
 
     def __repr__(self) -> str:  # redis-py logs command arguments
         return f"<kvcache object of {self.nbytes} bytes>"
+
+
+@functools.cache
+def _packer_hook_exists() -> bool:
+    from redis.connection import AbstractConnection
+
+    return hasattr(AbstractConnection, "_construct_command_packer")
 
 
 @functools.cache
@@ -414,17 +422,21 @@ class RedisTier(Tier):
         if not items:
             return
         rkeys = [self._rkey(key) for key, _ in items]
-        values = [_Value(encode_parts(obj)) for _, obj in items]
+        # A redis-py without the packer hook gets joined bytes (one copy more, still right).
+        values: list[_Value | bytes] = [
+            _Value(encode_parts(obj)) if _packer_hook_exists() else encode_object(obj)
+            for _, obj in items]
+        sizes = [v.nbytes if isinstance(v, _Value) else len(v) for v in values]
         px = None if self.ttl_s is None else max(1, round(self.ttl_s * 1000))
 
         def send() -> list[list[Any]]:
             if self._max_value is None:
                 self._read_figures()
             limit = self._max_value or DEFAULT_MAX_VALUE
-            for key, v in zip(rkeys, values, strict=True):
-                if v.nbytes > limit:
+            for key, size in zip(rkeys, sizes, strict=True):
+                if size > limit:
                     raise ObjectTooLargeError(
-                        f"{key}: a value of {v.nbytes} bytes is over the Redis server's "
+                        f"{key}: a value of {size} bytes is over the Redis server's "
                         f"limit of {limit} bytes (proto-max-bulk-len); store smaller chunks "
                         "or raise proto-max-bulk-len")
             return self._pipelined(rkeys, lambda p, rk, i: p.set(rk, values[i], px=px))
@@ -439,7 +451,7 @@ class RedisTier(Tier):
             self._stats.errors += len(refused)
             self._stats.puts += len(items) - len(refused)
             self._stats.bytes_written += sum(
-                v.nbytes for v, r in zip(values, replies, strict=True)
+                size for size, r in zip(sizes, replies, strict=True)
                 if not isinstance(r[0], Exception))
         if refused:
             log.warning("%s tier: %d writes refused: %s", self.name, len(refused), refused[0])
