@@ -240,14 +240,19 @@ class CpuTier(Tier):
                 self._stats.bytes_read += e.size
         return e
 
-    def lend(self, key: str) -> Loan | None:
+    def lend(self, key: str, *, touch: bool = True) -> Loan | None:
         """``key``'s place in the pool, held (never evicted, never reused) until
-        ``release(loan)``: a same-node client copies it out of its own mapping."""
-        e = self._acquire(key, True)
+        ``release(loan)``: a same-node client copies it out of its own mapping, a daemon
+        sends it from there. ``touch`` as in ``get``."""
+        e = self._acquire(key, touch)
         return None if e is None else Loan(e.header, e.offset, e.size, e.slots, e)
 
     def release(self, loan: Loan) -> None:
         self._release(loan._entry)
+
+    def lent_object(self, loan: Loan) -> StoredObject:
+        """The lent entry as tensors viewing the pool (valid until ``release``)."""
+        return StoredObject(loan.header, self._views(loan._entry))
 
     @contextlib.contextmanager
     def borrow(self, key: str) -> Iterator[StoredObject | None]:

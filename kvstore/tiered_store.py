@@ -36,7 +36,7 @@ import torch
 
 from kvcache.codecs.registry import get_codec
 from kvcache.kvstore.container import ObjectHeader, StoredObject
-from kvcache.kvstore.cpu_tier import CpuTier
+from kvcache.kvstore.cpu_tier import CpuTier, Loan
 from kvcache.kvstore.errors import (
     ConfigError,
     CorruptObjectError,
@@ -481,6 +481,34 @@ class TieredStore:
         self.counters.read_hits += hits
         self.counters.read_misses += len(keys) - hits
         return out
+
+    def lend(self, keys: Sequence[str]) -> list[Loan | None]:
+        """The top tier's entries of ``keys``, lent in place (None: a miss). Keys held only
+        below are promoted first. The top tier must be a ``CpuTier``; every loan must go
+        back through ``self.tiers[0].release``. What a daemon serves without a copy."""
+        top = self.tiers[0]
+        if not isinstance(top, CpuTier):
+            raise ConfigError("lending needs a CPU tier on top")
+        for key in keys:
+            check_key(key)
+        loans: list[Loan | None] = []
+        for key in keys:
+            loan = top.lend(key)
+            if loan is not None and self.expired(loan.header):
+                top.release(loan)
+                self.counters.expired += 1
+                self.delete(key, force=True, cause="ttl")
+                loan = None
+            loans.append(loan)
+        missing = [i for i, loan in enumerate(loans) if loan is None]
+        self.counters.reads += len(keys) - len(missing)
+        self.counters.read_hits += len(keys) - len(missing)
+        if missing:  # counted by get_objects
+            got = self.get_objects([keys[i] for i in missing], from_tier=1)
+            for i, obj in zip(missing, got, strict=True):
+                if obj is not None:  # promoted (unless the top tier had no room)
+                    loans[i] = top.lend(keys[i], touch=False)
+        return loans
 
     def drop_corrupt(self, key: str, e: Exception) -> None:
         """``key``'s object cannot be used (``e`` says why): remove it from every tier and

@@ -356,3 +356,25 @@ def test_ttl_removals_are_counted_as_expired(tmp_path, layout):
         stats = store.stats()
         assert stats["cpu"].expired == 1 and stats["disk"].expired == 1
         assert stats["disk"].evictions == 0 and stats["disk"].deletes == 0
+
+
+def test_lend_serves_in_place_promotes_and_expires(tmp_path, layout):
+    s = make_store(tmp_path)
+    s.put(make_key(0), make_chunk(layout, 8, seed=0), layout)
+    s.flush()
+    s.tiers[0].delete(make_key(0))  # on disk only now
+    s.put(make_key(1), make_chunk(layout, 8, seed=1), layout)
+    cpu = s.tiers[0]
+    loans = s.lend([make_key(0), make_key(1), make_key(2)])
+    assert loans[2] is None and cpu.contains(make_key(0))  # promoted, then lent
+    for i in (0, 1):
+        got = cpu.lent_object(loans[i])
+        assert got.header.key == make_key(i)
+        assert torch.equal(s.decode(got), make_chunk(layout, 8, seed=i))
+        cpu.release(loans[i])
+    assert s.counters.read_hits == 2 and s.counters.read_misses == 1
+    s.ttl_s = 1e-9  # everything is older than that: lent never, removed instead
+    time.sleep(0.01)
+    assert s.lend([make_key(1)]) == [None] and not s.contains(make_key(1))
+    assert s.counters.expired >= 1
+    s.close()

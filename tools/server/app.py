@@ -23,6 +23,7 @@ from aiohttp import web
 from kvcache.kvstore import wire
 from kvcache.kvstore.config import TENANT_RE, ServerConfig
 from kvcache.kvstore.container import StoredObject, decode_object, encode_parts
+from kvcache.kvstore.cpu_tier import CpuTier, Loan
 from kvcache.kvstore.errors import (
     ConfigError,
     CorruptObjectError,
@@ -237,27 +238,43 @@ class CacheServer:
     async def get(self, request: web.Request) -> web.StreamResponse:
         keys = self._keys(await self._meta(request))
         tenant = self._tenant(request)
+        top = self.store.tiers[0]
+        lending = isinstance(top, CpuTier)
 
-        def fetch() -> list[list[bytes | memoryview] | None]:
-            return [None if o is None else encode_parts(o) for o in self.store.get_objects(keys)]
+        def fetch() -> tuple[list[Loan | None], list[list[bytes | memoryview] | None]]:
+            # CPU-tier entries are lent and sent from the pool itself (no copy); the loans
+            # hold them until the answer is written.
+            if lending:
+                loans = self.store.lend(keys)
+                objs = [None if lo is None else top.lent_object(lo) for lo in loans]
+            else:
+                loans, objs = [], self.store.get_objects(keys)
+            return loans, [None if o is None else encode_parts(o) for o in objs]
 
-        found = await self._io(fetch)
-        sizes = [sum(memoryview(p).nbytes for p in parts) if parts else 0 for parts in found]
-        self.tenants.read(tenant, sum(p is not None for p in found),
-                          sum(p is None for p in found), sum(sizes))
-        resp = web.StreamResponse(headers={"Content-Type": wire.OBJECTS})
-        resp.content_length = sum(wire.FRAME_HEADER.size + n for n in sizes)
-        await resp.prepare(request)
-        for parts in found:
-            if parts is None:
-                await resp.write(wire.FRAME_HEADER.pack(wire.MISS))
-                continue
-            for part in wire.frame_parts(parts):
-                mv = memoryview(part).cast("B")
-                for at in range(0, mv.nbytes, _WRITE_PIECE):
-                    await resp.write(mv[at : at + _WRITE_PIECE])
-        await resp.write_eof()
-        return resp
+        loans, found = await self._io(fetch)
+        try:
+            sizes = [sum(memoryview(p).nbytes for p in parts) if parts else 0
+                     for parts in found]
+            self.tenants.read(tenant, sum(p is not None for p in found),
+                              sum(p is None for p in found), sum(sizes))
+            resp = web.StreamResponse(headers={"Content-Type": wire.OBJECTS})
+            resp.content_length = sum(wire.FRAME_HEADER.size + n for n in sizes)
+            await resp.prepare(request)
+            for parts in found:
+                if parts is None:
+                    await resp.write(wire.FRAME_HEADER.pack(wire.MISS))
+                    continue
+                for part in wire.frame_parts(parts):
+                    mv = memoryview(part).cast("B")
+                    for at in range(0, mv.nbytes, _WRITE_PIECE):
+                        await resp.write(mv[at : at + _WRITE_PIECE])
+            await resp.write_eof()
+            return resp
+        finally:
+            del found
+            for loan in loans:
+                if loan is not None:
+                    top.release(loan)
 
     async def _read_objects(self, request: web.Request) -> list[StoredObject]:
         """Every frame of a put body, verified; ``HttpError``/``ProtocolError`` on the first

@@ -13,8 +13,9 @@ socket beside the daemon's (``<socket>.fast``):
    ``lease_ttl``) — the client then drops what it copied, since those bytes may have been
    reused meanwhile. A client that disconnects returns all its loans.
 
-Keys the CPU tier lacks but a lower tier holds are promoted first, so the fast path
-serves whatever the daemon holds. Only reads take this path; writes go over HTTP.
+Keys the CPU tier lacks but a lower tier holds are promoted first
+(``TieredStore.lend``), so the fast path serves whatever the daemon holds. Only reads
+take this path; writes go over HTTP.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.kvstore import wire
-from kvcache.kvstore.container import StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier, Loan
 from kvcache.kvstore.errors import KVCacheError
 from kvcache.kvstore.tiered_store import check_key
@@ -143,7 +143,7 @@ class FastPath:
         keys = wire.key_list(msg, limit=cfg.max_batch)
         for key in keys:
             check_key(key)
-        loans = await self.server._io(self._lend, keys)
+        loans = await self.server._io(self.server.store.lend, keys)
         loan_id = secrets.token_hex(16)
         held = [loan for loan in loans if loan is not None]
         if held:
@@ -154,16 +154,3 @@ class FastPath:
         self.served += len(held)
         return {"loan": loan_id, "objects": [None if lo is None else _describe(lo)
                                              for lo in loans]}
-
-    def _lend(self, keys: list[str]) -> list[Loan | None]:
-        """Loans of ``keys``; those only below the CPU tier are promoted into it first."""
-        loans = [self.cpu.lend(k) for k in keys]
-        missing = [i for i, loan in enumerate(loans) if loan is None]
-        if missing:
-            store = self.server.store
-            got: list[StoredObject | None] = store.get_objects(
-                [keys[i] for i in missing], from_tier=1)
-            for i, obj in zip(missing, got, strict=True):
-                if obj is not None:
-                    loans[i] = self.cpu.lend(keys[i])
-        return loans
