@@ -90,6 +90,8 @@ class ObjectHeader:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ObjectHeader:
+        if not isinstance(d, Mapping):
+            raise CorruptObjectError(f"object header is a {type(d).__name__}, not a map")
         if d.get("format") != FORMAT:
             raise CorruptObjectError(f"not a kvcache object (format={d.get('format')!r})")
         if d.get("version") != FORMAT_VERSION:
@@ -246,10 +248,15 @@ def decode_header(
         try:
             b, e = entry["data_offsets"]
             itemsize = _ST_TYPES[entry["dtype"]][1]
+            shape = entry["shape"]
+            # Only plain non-negative ints: anything else would fail later, outside the
+            # checks, as a TypeError or a RuntimeError from torch.
+            if not all(type(x) is int and x >= 0 for x in (b, e, *shape)):
+                raise ValueError(f"offsets and shape must be ints >= 0: {b}, {e}, {shape}")
             numel = 1
-            for d in entry["shape"]:
-                numel *= int(d)
-        except (KeyError, TypeError, ValueError) as err:
+            for d in shape:
+                numel *= d
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CorruptObjectError(f"bad tensor entry {name!r}: {err}") from err
         if not (0 <= b <= e <= payload_len) or e - b != numel * itemsize:
             raise CorruptObjectError(f"tensor {name!r} does not fit the payload")

@@ -360,6 +360,8 @@ class TieredStore:
         object first, so that a bad one stores none)."""
         header = obj.header
         check_key(header.key)
+        if header.rope_start is not None and header.rope_start < 0:
+            raise LayoutMismatchError(f"rope_start must be >= 0 or None, got {header.rope_start}")
         get_codec(header.codec)  # an unknown codec is refused, not stored undecodable
         if header.codec == "raw":
             tensor = obj.tensors.get("kv")

@@ -78,13 +78,17 @@ class ProcessDaemon:
                "--port", str(port), *args]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_")}
         full_env.update(env or {})
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # stderr to a file: a pipe nobody reads would block a chatty daemon when full
+        self.log_path = store_dir.parent / f"daemon-{os.getpid()}-{id(self)}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stderr()/stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log,
                                      env=full_env, text=True)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         m = re.search(r"listening on (http://\S+)", line)
         if m is None:
             self.proc.kill()
-            err = self.proc.stderr.read()  # type: ignore[union-attr]
+            self.proc.wait()
+            err = self.stderr()
             raise RuntimeError(f"kvcache serve did not start: {line!r} {err[-2000:]}")
         self.url = m.group(1)
         self.port = int(self.url.rsplit(":", 1)[1])
@@ -97,7 +101,9 @@ class ProcessDaemon:
         return self.proc.wait(timeout)
 
     def stderr(self) -> str:
-        return self.proc.stderr.read() if self.proc.stderr else ""  # type: ignore[union-attr]
+        """What the daemon logged so far."""
+        self._log.flush()
+        return self.log_path.read_text()
 
     def stop(self) -> int:
         self.kill(signal.SIGTERM)

@@ -86,22 +86,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 class Daemon:
-    """A ``ProcessDaemon`` on small tiers whose log (stderr) is read as it comes — a full
-    pipe would block its logging, and with it the daemon — and which is always reaped."""
+    """A ``ProcessDaemon`` on small tiers, always reaped."""
 
     def __init__(self, store_dir: Path, *args: str, port: int = 0,
                  env: dict[str, str] | None = None) -> None:
         self.p = ProcessDaemon(store_dir, *args, port=port, env=SMALL_STORE | (env or {}))
         self.url, self.port = self.p.url, self.p.port
         self.local_url = f"http://127.0.0.1:{self.port}"
-        self._lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.p.proc.stderr is not None
-        for line in self.p.proc.stderr:
-            self._lines.append(line)
 
     def alive(self) -> bool:
         return self.p.proc.poll() is None
@@ -110,12 +101,10 @@ class Daemon:
         self.p.kill(sig)
 
     def wait(self, timeout: float = 30) -> int:
-        rc = self.p.wait(timeout)
-        self._reader.join(10)
-        return rc
+        return self.p.wait(timeout)
 
     def log(self) -> str:
-        return "".join(self._lines)
+        return self.p.stderr()
 
     def close(self) -> None:
         if self.alive():
@@ -695,12 +684,6 @@ def post(url: str, method: str, path: str, body: bytes, content_type: str) -> in
         conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "container.decode_header checks a checksummed tensor table's fields only for presence: "
-    "non-integer data_offsets (TypeError), negative or fractional shapes (RuntimeError / "
-    "TypeError in decode_object) and a header that is not a JSON object (AttributeError in "
-    "ObjectHeader.from_json) escape as non-KVCacheError exceptions, and the daemon answers "
-    "500"))
 def test_checksummed_container_with_a_malformed_table_is_refused(tmp_path: Path) -> None:
     header = ObjectHeader(make_key(1), LAYOUT, TOKENS).to_json()
     payload = b"\0" * (math.prod(LAYOUT.chunk_shape(TOKENS)) * 2)
@@ -726,10 +709,6 @@ def test_checksummed_container_with_a_malformed_table_is_refused(tmp_path: Path)
         assert got == dict.fromkeys(cases, 400)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "POST /v1/evict builds admin.Selection from the body without checking its fields' "
-    "types: a non-string prefix (AttributeError in Selection.matches) or a non-integer "
-    "to_size (TypeError in evict_from) fails with 500 once the store holds an entry"))
 def test_evict_with_mistyped_selection_is_refused(tmp_path: Path) -> None:
     with thread_daemon(tmp_path) as d:
         with CacheClient(d.url) as client:
@@ -807,11 +786,6 @@ def test_unrenewed_lease_expires_and_unpins(tmp_path: Path) -> None:
         assert wait_until(lambda: "1 lease(s) expired unrenewed" in d.log(), 5)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the disk tier records pins durably (DiskTier.set_pinned writes the index) but leases "
-    "live only in the daemon's memory: after kill -9 the restarted daemon has no lease for "
-    "the pin, so the entry stays pinned for good — not expired, not deletable without "
-    "force, skipped by eviction"))
 def test_lease_pins_do_not_outlive_a_killed_daemon(tmp_path: Path) -> None:
     store, env = tmp_path / "store", {"KVCACHE_SERVER_LEASE_TTL": "1s"}
     with daemon(store, env=env) as d, CacheClient(d.url) as client:
@@ -826,11 +800,6 @@ def test_lease_pins_do_not_outlive_a_killed_daemon(tmp_path: Path) -> None:
         assert not pinned(client, 0) or metric(d.url, "kvcache_pinned_keys") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LeaseTable.grant calls TieredStore.pin for a key the store does not hold; pin() "
-    "remembers the key in _pinned anyway (to pin copies made later), the lease answers "
-    "pinned=[False] and keeps nothing, so no lease ever unpins it: the key's next put is "
-    "pinned for good"))
 def test_a_pin_of_an_absent_key_pins_nothing_later(tmp_path: Path) -> None:
     with thread_daemon(tmp_path) as d, CacheClient(d.url) as client:
         assert client.pin([make_key(0)]).pinned == [False]

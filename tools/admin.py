@@ -178,6 +178,17 @@ class Selection:
     all: bool = False
 
     def __post_init__(self) -> None:
+        # A daemon builds this from a request: every field is checked, not trusted.
+        for name in ("key", "prefix", "model"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string")
+        for name in ("older_than", "to_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or v < 0):
+                raise ConfigError(f"{name} must be a number >= 0")
+        if not isinstance(self.all, bool):
+            raise ConfigError("all must be true or false")
         filters = self.filters()
         if self.all and (filters or self.to_size is not None):
             raise ConfigError("--all removes everything; it cannot be combined with other filters")

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "store": "kvcache.tools.bench_store",
     "transfer": "kvcache.tools.bench_transfer",
     "codecs": "kvcache.tools.bench_codecs",
+    "remote": "kvcache.tools.bench_remote",
 }
 
 
@@ -47,6 +48,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "store": {"--store": "store", "--drop-caches": "drop_caches"},
     "codecs": {"--split": "split", "--lmcache-python": "lmcache_python_path"},
     "transfer": {},
+    "remote": {"--duration": "duration"},
 }
 
 
@@ -74,7 +76,13 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Every figure beside its baseline and their ratio, then method notes."""
+    """Every figure beside its baseline and their ratio, then method notes (or the
+    benchmark's own table, if its module has ``format_table(result)``)."""
+    module = BENCHMARKS.get(result.get("benchmark", ""))
+    own = getattr(importlib.import_module(module), "format_table", None) if module else None
+    if own is not None:
+        table: str = own(result)
+        return table
     headers = ["FIGURE", "SHAPE", "VARIANT", "GB/S", "BASELINE", "BASE GB/S", "RATIO", "GOAL"]
     cells = [headers]
     for r in result["rows"]:
@@ -142,7 +150,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> Path | None:
     plt = pyplot(result)
     if plt is None:
         return None
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r.get("ratio") is not None]  # None: not available
     labels = [
         f"{r['figure']}\n{r['shape']}" + (f" [{r['variant']}]" if r.get("variant") else "")
         for r in rows
@@ -179,6 +187,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "drop_caches": getattr(args, "drop_caches", False) or None,
         "split": getattr(args, "split", None),
         "lmcache_python_path": getattr(args, "lmcache_python", None),
+        "duration": getattr(args, "duration", None),
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -208,4 +217,5 @@ if __name__ == "__main__":
     p.add_argument("--drop-caches", action="store_true")
     p.add_argument("--split", choices=("eval", "tune"))
     p.add_argument("--lmcache-python", type=Path)
+    p.add_argument("--duration", type=float)
     sys.exit(main(p.parse_args()))

@@ -111,6 +111,14 @@ class CacheServer:
             ("GET", wire.API + "/stats"): (self.stats, "admin"),
         }
 
+    def release_stale_pins(self) -> int:
+        """Unpin what the store holds pinned (the disk tier keeps pins across restarts):
+        pins here belong to leases, and no lease outlives the daemon that granted it."""
+        stale = {info.key for info in self.store.scan() if info.pinned}
+        for key in stale:
+            self.store.unpin(key)
+        return len(stale)
+
     def app(self) -> web.Application:
         # client_max_size bounds request.read(), i.e. metadata bodies; object bodies stream.
         app = web.Application(middlewares=[self._middleware],
@@ -226,7 +234,7 @@ class CacheServer:
         if mode == "prefix":
             tokens = body.get("tokens")
             if tokens is not None and (not isinstance(tokens, list) or not all(
-                    isinstance(t, int) and t >= 0 for t in tokens)):
+                    type(t) is int and t >= 0 for t in tokens)):
                 raise wire.ProtocolError("'tokens' must be a list of token counts")
             n = await self._io(self.store.longest_prefix, keys, num_tokens=tokens)
             return _ok({"prefix": n})
@@ -329,7 +337,11 @@ class CacheServer:
                 self.store.put_object(obj)
                 self.tenants.wrote(tenant, obj.header.key, obj.nbytes)
             if durable:  # answer once the objects are on disk: a crash cannot lose them
-                self.store.flush()
+                try:
+                    self.store.flush()
+                except KVCacheError as e:
+                    raise HttpError(503, f"stored in memory, but writing to disk failed: {e}"
+                                    ) from None
             return len(objs)
 
         return _ok({"stored": await self._io(store)})

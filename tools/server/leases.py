@@ -52,7 +52,8 @@ class LeaseTable:
         """The lease time to grant: the default, or what was asked within (0, max]."""
         if requested is None:
             return self.default_ttl_s
-        if not isinstance(requested, (int, float)) or not 0 < requested <= self.max_ttl_s:
+        if isinstance(requested, bool) or not isinstance(requested, (int, float)) \
+                or not 0 < requested <= self.max_ttl_s:
             raise ValueError(f"ttl must be a number of seconds in (0, {self.max_ttl_s:g}]")
         return float(requested)
 
@@ -64,6 +65,8 @@ class LeaseTable:
         with self._lock:
             for key in keys:
                 ok = self._holders.get(key, 0) > 0 or bool(self._pin(key))
+                if not ok:  # the store remembers pins of absent keys: forget this one
+                    self._unpin(key)
                 if ok and key not in held:
                     self._holders[key] = self._holders.get(key, 0) + 1
                     held.append(key)

@@ -50,6 +50,34 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class RateLimitFilter(logging.Filter):
+    """At most one record per ``interval_s``, without its traceback, saying how many were
+    dropped since: aiohttp logs every malformed request from any peer with a traceback,
+    and a peer must not be able to flood the daemon's log."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last = 0.0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._dropped += 1
+            return False
+        self._last = now
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
+            record.args = ()
+        record.exc_info = None
+        if self._dropped:
+            record.msg = f"{record.getMessage()} ({self._dropped} more like it not logged)"
+            record.args = ()
+            self._dropped = 0
+        return True
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if fmt == "json" else logging.Formatter(
@@ -57,6 +85,7 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("aiohttp.server").addFilter(RateLimitFilter())
 
 
 def is_loopback(host: str) -> bool:
@@ -106,6 +135,10 @@ def serve(cfg: KVCacheConfig, server_cfg: ServerConfig,
     # With a Unix socket, same-node clients read the CPU tier from shared memory.
     store = TieredStore.open(cfg.store, shared_cpu=server_cfg.socket is not None)
     server = CacheServer(store, server_cfg, token=token)
+    stale = server.release_stale_pins()
+    if stale:
+        log.info("released %d pin(s) a previous run left behind (pins are leases of "
+                 "running clients)", stale)
     try:
         asyncio.run(_run(server, server_cfg, on_ready))
     finally:
