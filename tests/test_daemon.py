@@ -17,6 +17,7 @@ from kvcache.kvstore import wire
 from kvcache.kvstore.cache_client import CacheClient, RemoteAuthError, RemoteRequestError
 from kvcache.kvstore.container import ObjectHeader, StoredObject, encode_object
 from kvcache.kvstore.errors import ObjectTooLargeError
+from kvcache.kvstore.fail_open import RemoteUnavailableError
 from kvcache.kvstore.layout import KVLayout
 from kvcache.tools import cli
 from tests.daemon import TOKEN, thread_daemon
@@ -310,3 +311,22 @@ def test_a_durable_put_answers_once_the_objects_are_on_disk(daemon, client):
     disk = daemon.store.tiers[1]
     assert client.put_objects([obj(i) for i in range(8)], durable=True) == 8
     assert all(disk.contains(make_key(i)) for i in range(8))
+
+
+def test_a_get_cancelled_while_lending_returns_its_loans(tmp_path):
+    with thread_daemon(tmp_path, token=TOKEN, request_timeout=0.2) as d:
+        c = CacheClient(d.url, token=TOKEN, retries=0, timeout_s=5)
+        c.put_objects([obj(0)])
+        lend = d.store.lend
+
+        def slow_lend(keys):
+            loans = lend(keys)
+            time.sleep(0.5)  # the request times out meanwhile
+            return loans
+
+        d.store.lend = slow_lend
+        with pytest.raises(RemoteUnavailableError, match="503"):
+            c.get_objects([make_key(0)])
+        time.sleep(0.6)
+        cpu = d.store.tiers[0]
+        assert cpu._entries[make_key(0)].refs == 0  # evictable again

@@ -134,6 +134,25 @@ class CacheServer:
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, partial(fn, *args, **kw))
 
+    async def lend(self, keys: list[str]) -> list[Loan | None]:
+        """``store.lend(keys)`` off the event loop. Should the request be cancelled (client
+        gone, timeout) while the loans are being taken, they go back once taken: a loan
+        nobody returns would keep its entry from ever being evicted."""
+        top = self.store.tiers[0]
+        assert isinstance(top, CpuTier)
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, self.store.lend, keys)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            def give_back(f: asyncio.Future[list[Loan | None]]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    for loan in f.result():
+                        if loan is not None:
+                            top.release(loan)
+
+            fut.add_done_callback(give_back)
+            raise
+
     # -- the one middleware ----------------------------------------------------------------
     def _authorised(self, request: web.Request, access: str) -> bool:
         if self.token is None or access == "open":
@@ -247,20 +266,18 @@ class CacheServer:
         keys = self._keys(await self._meta(request))
         tenant = self._tenant(request)
         top = self.store.tiers[0]
-        lending = isinstance(top, CpuTier)
 
-        def fetch() -> tuple[list[Loan | None], list[list[bytes | memoryview] | None]]:
-            # CPU-tier entries are lent and sent from the pool itself (no copy); the loans
-            # hold them until the answer is written.
-            if lending:
-                loans = self.store.lend(keys)
+        # CPU-tier entries are lent and sent from the pool itself (no copy); the loans hold
+        # them until the answer is written.
+        loans: list[Loan | None] = []
+        try:
+            if isinstance(top, CpuTier):
+                loans = await self.lend(keys)
                 objs = [None if lo is None else top.lent_object(lo) for lo in loans]
             else:
-                loans, objs = [], self.store.get_objects(keys)
-            return loans, [None if o is None else encode_parts(o) for o in objs]
-
-        loans, found = await self._io(fetch)
-        try:
+                objs = await self._io(self.store.get_objects, keys)
+            found = await self._io(
+                lambda: [None if o is None else encode_parts(o) for o in objs])
             sizes = [sum(memoryview(p).nbytes for p in parts) if parts else 0
                      for parts in found]
             self.tenants.read(tenant, sum(p is not None for p in found),
@@ -279,7 +296,6 @@ class CacheServer:
             await resp.write_eof()
             return resp
         finally:
-            del found
             for loan in loans:
                 if loan is not None:
                     top.release(loan)

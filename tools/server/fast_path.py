@@ -143,7 +143,7 @@ class FastPath:
         keys = wire.key_list(msg, limit=cfg.max_batch)
         for key in keys:
             check_key(key)
-        loans = await self.server._io(self.server.store.lend, keys)
+        loans = await self.server.lend(keys)
         loan_id = secrets.token_hex(16)
         held = [loan for loan in loans if loan is not None]
         if held:
