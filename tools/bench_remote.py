@@ -594,7 +594,7 @@ def run(quick: bool = False, duration: float | None = None,
         load_duration_s=60.0 if duration is None else duration))
     if cfg.load_duration_s <= 0:
         raise KVCacheError(f"--duration must be > 0 seconds, got {cfg.load_duration_s:g}")
-    t0 = time.time()
+    t0, code = time.time(), _code_version()  # what the processes started below will run
     per_size = cfg.get_keys + max(cfg.clients) * cfg.batch
     tier = CpuTier(per_size * max(cfg.sizes_mib) * MiB + 64 * MiB, pin_memory=False)
     workdir = Path(tempfile.mkdtemp(prefix="kvcache-bench-remote-"))
@@ -629,7 +629,7 @@ def run(quick: bool = False, duration: float | None = None,
         "quick": quick,
         "seconds": round(time.time() - t0, 1),
         "machine": _machine(Path.cwd()) | {"cores": os.cpu_count()},
-        "code": _code_version(),
+        "code": code,
         "goals": {"http_get_vs_redis": GOAL_HTTP_VS_REDIS, "http_get_goal_min_mib": GOAL_MIN_MIB,
                   "fast_path_get_vs_cpu_tier": GOAL_FAST_PATH},
         "http_get_vs_redis_min": min((r["ratio"] for r in goal_rows), default=None),
