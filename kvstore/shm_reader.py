@@ -2,10 +2,12 @@
 
 It maps the daemon's CPU pool read-only (the memfd arrives with the greeting) and reads
 an object with one memcpy from the mapping into a buffer of its own, under a loan the
-daemon holds until the copy is done. A loan found expired at release means the bytes may
-have been reused while they were copied: the copy is dropped (a miss). What is checked:
-the key in the header, and that every tensor lies inside the pool. No checksum: these
-bytes crossed no disk and no network (they are the daemon's memory, shared read-only).
+daemon holds until the copy is done; the release is sent without waiting for an answer.
+The daemon takes back loans older than ``loan_ttl``, so a copy that finished later than
+half of that after it was asked for is dropped (a miss): its bytes may have been reused.
+What is checked: the key in the header, and that every tensor lies inside the pool. No
+checksum: these bytes crossed no disk and no network (the daemon's memory, shared
+read-only).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import mmap
 import os
 import socket
 import threading
+import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +35,9 @@ _DTYPES = {name: getattr(torch, name) for name in (
     "float8_e4m3fn", "float8_e5m2", "bool")}
 
 
+_HEADER_CACHE = 1 << 16
+
+
 class SharedMemoryReader:
     """One connection to a daemon's fast path. Thread-safe (requests are serialised)."""
 
@@ -39,6 +46,8 @@ class SharedMemoryReader:
         self.path, self.token, self.tenant = path, token, tenant
         self._lock = threading.Lock()
         self.corrupt = 0  # objects whose description failed the checks
+        # (key, created_at) -> (the header as received, parsed): parsing is most of a hit
+        self._headers: OrderedDict[tuple[Any, Any], tuple[Any, ObjectHeader]] = OrderedDict()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
@@ -48,6 +57,7 @@ class SharedMemoryReader:
                 raise wire.ProtocolError("the fast path's greeting carried no memory")
             hello = self._parse(msg)
             self.pool_bytes = int(hello["pool_bytes"])
+            self.loan_ttl_s = float(hello["loan_ttl"])
             try:
                 self._map = mmap.mmap(fds[0], self.pool_bytes, prot=mmap.PROT_READ)
             finally:
@@ -94,6 +104,7 @@ class SharedMemoryReader:
         if self.token:
             body["token"] = self.token
         with self._lock:
+            asked = time.monotonic()
             reply = self._ask(body, dl)
             described = reply.get("objects")
             if not isinstance(described, list) or len(described) != len(keys):
@@ -107,14 +118,28 @@ class SharedMemoryReader:
                         self.corrupt += 1
                         out.append(None)
             finally:
-                valid = self._ask({"op": "release", "loan": reply.get("loan")}, dl)
-        if not valid.get("valid") and any(o is not None for o in out):
-            return [None] * len(keys)  # the loan ran out mid-copy: nothing here is safe
+                copied = time.monotonic()
+                self._sock.settimeout(dl.remaining())
+                self._sock.sendall(wire.message({"op": "release", "loan": reply.get("loan")}))
+        if copied - asked > self.loan_ttl_s / 2 and any(o is not None for o in out):
+            return [None] * len(keys)  # the loan may have run out mid-copy: nothing is safe
         return out
+
+    def _header(self, d: Any) -> ObjectHeader:
+        cache_key = (d.get("key"), d.get("created_at")) if isinstance(d, dict) else None
+        hit = self._headers.get(cache_key) if cache_key else None
+        if hit is not None and hit[0] == d:
+            return hit[1]
+        header = ObjectHeader.from_json(d)
+        if cache_key:
+            self._headers[cache_key] = (d, header)
+            if len(self._headers) > _HEADER_CACHE:
+                self._headers.popitem(last=False)
+        return header
 
     def _copy(self, key: str, d: dict[str, Any]) -> StoredObject:
         try:
-            header = ObjectHeader.from_json(d["header"])
+            header = self._header(d["header"])
             check_object_key(key, header)
             offset, size = int(d["offset"]), int(d["size"])
             if not (offset >= 0 and size >= 0 and offset + size <= self.pool_bytes):

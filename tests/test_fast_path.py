@@ -50,6 +50,11 @@ def test_reads_through_shared_memory_across_processes(tmp_path):
         for o, g in zip(objs, got, strict=False):
             assert g is not None and torch.equal(g.tensors["kv"], o.tensors["kv"])
         assert got[6] is None
+        # A copy that took longer than half the loan time is not trusted: a miss.
+        client._fast.loan_ttl_s = 0.0
+        assert client.get_objects([make_key(0)]) == [None]
+        client._fast.loan_ttl_s = 30.0
+        assert client.get_objects([make_key(0)])[0] is not None
         # A tier over the same socket reads through it too; HTTP clients see the same data.
         tier = RemoteTier(f"unix://{sock}", timeout_s=10)
         assert tier.get(make_key(3)) is not None and tier.client.uses_fast_path

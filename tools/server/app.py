@@ -140,6 +140,10 @@ class CacheServer:
         nobody returns would keep its entry from ever being evicted."""
         top = self.store.tiers[0]
         assert isinstance(top, CpuTier)
+        if all(top.contains(k) for k in keys):
+            # All in memory: lending is a lock and a dict lookup per key, cheaper than a
+            # trip through the thread pool (which promoting from disk needs).
+            return self.store.lend(keys)
         fut = asyncio.get_running_loop().run_in_executor(self._executor, self.store.lend, keys)
         try:
             return await asyncio.shield(fut)

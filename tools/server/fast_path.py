@@ -9,9 +9,10 @@ socket beside the daemon's (``<socket>.fast``):
 2. ``{"op": "get", "keys", "token"?, "tenant"?}`` → ``{"loan", "objects"}``: per key,
    None or the object's header and where its tensors are in the pool. The entries are
    lent (never evicted or reused) until
-3. ``{"op": "release", "loan"}`` → ``{"valid"}``: False when the loan had expired (after
-   ``lease_ttl``) — the client then drops what it copied, since those bytes may have been
-   reused meanwhile. A client that disconnects returns all its loans.
+3. ``{"op": "release", "loan"}``, unanswered (no round trip). A loan not returned within
+   ``loan_ttl`` (the greeting says it: ``lease_ttl``) is taken back; a client that took
+   longer than half of it from asking to having copied drops its copy, since the bytes
+   may have been reused meanwhile. A client that disconnects returns all its loans.
 
 Keys the CPU tier lacks but a lower tier holds are promoted first
 (``TieredStore.lend``), so the fast path serves whatever the daemon holds. Only reads
@@ -27,6 +28,7 @@ import os
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,9 @@ from kvcache.tools.server.app import CacheServer
 log = logging.getLogger("kvcache.server")
 
 
-def _describe(loan: Loan) -> dict[str, Any]:
-    return {"header": loan.header.to_json(), "offset": loan.offset, "size": loan.size,
-            "slots": [[s.name, str(s.dtype).removeprefix("torch."), list(s.shape), s.rel,
-                       s.nbytes] for s in loan.slots]}
+_HEADER_CACHE = 1 << 16
+
+
 
 
 class FastPath:
@@ -56,6 +57,8 @@ class FastPath:
         self._loans: dict[str, tuple[list[Loan], float, str]] = {}  # id -> loans, expiry, conn
         self._listener: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # (key, created_at) -> the header as sent: building it is most of a hit's work
+        self._headers: OrderedDict[tuple[str, float], dict[str, Any]] = OrderedDict()
         self.served = 0
         self.expired = 0
 
@@ -75,6 +78,17 @@ class FastPath:
             self._return(loan_id)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+    def _describe(self, loan: Loan) -> dict[str, Any]:
+        h = loan.header
+        sent = self._headers.get((h.key, h.created_at))
+        if sent is None:
+            sent = self._headers[(h.key, h.created_at)] = h.to_json()
+            if len(self._headers) > _HEADER_CACHE:
+                self._headers.popitem(last=False)
+        return {"header": sent, "offset": loan.offset, "size": loan.size,
+                "slots": [[s.name, str(s.dtype).removeprefix("torch."), list(s.shape), s.rel,
+                           s.nbytes] for s in loan.slots]}
 
     def expire(self) -> int:
         """Return loans older than the lease time (their clients are told at release)."""
@@ -108,8 +122,9 @@ class FastPath:
                                                conn_id)
                 except (KVCacheError, ValueError) as e:
                     reply = {"error": type(e).__name__, "message": str(e)}
-                writer.write(wire.message(reply))
-                await writer.drain()
+                if reply is not None:
+                    writer.write(wire.message(reply))
+                    await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, wire.ProtocolError):
             pass  # the client left (or spoke garbage): its loans come back below
         except asyncio.CancelledError:
@@ -126,14 +141,17 @@ class FastPath:
         fd = writer.get_extra_info("socket").fileno()
         with socket.socket(fileno=os.dup(fd)) as s:
             socket.send_fds(s, [wire.message({"pool_bytes": self.cpu.capacity_bytes,
+                                              "loan_ttl": self.server.cfg.lease_ttl,
                                               "version": wire.FAST_PATH_VERSION})],
                             [self.cpu.pool_fd])
 
-    async def _handle(self, msg: dict[str, Any], conn_id: str) -> dict[str, Any]:
+    async def _handle(self, msg: dict[str, Any], conn_id: str) -> dict[str, Any] | None:
         op = msg.get("op")
         if op == "release":
             loan_id = msg.get("loan")
-            return {"valid": isinstance(loan_id, str) and self._return(loan_id)}
+            if isinstance(loan_id, str):
+                self._return(loan_id)
+            return None
         if op != "get":
             raise wire.ProtocolError(f"unknown op {op!r}")
         cfg, token = self.server.cfg, self.server.token
@@ -152,5 +170,5 @@ class FastPath:
         self.server.tenants.read(tenant, len(held), len(keys) - len(held),
                                  sum(loan.size for loan in held))
         self.served += len(held)
-        return {"loan": loan_id, "objects": [None if lo is None else _describe(lo)
+        return {"loan": loan_id, "objects": [None if lo is None else self._describe(lo)
                                              for lo in loans]}
