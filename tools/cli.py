@@ -497,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_lazy("demo", "demo"))
     p = add("bench", parents=[common, as_json], help="run a benchmark (prints JSON and a table)")
-    p.add_argument("name", metavar="NAME", help="which benchmark: store, codecs or transfer")
+    p.add_argument("name", metavar="NAME",
+                   help="which benchmark: store, codecs, transfer or remote")
     p.add_argument("--quick", action="store_true", help="a small, fast configuration")
     p.add_argument("--out", metavar="DIR", type=Path, help="also draw a PNG plot into DIR")
     p.add_argument(
@@ -517,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="codecs: the interpreter of an LMCache venv (tools/lmcache_venv.sh makes one) "
         "for the side-by-side (default: $KVCACHE_LMCACHE_PYTHON)",
+    )
+    p.add_argument(
+        "--duration",
+        metavar="SECONDS",
+        type=float,
+        help="remote: length of the mixed load run (default 60; --quick: 5)",
     )
     p.set_defaults(handler=_lazy("bench", "bench"))
 
