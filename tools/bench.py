@@ -40,7 +40,14 @@ def load(name: str) -> ModuleType:
         raise KVCacheError(
             f"unknown benchmark {name!r}; known benchmarks: {', '.join(sorted(BENCHMARKS))}"
         )
-    return importlib.import_module(module)
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name not in ("redis", "hiredis"):
+            raise
+        raise KVCacheError(
+            f"`kvcache bench {name}` compares with redis-server and needs redis-py: "
+            "pip install 'kvcache[redis]'") from None
 
 
 # Options a benchmark takes beyond ``quick``: CLI flag -> keyword of its ``run``.
