@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ from kvcache.kvstore.errors import (
     StoreFullError,
 )
 from kvcache.kvstore.eviction import make_policy
+from kvcache.kvstore.shm_index import SharedIndex, describe, lock_free_reads_supported, slots_for
 from kvcache.kvstore.tier import DELETE_CAUSES, EntryInfo, Tier, TierStats, check_object_key
 
 
@@ -58,6 +60,7 @@ class _Entry:
     pinned: bool = False
     refs: int = 0  # readers copying out right now
     removed: bool = False  # deleted/replaced while readers held it: free on last release
+    desc_size: int = 0  # shared pools: the descriptor's bytes, right after the tensors
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,12 @@ class Loan:
     size: int
     slots: list[_Slot]
     _entry: _Entry
+
+
+def slot_rows(slots: list[_Slot]) -> list[list[Any]]:
+    """Where an object's tensors lie, as sent to same-node readers."""
+    return [[s.name, str(s.dtype).removeprefix("torch."), list(s.shape), s.rel, s.nbytes]
+            for s in slots]
 
 
 def _plan(obj: StoredObject) -> tuple[list[_Slot], int]:
@@ -113,6 +122,8 @@ class CpuTier(Tier):
         self.capacity_bytes = self._arena.capacity
         self.pool_fd: int | None = None
         self._mmap: mmap.mmap | None = None
+        # Shared pools on machines where it is safe: the lock-free index of their entries.
+        self.index: SharedIndex | None = None
         # torch.empty (and a fresh memfd) do not touch the pages: memory is committed as
         # objects arrive.
         try:
@@ -121,6 +132,8 @@ class CpuTier(Tier):
                 os.ftruncate(self.pool_fd, self.capacity_bytes)
                 self._mmap = mmap.mmap(self.pool_fd, self.capacity_bytes)
                 self._pool = torch.frombuffer(self._mmap, dtype=torch.uint8)
+                if lock_free_reads_supported():
+                    self.index = SharedIndex.create(slots_for(self.capacity_bytes))
             else:
                 self._pool = torch.empty(
                     self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory
@@ -152,16 +165,18 @@ class CpuTier(Tier):
         """Unlink ``e`` (lock held); its bytes are freed now or by the last reader."""
         del self._entries[key]
         self._policy.on_remove(key)
+        if self.index is not None:  # before the bytes can be reused: readers must see it
+            self.index.withdraw(key)
         e.removed = True
         if e.refs == 0:
-            self._arena.free(e.offset, e.size)
+            self._arena.free(e.offset, e.size + e.desc_size)
 
     def _release(self, e: _Entry) -> None:
         with self._released:
             e.refs -= 1
             if e.refs == 0:
                 if e.removed:
-                    self._arena.free(e.offset, e.size)
+                    self._arena.free(e.offset, e.size + e.desc_size)
                 self._released.notify_all()
 
     def _make_room(self, size: int, protect: str) -> int:
@@ -247,6 +262,25 @@ class CpuTier(Tier):
         e = self._acquire(key, touch)
         return None if e is None else Loan(e.header, e.offset, e.size, e.slots, e)
 
+    def touch(self, keys: list[str]) -> int:
+        """Count reads that same-node clients made without asking (through the shared
+        index) as hits, so the policy sees them; returns the bytes they read."""
+        nbytes = 0
+        with self._lock:
+            now = time.time()
+            for key in keys:
+                e = self._entries.get(key)
+                if e is None:
+                    continue
+                e.hits += 1
+                e.last_access = now
+                self._policy.on_access(key)
+                self._stats.hits += 1
+                self._stats.hit_tokens += e.header.num_tokens
+                self._stats.bytes_read += e.size
+                nbytes += e.size
+        return nbytes
+
     def release(self, loan: Loan) -> None:
         self._release(loan._entry)
 
@@ -275,6 +309,8 @@ class CpuTier(Tier):
     def put(self, key: str, obj: StoredObject) -> None:
         check_object_key(key, obj.header)
         slots, size = _plan(obj)
+        desc = b"" if self.index is None else describe(obj.header.to_json(), slot_rows(slots))
+        size_tensors, size = size, align_up(size) + len(desc) if desc else size
         if align_up(size) > self.capacity_bytes:
             raise ObjectTooLargeError(
                 f"object of {size} bytes exceeds the CPU tier's capacity of "
@@ -283,11 +319,16 @@ class CpuTier(Tier):
         with self._lock:
             offset = self._make_room(size, protect=key)
             # Reserved but unpublished: not in the policy, so nobody can evict it mid-copy.
-            e = _Entry(obj.header, offset, size, slots, refs=1)
+            e = _Entry(obj.header, offset, size_tensors, slots, refs=1,
+                       desc_size=size - size_tensors)
         try:
             views = self._views(e)
             for s in slots:
                 views[s.name].copy_(obj.tensors[s.name])
+            if desc:
+                at = offset + size - len(desc)
+                self._pool[at : at + len(desc)].copy_(torch.frombuffer(bytearray(desc),
+                                                                       dtype=torch.uint8))
         except BaseException:
             with self._lock:
                 self._arena.free(offset, size)
@@ -301,7 +342,10 @@ class CpuTier(Tier):
             self._entries[key] = e
             self._policy.on_insert(key)
             self._stats.puts += 1
-            self._stats.bytes_written += size
+            self._stats.bytes_written += size_tensors
+            if self.index is not None:  # the bytes are in place: now readers may see them
+                self.index.publish(key, offset, size_tensors, offset + size - len(desc),
+                                   len(desc))
 
     def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
         counter = DELETE_CAUSES[cause]
@@ -374,6 +418,9 @@ class CpuTier(Tier):
             self._entries.clear()
             self._pool = torch.empty(0, dtype=torch.uint8)
             self._mmap = None  # unmapped once no tensor views it any more
+            if self.index is not None:
+                self.index.close()
+                self.index = None
             if self.pool_fd is not None:
                 os.close(self.pool_fd)
                 self.pool_fd = None

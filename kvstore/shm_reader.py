@@ -12,6 +12,7 @@ read-only).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
@@ -22,12 +23,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import msgpack
 import torch
 
 from kvcache.kvstore import wire
 from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.errors import CorruptObjectError
 from kvcache.kvstore.fail_open import Deadline
+from kvcache.kvstore.shm_index import SharedIndex, lock_free_reads_supported
 from kvcache.kvstore.tier import check_object_key
 
 _DTYPES = {name: getattr(torch, name) for name in (
@@ -36,6 +39,10 @@ _DTYPES = {name: getattr(torch, name) for name in (
 
 
 _HEADER_CACHE = 1 << 16
+# Reads through the index are reported to the daemon in batches of this many keys, or
+# this often: one message per get would cost the daemon a wakeup per read.
+_TOUCH_BATCH = 256
+_TOUCH_EVERY_S = 0.1
 
 
 class SharedMemoryReader:
@@ -46,22 +53,33 @@ class SharedMemoryReader:
         self.path, self.token, self.tenant = path, token, tenant
         self._lock = threading.Lock()
         self.corrupt = 0  # objects whose description failed the checks
+        self._descs: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._touched: list[str] = []
+        self._touched_at = time.monotonic()
         # (key, created_at) -> (the header as received, parsed): parsing is most of a hit
         self._headers: OrderedDict[tuple[Any, Any], tuple[Any, ObjectHeader]] = OrderedDict()
+        self._index: SharedIndex | None = None
+        self.index_reads = 0  # objects read through the shared index (no round trip)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout_s)
         try:
             self._sock.connect(path)
-            msg, fds, _, _ = socket.recv_fds(self._sock, 4096, 1)
-            if len(fds) != 1:
-                raise wire.ProtocolError("the fast path's greeting carried no memory")
-            hello = self._parse(msg)
-            self.pool_bytes = int(hello["pool_bytes"])
-            self.loan_ttl_s = float(hello["loan_ttl"])
+            msg, fds, _, _ = socket.recv_fds(self._sock, 4096, 2)
             try:
+                if not fds:
+                    raise wire.ProtocolError("the fast path's greeting carried no memory")
+                hello = self._parse(msg)
+                self.pool_bytes = int(hello["pool_bytes"])
+                self.loan_ttl_s = float(hello["loan_ttl"])
+                ttl = hello.get("ttl")
+                self.ttl_s = None if ttl is None else float(ttl)
                 self._map = mmap.mmap(fds[0], self.pool_bytes, prot=mmap.PROT_READ)
+                slots = int(hello.get("index_slots") or 0)
+                if len(fds) == 2 and slots and lock_free_reads_supported():
+                    self._index = SharedIndex.attach(os.dup(fds[1]), slots)
             finally:
-                os.close(fds[0])  # the mapping keeps the memory
+                for fd in fds:
+                    os.close(fd)  # the mappings keep the memory
         except BaseException:
             self._sock.close()
             raise
@@ -100,27 +118,90 @@ class SharedMemoryReader:
     def get_objects(self, keys: Sequence[str], dl: Deadline) -> list[StoredObject | None]:
         """The objects under ``keys`` (None: a miss). Transport errors raise ``OSError`` /
         ``ProtocolError``; the caller falls back to HTTP."""
+        with self._lock:
+            out: list[StoredObject | None] = [None] * len(keys)
+            read = []
+            if self._index is not None:
+                for i, key in enumerate(keys):
+                    out[i] = self._read_indexed(key)
+                    if out[i] is not None:
+                        read.append(key)
+            rest = [i for i, o in enumerate(out) if o is None]
+            if rest:
+                for i, obj in zip(rest, self._get_on_loan([keys[i] for i in rest], dl),
+                                  strict=True):
+                    out[i] = obj
+            if read:
+                self.index_reads += len(read)
+                self._touched += read
+                if (len(self._touched) >= _TOUCH_BATCH
+                        or time.monotonic() - self._touched_at >= _TOUCH_EVERY_S):
+                    self._report_touched(dl.remaining())
+        return out
+
+    def _report_touched(self, timeout: float) -> None:
+        """Tell the daemon which keys were read through the index (unanswered): it counts
+        them, and its eviction policy sees them."""
+        keys, self._touched = self._touched, []
+        self._touched_at = time.monotonic()
+        self._sock.settimeout(timeout)
+        for at in range(0, len(keys), _TOUCH_BATCH):
+            self._sock.sendall(wire.message({"op": "touched", "tenant": self.tenant,
+                                             "keys": keys[at : at + _TOUCH_BATCH]}))
+
+    def _read_indexed(self, key: str) -> StoredObject | None:
+        """``key`` read through the shared index, or None (not there, or changed while it
+        was copied: the loan protocol then asks the daemon)."""
+        assert self._index is not None
+        found = self._index.find(key)
+        if found is None:
+            return None
+        slot, seq, offset, size, desc_offset, desc_size = found
+        if offset + size > self.pool_bytes or desc_offset + desc_size > self.pool_bytes:
+            return None
+        # The descriptor of a (slot, seq) never changes: parsed once.
+        d = self._descs.get((slot, seq))
+        desc = None if d is not None else bytes(self._map[desc_offset : desc_offset + desc_size])
+        buf = self._pool[offset : offset + size].clone()
+        if not self._index.still(slot, seq):
+            return None  # withdrawn or replaced meanwhile: these bytes may be another's
+        try:
+            if d is None:
+                d = self._descs[(slot, seq)] = msgpack.unpackb(desc, raw=False)
+                if len(self._descs) > _HEADER_CACHE:
+                    self._descs.popitem(last=False)
+            obj = self._build(key, d["header"], d["slots"], buf)
+        except CorruptObjectError:
+            self.corrupt += 1
+            return None
+        except (ValueError, KeyError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+                msgpack.StackError, wire.ProtocolError):
+            return None
+        if self.ttl_s is not None and time.time() - obj.header.created_at > self.ttl_s:
+            return None  # expired: the daemon removes it when asked
+        return obj
+
+    def _get_on_loan(self, keys: Sequence[str], dl: Deadline) -> list[StoredObject | None]:
         body: dict[str, Any] = {"op": "get", "keys": list(keys), "tenant": self.tenant}
         if self.token:
             body["token"] = self.token
-        with self._lock:
-            asked = time.monotonic()
-            reply = self._ask(body, dl)
-            described = reply.get("objects")
-            if not isinstance(described, list) or len(described) != len(keys):
-                raise wire.ProtocolError("fast path: malformed reply")
-            out: list[StoredObject | None] = []
-            try:
-                for key, d in zip(keys, described, strict=True):
-                    try:
-                        out.append(None if d is None else self._copy(key, d))
-                    except CorruptObjectError:
-                        self.corrupt += 1
-                        out.append(None)
-            finally:
-                copied = time.monotonic()
-                self._sock.settimeout(dl.remaining())
-                self._sock.sendall(wire.message({"op": "release", "loan": reply.get("loan")}))
+        asked = time.monotonic()
+        reply = self._ask(body, dl)
+        described = reply.get("objects")
+        if not isinstance(described, list) or len(described) != len(keys):
+            raise wire.ProtocolError("fast path: malformed reply")
+        out: list[StoredObject | None] = []
+        try:
+            for key, d in zip(keys, described, strict=True):
+                try:
+                    out.append(None if d is None else self._copy(key, d))
+                except CorruptObjectError:
+                    self.corrupt += 1
+                    out.append(None)
+        finally:
+            copied = time.monotonic()
+            self._sock.settimeout(dl.remaining())
+            self._sock.sendall(wire.message({"op": "release", "loan": reply.get("loan")}))
         if copied - asked > self.loan_ttl_s / 2 and any(o is not None for o in out):
             return [None] * len(keys)  # the loan may have run out mid-copy: nothing is safe
         return out
@@ -138,16 +219,25 @@ class SharedMemoryReader:
         return header
 
     def _copy(self, key: str, d: dict[str, Any]) -> StoredObject:
+        """A lent object copied out of the pool."""
         try:
-            header = self._header(d["header"])
-            check_object_key(key, header)
             offset, size = int(d["offset"]), int(d["size"])
-            if not (offset >= 0 and size >= 0 and offset + size <= self.pool_bytes):
-                raise CorruptObjectError(f"{key} lies outside the shared pool")
-            buf = self._pool[offset : offset + size].clone()  # the one copy
+        except (KeyError, TypeError, ValueError) as e:
+            raise wire.ProtocolError(f"fast path: bad description of {key}: {e}") from None
+        if not (offset >= 0 and size >= 0 and offset + size <= self.pool_bytes):
+            raise CorruptObjectError(f"{key} lies outside the shared pool")
+        buf = self._pool[offset : offset + size].clone()  # the one copy
+        return self._build(key, d.get("header"), d.get("slots"), buf)
+
+    def _build(self, key: str, header_json: Any, slots: Any, buf: torch.Tensor) -> StoredObject:
+        """The object whose bytes were copied into ``buf``, checked against its key and
+        its own size."""
+        try:
+            header = self._header(header_json)
+            check_object_key(key, header)
             tensors = {}
-            for name, dtype, shape, rel, nbytes in d["slots"]:
-                if not (rel >= 0 and rel + nbytes <= size) or dtype not in _DTYPES:
+            for name, dtype, shape, rel, nbytes in slots:
+                if not (rel >= 0 and rel + nbytes <= buf.numel()) or dtype not in _DTYPES:
                     raise CorruptObjectError(f"{key}: tensor {name!r} is not where it says")
                 tensors[name] = buf[rel : rel + nbytes].view(_DTYPES[dtype]).view(shape)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -155,4 +245,10 @@ class SharedMemoryReader:
         return StoredObject(header, tensors)
 
     def close(self) -> None:
+        with self._lock, contextlib.suppress(OSError):
+            if self._touched:
+                self._report_touched(1.0)
         self._sock.close()
+        if self._index is not None:
+            self._index.close()
+            self._index = None

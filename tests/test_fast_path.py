@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.remote_tier import RemoteTier
+from kvcache.kvstore.shm_index import SharedIndex, lock_free_reads_supported
 from tests.daemon import ProcessDaemon
 from tests.helpers import make_chunk, make_key
 
@@ -50,18 +54,34 @@ def test_reads_through_shared_memory_across_processes(tmp_path):
         for o, g in zip(objs, got, strict=False):
             assert g is not None and torch.equal(g.tensors["kv"], o.tensors["kv"])
         assert got[6] is None
-        # A copy that took longer than half the loan time is not trusted: a miss.
-        client._fast.loan_ttl_s = 0.0
+        fast = client._fast
+        # In-memory objects come through the shared index, with no round trip; the daemon
+        # still counts them (and its eviction policy sees them).
+        if lock_free_reads_supported():
+            assert fast.index_reads >= 6
+        # An overwrite is seen at once: the index slot changed, the new bytes are read.
+        newer = StoredObject(ObjectHeader(make_key(0), LAYOUT, 64),
+                             {"kv": make_chunk(LAYOUT, 64, 1234)})
+        client.put_objects([newer])
+        assert torch.equal(client.get_objects([make_key(0)])[0].tensors["kv"],
+                           newer.tensors["kv"])
+        # The loan path: a copy that took longer than half the loan time is not trusted.
+        index, fast._index = fast._index, None
+        fast.loan_ttl_s = 0.0
         assert client.get_objects([make_key(0)]) == [None]
-        client._fast.loan_ttl_s = 30.0
+        fast.loan_ttl_s = 30.0
         assert client.get_objects([make_key(0)])[0] is not None
+        fast._index = index
         # A tier over the same socket reads through it too; HTTP clients see the same data.
         tier = RemoteTier(f"unix://{sock}", timeout_s=10)
         assert tier.get(make_key(3)) is not None and tier.client.uses_fast_path
         http = CacheClient(daemon.url)
         assert not http.uses_fast_path and http.get_objects([make_key(3)])[0] is not None
+        client.close()  # reports its last reads through the index
+        time.sleep(0.2)
         stats = http.stats()
         assert stats["tenants"]["default"]["hits"] >= 7
+        assert stats["tiers"]["cpu"]["hits"] >= 7
         # The daemon goes away: reads fall back, fail open, and come back after a restart.
         assert daemon.stop() == 0
         assert tier.get(make_key(3)) is None and tier.stats().errors >= 1
@@ -71,4 +91,90 @@ def test_reads_through_shared_memory_across_processes(tmp_path):
         assert back is not None and torch.equal(back.tensors["kv"], objs[3].tensors["kv"])
         assert fresh.uses_fast_path
     finally:
+        daemon.stop()
+
+
+def test_shared_index_publishes_withdraws_and_signals_every_change():
+    index = SharedIndex.create(16)
+    keys = [make_key(i) for i in range(8)]
+    for i, key in enumerate(keys):
+        assert index.publish(key, i * 100, 100, i * 100 + 90, 10)
+    slot, seq, offset, size, desc_offset, desc_size = index.find(keys[3])
+    assert (offset, size, desc_offset, desc_size) == (300, 100, 390, 10) and seq % 2 == 0
+    assert index.still(slot, seq)
+    index.publish(keys[3], 5000, 100, 5090, 10)  # replaced: a reader of the old one knows
+    assert not index.still(slot, seq)
+    assert index.find(keys[3])[2] == 5000
+    index.withdraw(keys[3])
+    assert index.find(keys[3]) is None
+    for key in keys[:3] + keys[4:]:  # probing passes the withdrawn slot
+        assert index.find(key) is not None
+    assert index.find(make_key(99)) is None
+    for i in range(8, 40):  # full: publishing fails, nothing else breaks
+        index.publish(make_key(i), 0, 1, 0, 1)
+    assert not index.publish(make_key(1000), 0, 1, 0, 1)
+    assert index.find(keys[0]) is not None
+    index.close()
+
+
+def test_the_cpu_tier_withdraws_before_reusing_bytes():
+    cpu = CpuTier(1 << 20, shared=True)
+    if cpu.index is None:
+        pytest.skip("lock-free reads need x86-64")
+    cpu.put(make_key(0), obj(0))
+    slot, seq, *_ = cpu.index.find(make_key(0))
+    cpu.delete(make_key(0))
+    assert cpu.index.find(make_key(0)) is None and not cpu.index.still(slot, seq)
+    for i in range(1, 40):  # evictions withdraw too
+        cpu.put(make_key(i), obj(i))
+    published = [i for i in range(1, 40) if cpu.index.find(make_key(i)) is not None]
+    assert published == [i for i in range(1, 40) if cpu.contains(make_key(i))]
+    cpu.close()
+
+
+def test_reads_racing_overwrites_and_evictions_are_never_torn(tmp_path):
+    """A writer overwrites keys and makes the daemon evict while a reader reads through
+    shared memory: every object read is one whole version, never a mix of two."""
+    sock = tmp_path / "kv.sock"
+    daemon = ProcessDaemon(tmp_path / "store", "--socket", str(sock),
+                           env={"KVCACHE_CPU_CAPACITY": "2MiB", "KVCACHE_DISK_ENABLED": "0"})
+    stop = threading.Event()
+    written: dict[str, set[float]] = {make_key(i): set() for i in range(8)}
+
+    def version(i: int, v: float) -> StoredObject:  # 64 KiB, every element v
+        return StoredObject(ObjectHeader(make_key(i), LAYOUT, 64),
+                            {"kv": torch.full(LAYOUT.chunk_shape(64), v, dtype=torch.float16)})
+
+    def write() -> None:
+        w = CacheClient(daemon.url, timeout_s=10)
+        v = 0.0
+        while not stop.is_set():
+            v += 1.0
+            batch = [version(i, v) for i in range(8)]
+            for o in batch:
+                written[o.header.key].add(v)
+            w.put_objects(batch)
+            w.put_objects([version(100 + j, v) for j in range(24)])  # churn: evictions
+
+    try:
+        writer = threading.Thread(target=write)
+        writer.start()
+        reader = CacheClient(f"unix://{sock}", timeout_s=10)
+        reads = 0
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for key, got in zip(written, reader.get_objects(list(written)), strict=True):
+                if got is None:
+                    continue
+                kv = got.tensors["kv"].flatten()
+                assert got.header.key == key
+                assert torch.all(kv == kv[0]), "a torn object: two versions mixed"
+                assert float(kv[0]) in written[key]
+                reads += 1
+        assert reads > 50 and reader.uses_fast_path
+        if lock_free_reads_supported():
+            assert reader._fast.index_reads > 50
+    finally:
+        stop.set()
+        writer.join()
         daemon.stop()

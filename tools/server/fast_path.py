@@ -5,7 +5,11 @@ the same node can instead map the CPU tier's pool (a memfd, ``CpuTier(shared=Tru
 read-only and copy an object out of it with one memcpy. The control channel is a Unix
 socket beside the daemon's (``<socket>.fast``):
 
-1. on connect, the daemon sends ``{"pool_bytes", "version"}`` with the memfd attached;
+1. on connect, the daemon sends ``{"pool_bytes", "loan_ttl", "index_slots", "ttl",
+   "version"}`` with the memfds of its pool and of the pool's lock-free index
+   (``kvstore/shm_index.py``) attached. Keys the index holds are read without asking;
+   their reads are reported afterwards, unanswered, as ``{"op": "touched", "keys"}`` so
+   that eviction sees them. The rest go through loans:
 2. ``{"op": "get", "keys", "token"?, "tenant"?}`` → ``{"loan", "objects"}``: per key,
    None or the object's header and where its tensors are in the pool. The entries are
    lent (never evicted or reused) until
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kvcache.kvstore import wire
-from kvcache.kvstore.cpu_tier import CpuTier, Loan
+from kvcache.kvstore.cpu_tier import CpuTier, Loan, slot_rows
 from kvcache.kvstore.errors import KVCacheError
 from kvcache.kvstore.tiered_store import check_key
 from kvcache.kvstore.tokens import token_matches
@@ -43,6 +47,7 @@ log = logging.getLogger("kvcache.server")
 
 
 _HEADER_CACHE = 1 << 16
+_MAX_TOUCHED = 4096  # keys in one report of reads made through the index
 
 
 
@@ -87,8 +92,7 @@ class FastPath:
             if len(self._headers) > _HEADER_CACHE:
                 self._headers.popitem(last=False)
         return {"header": sent, "offset": loan.offset, "size": loan.size,
-                "slots": [[s.name, str(s.dtype).removeprefix("torch."), list(s.shape), s.rel,
-                           s.nbytes] for s in loan.slots]}
+                "slots": slot_rows(loan.slots)}
 
     def expire(self) -> int:
         """Return loans older than the lease time (their clients are told at release)."""
@@ -117,11 +121,14 @@ class FastPath:
                 (n,) = wire.MESSAGE_HEADER.unpack(head)
                 if n > wire.MAX_METADATA_BYTES:
                     raise wire.ProtocolError(f"message of {n} bytes is over the limit")
+                msg = wire.unpack_map(await reader.readexactly(n))
                 try:
-                    reply = await self._handle(wire.unpack_map(await reader.readexactly(n)),
-                                               conn_id)
+                    reply = await self._handle(msg, conn_id)
                 except (KVCacheError, ValueError) as e:
-                    reply = {"error": type(e).__name__, "message": str(e)}
+                    # Only gets are answered: an answer to anything else would be read as
+                    # the answer to the client's next get.
+                    reply = ({"error": type(e).__name__, "message": str(e)}
+                             if msg.get("op") == "get" else None)
                 if reply is not None:
                     writer.write(wire.message(reply))
                     await writer.drain()
@@ -140,10 +147,12 @@ class FastPath:
         # on a duplicate of the connection's socket (a small message, it never blocks).
         fd = writer.get_extra_info("socket").fileno()
         with socket.socket(fileno=os.dup(fd)) as s:
-            socket.send_fds(s, [wire.message({"pool_bytes": self.cpu.capacity_bytes,
-                                              "loan_ttl": self.server.cfg.lease_ttl,
-                                              "version": wire.FAST_PATH_VERSION})],
-                            [self.cpu.pool_fd])
+            index = self.cpu.index
+            hello = {"pool_bytes": self.cpu.capacity_bytes, "loan_ttl": self.server.cfg.lease_ttl,
+                     "index_slots": 0 if index is None else index.slots,
+                     "ttl": self.server.store.ttl_s, "version": wire.FAST_PATH_VERSION}
+            fds = [self.cpu.pool_fd] + ([] if index is None else [index.fd])
+            socket.send_fds(s, [wire.message(hello)], fds)
 
     async def _handle(self, msg: dict[str, Any], conn_id: str) -> dict[str, Any] | None:
         op = msg.get("op")
@@ -151,6 +160,15 @@ class FastPath:
             loan_id = msg.get("loan")
             if isinstance(loan_id, str):
                 self._return(loan_id)
+            return None
+        if op == "touched":
+            keys = wire.key_list(msg, limit=_MAX_TOUCHED)
+            nbytes = self.cpu.touch(keys)
+            c = self.server.store.counters
+            c.reads += len(keys)
+            c.read_hits += len(keys)
+            self.server.tenants.read(str(msg.get("tenant", "default")), len(keys), 0, nbytes)
+            self.served += len(keys)
             return None
         if op != "get":
             raise wire.ProtocolError(f"unknown op {op!r}")
