@@ -1,13 +1,14 @@
 """The client side of the daemon's same-node fast path (``tools/server/fast_path.py``).
 
-It maps the daemon's CPU pool read-only (the memfd arrives with the greeting) and reads
-an object with one memcpy from the mapping into a buffer of its own, under a loan the
-daemon holds until the copy is done; the release is sent without waiting for an answer.
-The daemon takes back loans older than ``loan_ttl``, so a copy that finished later than
-half of that after it was asked for is dropped (a miss): its bytes may have been reused.
-What is checked: the key in the header, and that every tensor lies inside the pool. No
-checksum: these bytes crossed no disk and no network (the daemon's memory, shared
-read-only).
+It maps the daemon's CPU pool and the pool's index read-only (both memfds arrive with
+the greeting) and reads an object with one memcpy from the mapping into a buffer of its
+own: through the index without asking when it holds the key (``kvstore/shm_index.py``
+says why that is safe), else under a loan the daemon holds until the copy is done (the
+release is sent without waiting for an answer). The daemon takes back loans older than
+``loan_ttl``, so a copy that finished later than half of that after it was asked for is
+dropped (a miss): its bytes may have been reused. What is checked: the key in the
+header, and that every tensor lies inside the pool. No checksum: these bytes crossed no
+disk and no network (the daemon's memory, shared read-only).
 """
 
 from __future__ import annotations
