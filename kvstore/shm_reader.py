@@ -65,11 +65,14 @@ class SharedMemoryReader:
         self._sock.settimeout(timeout_s)
         try:
             self._sock.connect(path)
+            self._sock.sendall(wire.message({"op": "hello", "token": token or "",
+                                             "tenant": tenant}))
             msg, fds, _, _ = socket.recv_fds(self._sock, 4096, 2)
             try:
-                if not fds:
-                    raise wire.ProtocolError("the fast path's greeting carried no memory")
                 hello = self._parse(msg)
+                if not fds:
+                    raise wire.ProtocolError(
+                        f"the fast path refused: {hello.get('message', 'no memory sent')}")
                 self.pool_bytes = int(hello["pool_bytes"])
                 self.loan_ttl_s = float(hello["loan_ttl"])
                 ttl = hello.get("ttl")
@@ -184,8 +187,6 @@ class SharedMemoryReader:
 
     def _get_on_loan(self, keys: Sequence[str], dl: Deadline) -> list[StoredObject | None]:
         body: dict[str, Any] = {"op": "get", "keys": list(keys), "tenant": self.tenant}
-        if self.token:
-            body["token"] = self.token
         asked = time.monotonic()
         reply = self._ask(body, dl)
         described = reply.get("objects")

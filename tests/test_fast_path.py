@@ -178,3 +178,23 @@ def test_reads_racing_overwrites_and_evictions_are_never_torn(tmp_path):
         stop.set()
         writer.join()
         daemon.stop()
+
+
+def test_without_the_token_a_client_gets_no_shared_memory(tmp_path):
+    from kvcache.kvstore.cache_client import RemoteAuthError
+    from tests.daemon import TOKEN
+
+    sock = tmp_path / "kv.sock"
+    daemon = ProcessDaemon(tmp_path / "store", "--socket", str(sock),
+                           env={"KVCACHE_SERVER_TOKEN": TOKEN,
+                                "KVCACHE_SERVER_READ_AUTH": "token"})
+    try:
+        CacheClient(daemon.url, token=TOKEN).put_objects([obj(0)])
+        anonymous = CacheClient(f"unix://{sock}", retries=0)
+        with pytest.raises(RemoteAuthError):  # refused on the fast path, then over HTTP
+            anonymous.get_objects([make_key(0)])
+        assert not anonymous.uses_fast_path
+        member = CacheClient(f"unix://{sock}", token=TOKEN)
+        assert member.get_objects([make_key(0)])[0] is not None and member.uses_fast_path
+    finally:
+        daemon.stop()

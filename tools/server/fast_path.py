@@ -5,7 +5,9 @@ the same node can instead map the CPU tier's pool (a memfd, ``CpuTier(shared=Tru
 read-only and copy an object out of it with one memcpy. The control channel is a Unix
 socket beside the daemon's (``<socket>.fast``):
 
-1. on connect, the daemon sends ``{"pool_bytes", "loan_ttl", "index_slots", "ttl",
+1. the client says ``{"op": "hello", "token"?}``; under ``read_auth = "token"`` a client
+   without the token is refused and disconnected (the pool holds every tenant's KV);
+   otherwise the daemon sends ``{"pool_bytes", "loan_ttl", "index_slots", "ttl",
    "version"}`` with the memfds of its pool and of the pool's lock-free index
    (``kvstore/shm_index.py``) attached. Keys the index holds are read without asking;
    their reads are reported afterwards, unanswered, as ``{"op": "touched", "keys"}`` so
@@ -115,13 +117,18 @@ class FastPath:
         conn_id = secrets.token_hex(8)
         self._writers.add(writer)
         try:
+            hello = await self._read_message(reader)
+            if hello.get("op") != "hello":
+                raise wire.ProtocolError("a client starts with a hello")
+            if not self._may_read(hello):
+                # The pool holds every tenant's KV: no memory for a client without the token.
+                writer.write(wire.message({"error": "unauthorized",
+                                           "message": "a valid token is required"}))
+                await writer.drain()
+                return
             self._send_pool(writer)
             while True:
-                head = await reader.readexactly(wire.MESSAGE_HEADER.size)
-                (n,) = wire.MESSAGE_HEADER.unpack(head)
-                if n > wire.MAX_METADATA_BYTES:
-                    raise wire.ProtocolError(f"message of {n} bytes is over the limit")
-                msg = wire.unpack_map(await reader.readexactly(n))
+                msg = await self._read_message(reader)
                 try:
                     reply = await self._handle(msg, conn_id)
                 except (KVCacheError, ValueError) as e:
@@ -141,6 +148,19 @@ class FastPath:
             for loan_id in [i for i, (_, _, c) in self._loans.items() if c == conn_id]:
                 self._return(loan_id)
             writer.close()
+
+    @staticmethod
+    async def _read_message(reader: asyncio.StreamReader) -> dict[str, Any]:
+        (n,) = wire.MESSAGE_HEADER.unpack(await reader.readexactly(wire.MESSAGE_HEADER.size))
+        if n > wire.MAX_METADATA_BYTES:
+            raise wire.ProtocolError(f"message of {n} bytes is over the limit")
+        return wire.unpack_map(await reader.readexactly(n))
+
+    def _may_read(self, hello: dict[str, Any]) -> bool:
+        token = self.server.token
+        if token is None or self.server.cfg.read_auth == "open":
+            return True
+        return token_matches(token, f"Bearer {hello.get('token', '')}")
 
     def _send_pool(self, writer: asyncio.StreamWriter) -> None:
         # asyncio's transport cannot send ancillary data: send the greeting and the memfd
@@ -172,10 +192,7 @@ class FastPath:
             return None
         if op != "get":
             raise wire.ProtocolError(f"unknown op {op!r}")
-        cfg, token = self.server.cfg, self.server.token
-        if token is not None and cfg.read_auth == "token" and not token_matches(
-                token, f"Bearer {msg.get('token', '')}"):
-            return {"error": "unauthorized", "message": "a valid token is required"}
+        cfg = self.server.cfg
         keys = wire.key_list(msg, limit=cfg.max_batch)
         for key in keys:
             check_key(key)
