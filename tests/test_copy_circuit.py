@@ -156,7 +156,11 @@ def test_shipped_checkpoint_carries_the_circuit():
     params = dict(shipped.named_parameters())
     for name, mask in circuit.masks.items():
         want = circuit.values[name].to(torch.bfloat16).float()  # stored in bfloat16
-        # The query weights are a least-squares fit: another CPU's BLAS can land a value
-        # on a neighbouring bfloat16 (seen on 4 of 32768: two near 0.5, two near 0.002),
-        # so allow two bf16 steps, and 1e-4 for the tiny ones.
-        assert torch.allclose(params[name][mask], want, rtol=2 * 2**-7, atol=1e-4), name
+        got = params[name][mask].detach()
+        # The query weights are a least-squares fit: another CPU's BLAS lands a few values
+        # on other bfloat16 neighbours (seen: 4 of 32768 within two steps on one CPU, 3 of
+        # them up to five steps on another). The fit as a whole must agree; single values
+        # within two bf16 steps (1e-4 for the tiny ones), all but one in a thousand.
+        close = torch.isclose(got, want, rtol=2 * 2**-7, atol=1e-4)
+        assert close.float().mean() >= 0.999, name
+        assert (got - want).norm() <= 0.01 * want.norm(), name

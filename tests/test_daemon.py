@@ -316,7 +316,8 @@ def test_a_durable_put_answers_once_the_objects_are_on_disk(daemon, client):
 def test_a_get_cancelled_while_lending_returns_its_loans(tmp_path):
     with thread_daemon(tmp_path, token=TOKEN, request_timeout=0.2) as d:
         c = CacheClient(d.url, token=TOKEN, retries=0, timeout_s=5)
-        c.put_objects([obj(0)])
+        c.put_objects([obj(0)], durable=True)
+        d.store.tiers[0].delete(make_key(0))  # on disk only: lent from the thread pool
         lend = d.store.lend
 
         def slow_lend(keys):
@@ -329,4 +330,4 @@ def test_a_get_cancelled_while_lending_returns_its_loans(tmp_path):
             c.get_objects([make_key(0)])
         time.sleep(0.6)
         cpu = d.store.tiers[0]
-        assert cpu._entries[make_key(0)].refs == 0  # evictable again
+        assert cpu._entries[make_key(0)].refs == 0  # promoted, lent, given back: evictable
