@@ -313,6 +313,13 @@ class TieredStore:
         if err is not None:
             raise KVCacheError(f"a background write failed: {err}") from err
 
+    def flush_keys(self, keys: Sequence[str]) -> None:
+        """Copy these keys' top-tier objects down now (what ``flush`` does for everything,
+        without waiting for other writes queued meanwhile). Raises what the write raises."""
+        if len(self.tiers) > 1:
+            for key in keys:
+                self._write_down(key)  # a no-op for a key already written down
+
     # -- public API ----------------------------------------------------------------------
     def put(
         self, key: str, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = 0

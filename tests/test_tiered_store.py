@@ -378,3 +378,16 @@ def test_lend_serves_in_place_promotes_and_expires(tmp_path, layout):
     assert s.lend([make_key(1)]) == [None] and not s.contains(make_key(1))
     assert s.counters.expired >= 1
     s.close()
+
+
+def test_flush_keys_writes_down_only_those_keys(tmp_path, layout):
+    s = make_store(tmp_path, write_mode="write-back", cpu_objects=8)
+    for i in range(3):
+        s.put(make_key(i), make_chunk(layout, TOKENS, seed=i), layout)
+    s.flush_keys([make_key(1)])
+    disk = s.tiers[1]
+    assert [disk.contains(make_key(i)) for i in range(3)] == [False, True, False]
+    got = disk.get(make_key(1))
+    assert got is not None and torch.equal(s.decode(got), make_chunk(layout, TOKENS, seed=1))
+    s.flush_keys([make_key(1), make_key(7)])  # already down / never stored: no-ops
+    s.close()

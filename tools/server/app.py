@@ -358,7 +358,7 @@ class CacheServer:
                 self.tenants.wrote(tenant, obj.header.key, obj.nbytes)
             if durable:  # answer once the objects are on disk: a crash cannot lose them
                 try:
-                    self.store.flush()
+                    self.store.flush_keys([obj.header.key for obj in objs])
                 except KVCacheError as e:
                     raise HttpError(503, f"stored in memory, but writing to disk failed: {e}"
                                     ) from None
