@@ -52,7 +52,8 @@ class SharedMemoryReader:
     def __init__(self, path: str, *, timeout_s: float, token: str | None = None,
                  tenant: str = "default") -> None:
         self.path, self.token, self.tenant = path, token, tenant
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the socket
+        self._cache_lock = threading.Lock()  # the parsed-descriptor caches
         self.corrupt = 0  # objects whose description failed the checks
         self._descs: OrderedDict[tuple[int, int], Any] = OrderedDict()
         self._touched: list[str] = []
@@ -122,14 +123,15 @@ class SharedMemoryReader:
     def get_objects(self, keys: Sequence[str], dl: Deadline) -> list[StoredObject | None]:
         """The objects under ``keys`` (None: a miss). Transport errors raise ``OSError`` /
         ``ProtocolError``; the caller falls back to HTTP."""
-        with self._lock:
-            out: list[StoredObject | None] = [None] * len(keys)
-            read = []
-            if self._index is not None:
-                for i, key in enumerate(keys):
-                    out[i] = self._read_indexed(key)
-                    if out[i] is not None:
-                        read.append(key)
+        out: list[StoredObject | None] = [None] * len(keys)
+        read = []
+        index = self._index
+        if index is not None:  # lock-free: threads of one engine copy in parallel
+            for i, key in enumerate(keys):
+                out[i] = self._read_indexed(index, key)
+                if out[i] is not None:
+                    read.append(key)
+        with self._lock:  # the socket: one conversation at a time
             rest = [i for i, o in enumerate(out) if o is None]
             if rest:
                 for i, obj in zip(rest, self._get_on_loan([keys[i] for i in rest], dl),
@@ -153,27 +155,29 @@ class SharedMemoryReader:
             self._sock.sendall(wire.message({"op": "touched", "tenant": self.tenant,
                                              "keys": keys[at : at + _TOUCH_BATCH]}))
 
-    def _read_indexed(self, key: str) -> StoredObject | None:
+    def _read_indexed(self, index: SharedIndex, key: str) -> StoredObject | None:
         """``key`` read through the shared index, or None (not there, or changed while it
         was copied: the loan protocol then asks the daemon)."""
-        assert self._index is not None
-        found = self._index.find(key)
+        found = index.find(key)
         if found is None:
             return None
         slot, seq, offset, size, desc_offset, desc_size = found
         if offset + size > self.pool_bytes or desc_offset + desc_size > self.pool_bytes:
             return None
         # The descriptor of a (slot, seq) never changes: parsed once.
-        d = self._descs.get((slot, seq))
+        with self._cache_lock:
+            d = self._descs.get((slot, seq))
         desc = None if d is not None else bytes(self._map[desc_offset : desc_offset + desc_size])
         buf = self._pool[offset : offset + size].clone()
-        if not self._index.still(slot, seq):
+        if not index.still(slot, seq):
             return None  # withdrawn or replaced meanwhile: these bytes may be another's
         try:
             if d is None:
-                d = self._descs[(slot, seq)] = msgpack.unpackb(desc, raw=False)
-                if len(self._descs) > _HEADER_CACHE:
-                    self._descs.popitem(last=False)
+                d = msgpack.unpackb(desc, raw=False)
+                with self._cache_lock:
+                    self._descs[(slot, seq)] = d
+                    if len(self._descs) > _HEADER_CACHE:
+                        self._descs.popitem(last=False)
             obj = self._build(key, d["header"], d["slots"], buf)
         except CorruptObjectError:
             self.corrupt += 1
@@ -210,14 +214,16 @@ class SharedMemoryReader:
 
     def _header(self, d: Any) -> ObjectHeader:
         cache_key = (d.get("key"), d.get("created_at")) if isinstance(d, dict) else None
-        hit = self._headers.get(cache_key) if cache_key else None
+        with self._cache_lock:
+            hit = self._headers.get(cache_key) if cache_key else None
         if hit is not None and hit[0] == d:
             return hit[1]
         header = ObjectHeader.from_json(d)
         if cache_key:
-            self._headers[cache_key] = (d, header)
-            if len(self._headers) > _HEADER_CACHE:
-                self._headers.popitem(last=False)
+            with self._cache_lock:
+                self._headers[cache_key] = (d, header)
+                if len(self._headers) > _HEADER_CACHE:
+                    self._headers.popitem(last=False)
         return header
 
     def _copy(self, key: str, d: dict[str, Any]) -> StoredObject:
