@@ -385,3 +385,68 @@ def test_unreachable_at_start_fails_open(layout):
         assert list(tier.scan()) == [] and tier.info(make_key(0)) is None
         assert tier.stats().errors >= 3
         tier.close()
+
+
+def _tls_files(d):
+    """A CA and a server certificate for 127.0.0.1 it signed (openssl, no network)."""
+    import subprocess
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+        "/CN=kvcache test CA", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"))
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.crt"), "-CAkey",
+        str(d / "ca.key"), "-CAcreateserial", "-days", "1", "-out", str(d / "server.crt"),
+        "-extfile", str(d / "san.cnf"))
+    return d / "ca.crt", d / "server.crt", d / "server.key"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl for certificates")
+def test_rediss_url_talks_tls_and_checks_the_certificate(tmp_path, layout):
+    import subprocess
+
+    import redis
+
+    ca, cert, key = _tls_files(tmp_path)
+    port = redis_servers.free_port()
+    proc = subprocess.Popen(
+        [redis_servers.REDIS_SERVER, "--port", "0", "--tls-port", str(port), "--bind",
+         "127.0.0.1", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probe = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(ca))
+        end = time.monotonic() + 10
+        while True:
+            try:
+                probe.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        tier = RedisTier(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", timeout_s=2.0)
+        o = obj_for(layout, 1)
+        tier.put(make_key(1), o)
+        got = tier.get(make_key(1))
+        assert got is not None and torch.equal(got.tensors["kv"], o.tensors["kv"])
+        # A server whose certificate this client's CAs did not sign: a counted miss.
+        (tmp_path / "other").mkdir()
+        other_ca, _, _ = _tls_files(tmp_path / "other")
+        stranger = RedisTier(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={other_ca}",
+                             timeout_s=1.0, retries=0)
+        assert stranger.get(make_key(1)) is None and stranger.stats().errors >= 1
+        # Plain redis:// to a TLS port: no answer it can use, a counted miss, no exception.
+        plain = RedisTier(f"redis://127.0.0.1:{port}/0", timeout_s=1.0, retries=0)
+        assert plain.get(make_key(1)) is None and plain.stats().errors >= 1
+        tier.close()
+        stranger.close()
+        plain.close()
+    finally:
+        proc.kill()
+        proc.wait()
