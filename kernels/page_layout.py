@@ -17,6 +17,10 @@ Layouts (``L`` layers, ``H`` KV heads, ``D`` head dim, ``N`` blocks of ``B`` tok
 ``VllmFlashLayout`` (NHD)        per layer ``[2, N, B, H, D]`` (vLLM FlashAttention)
 ``VllmFlashLayout(hnd=True)``    per layer ``[2, N, H, B, D]`` (FlashInfer's HND order)
 ``VllmMlaLayout``                per layer ``[N, B, latent_dim]`` (one latent plane, no V)
+``VllmCpuLayout``                per layer ``[N, H, B, 2 * D]`` (vLLM's CPU attention backend:
+                                 per block and head, K stored transposed ``[D, B]`` then V
+                                 ``[B, D]``; bf16 on AMX CPUs is packed otherwise and is
+                                 not this layout)
 ``SglangLayerFirstLayout``       K and V per layer, each ``[N * B, H, D]``
                                  (``MHATokenToKVPool.k_buffer`` / ``v_buffer``)
 ``SglangPageFirstLayout``        one tensor ``[2, N, L, B, H, D]`` (HiCache ``page_first``;
@@ -172,6 +176,58 @@ class VllmMlaLayout:
 
 
 @dataclass(frozen=True)
+class VllmCpuLayout:
+    """vLLM's CPU attention backend (``cpu_attn``, ISAs ``vec``/``vec16``): per layer
+    ``[N, H, B, 2 * D]``. Within one (block, head) the first ``B * D`` elements hold K
+    transposed (``[D, B]``: element ``d * B + b``), the next ``B * D`` hold V plainly
+    (``[B, D]``). Checked against vLLM's own ``cpu_attn_reshape_and_cache`` in
+    ``tests/vllm``. The views are strided (K's head_dim is not contiguous), so copies take
+    the torch path; the Triton kernels need ``paged_planes(...).uniform``."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_kv_heads
+
+    @property
+    def has_v(self) -> bool:
+        return True
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return (self.num_blocks, self.num_kv_heads, self.block_size, 2 * self.head_dim)
+
+    def allocate(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> EngineKV:
+        return [torch.zeros(self.layer_shape, dtype=dtype, device=device)
+                for _ in range(self.num_layers)]
+
+    def block_views(self, kv: EngineKV) -> list[list[torch.Tensor]]:
+        n, h, b, d = self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim
+        out = []
+        for i, t in enumerate(_layers(kv, self.num_layers, "vLLM CPU kv_caches")):
+            _check(t, self.layer_shape, f"vLLM CPU kv_caches[{i}]")
+            if not t.is_contiguous():
+                raise LayoutMismatchError(f"vLLM CPU kv_caches[{i}] must be contiguous")
+            per_block, per_head = h * b * 2 * d, b * 2 * d
+            base = t.storage_offset()
+            # [N, B, H, D] views: K's element (n, b, h, d) at n*H*B*2D + h*B*2D + d*B + b,
+            # V's at the same head's start + B*D + b*D + d.
+            k = t.as_strided((n, b, h, d), (per_block, 1, per_head, b), base)
+            v = t.as_strided((n, b, h, d), (per_block, d, per_head, 1), base + b * d)
+            out.append([k, v])
+        return out
+
+
+@dataclass(frozen=True)
 class _SglangPages:
     """What both SGLang pools share: ``num_pages`` pages of ``page_size`` token slots."""
 
@@ -258,6 +314,9 @@ class PagedPlanes:
     layer adjacent); ``strides``: ``(block, offset_in_block, head)`` element strides
     shared by every plane (head_dim is contiguous). ``views`` keeps the block views
     ``[layers][planes]`` of ``[N, B, heads, head_dim]`` for the torch reference.
+    ``uniform``: the planes share one stride set with a contiguous head_dim, which the
+    Triton kernels need (False for vLLM's CPU layout: those copies take the torch path,
+    and ``plane_offsets``/``strides`` are not meaningful).
     """
 
     views: list[list[torch.Tensor]]
@@ -270,6 +329,7 @@ class PagedPlanes:
     block_size: int
     num_heads: int
     head_dim: int
+    uniform: bool = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -288,9 +348,18 @@ def paged_planes(layout: PageLayout, kv: EngineKV) -> PagedPlanes:
     """Validate ``kv`` against ``layout`` and describe it for the kernels.
 
     Raises ``LayoutMismatchError`` when a tensor has the wrong shape, the planes differ in
-    dtype, device or strides, or head_dim is not contiguous.
+    dtype, device or strides, or head_dim is not contiguous (layouts whose planes are
+    strided by design, ``VllmCpuLayout``, are described with ``uniform=False``).
     """
     views = layout.block_views(kv)
+    if isinstance(layout, VllmCpuLayout):
+        first = views[0][0]
+        n, b, h, d = first.shape
+        return PagedPlanes(views=views, base=first,
+                           plane_offsets=torch.zeros(0, dtype=torch.int64),
+                           strides=(0, 0, 0), num_layers=len(views), num_planes=2,
+                           num_blocks=int(n), block_size=int(b), num_heads=int(h),
+                           head_dim=int(d), uniform=False)
     first = views[0][0]
     itemsize = first.element_size()
     strides = tuple(first.stride())

@@ -168,7 +168,7 @@ def paged_gather(
         out = torch.empty(chunk_shape(planes, num_tokens), dtype=planes.dtype,
                           device=planes.device)
     _check_chunk(planes, out, num_tokens, "paged_gather out")
-    if not use_triton(impl, planes.device):
+    if not planes.uniform or not use_triton(impl, planes.device):
         if out.device == planes.device:
             return paged_gather_reference(planes, slots, out)
         out.copy_(paged_gather_reference(planes, slots))
@@ -201,7 +201,7 @@ def paged_scatter(
     num_tokens = slots.numel()
     check_slots(slots, planes.num_slots, allow_padding=True)
     _check_chunk(planes, chunk, num_tokens, "paged_scatter chunk")
-    if not use_triton(impl, planes.device):
+    if not planes.uniform or not use_triton(impl, planes.device):
         paged_scatter_reference(planes, slots, chunk)
         return
     slots = slots.to(planes.device, non_blocking=True)

@@ -81,3 +81,34 @@ def test_slots_from_block_table():
         check_slots(torch.tensor([0, -1]), 4, allow_padding=False)
     with pytest.raises(ValueError, match="int32/int64"):
         check_slots(torch.tensor([0.0]), 4, allow_padding=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_vllm_cpu_layout_k_transposed_then_v_per_block_and_head(dtype):
+    from kvcache.kernels.page_layout import VllmCpuLayout
+    from kvcache.kernels.paged_copy import paged_gather, paged_scatter
+
+    layout = VllmCpuLayout(num_layers=2, num_blocks=3, block_size=32, num_kv_heads=2,
+                           head_dim=16)
+    kv = layout.allocate(dtype)
+    planes = paged_planes(layout, kv)
+    assert not planes.uniform
+    slots = torch.tensor([5, 40, 95, 0, -1, 64])
+    chunk = torch.randn(2, 2, 6, 2, 16).to(dtype)
+    paged_scatter(planes, slots, chunk)
+    # The engine's memory, read the way vLLM's CPU kernels lay it out.
+    for layer in range(2):
+        t = kv[layer]
+        for i, slot in enumerate(slots.tolist()):
+            if slot < 0:
+                continue
+            blk, off = divmod(slot, 32)
+            for h in range(2):
+                head = t[blk, h].reshape(-1)  # 2 * B * D elements: K^T [D, B] then V [B, D]
+                k = head[: 32 * 16].reshape(16, 32)[:, off]
+                v = head[32 * 16 :].reshape(32, 16)[off]
+                assert torch.equal(k, chunk[layer, 0, i, h])
+                assert torch.equal(v, chunk[layer, 1, i, h])
+    got = paged_gather(planes, slots)
+    keep = slots >= 0
+    assert torch.equal(got[:, :, keep], chunk[:, :, keep])
