@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import xxhash
 
+from kvcache.connectors.core import reusable_tokens
 from kvcache.connectors.hf_layerwise_cache import LayerwiseCache
 from kvcache.kvstore.errors import KVCacheError, LayoutMismatchError
 from kvcache.kvstore.keys import DEFAULT_CHUNK_SIZE, Chunk, chunk_tokens
@@ -370,8 +371,7 @@ class HFConnector:
         if not tensors:
             return None, 0, hits
         kv = torch.cat(tensors, dim=2)  # [layers, 2, P, kv_heads, head_dim]
-        # The model must see at least one token to produce next-token logits.
-        reuse = min(kv.shape[2], chunks[-1].end - 1)
+        reuse = reusable_tokens(kv.shape[2], chunks[-1].end)
         if reuse <= 0:
             return None, 0, hits
         cache = canonical_to_cache(kv[:, :, :reuse], self.model.config, self.device, self.dtype)
@@ -399,8 +399,7 @@ class HFConnector:
         hits: dict[str, int] = {}
         for tier in loader.tiers:
             hits[tier] = hits.get(tier, 0) + 1
-        # The model must see at least one token to produce next-token logits.
-        reuse = min(loader.num_tokens, chunks[-1].end - 1)
+        reuse = reusable_tokens(loader.num_tokens, chunks[-1].end)
         if reuse <= 0:
             return None, 0, hits
         try:
