@@ -41,6 +41,7 @@ _EMPTY = b"\0" * 16
 _ROW = struct.Struct("<Q16sQQQQQ")
 _SEQ = struct.Struct("<Q")
 _MIN_SLOTS = 4096
+PROBES = 64  # slots looked at from a key's home: runs are short in a half-empty table
 _TYPICAL_OBJECT = 64 << 10  # the table has two slots per object of this size in the pool
 
 
@@ -88,14 +89,16 @@ class SharedIndex:
         return int.from_bytes(raw[:8], "little") & self._mask
 
     def _find_slot(self, raw: bytes, *, for_insert: bool) -> int | None:
-        """The slot holding ``raw``; with ``for_insert``, else the first free one met."""
+        """The slot holding ``raw``; with ``for_insert``, else the first free one met. Both
+        within ``PROBES`` of its home slot, where readers look: a key with no room there
+        is not published (withdrawn slots are reused, so the table never clogs)."""
         free = None
         i = self._home(raw)
-        for _ in range(self.slots):
-            k = bytes(self.table["key"][i]).ljust(16, b"\0")
+        for _ in range(min(self.slots, PROBES)):
+            k = _ROW.unpack_from(self._map, i * SLOT.itemsize)[1]
             if k == raw:
                 return i
-            if k == b"\0" * 16:
+            if k == _EMPTY:
                 return free if free is not None else (i if for_insert else None)
             if k == _GONE and free is None and for_insert:
                 free = i
@@ -125,7 +128,7 @@ class SharedIndex:
         """``key`` is no longer readable here (call before its bytes may be reused)."""
         raw = bytes.fromhex(key)
         i = self._find_slot(raw, for_insert=False)
-        if i is not None and bytes(self.table["key"][i]).ljust(16, b"\0") == raw:
+        if i is not None and _ROW.unpack_from(self._map, i * SLOT.itemsize)[1] == raw:
             self._write(i, {"key": _GONE, "offset": 0, "size": 0, "desc_offset": 0,
                             "desc_size": 0})
 
@@ -135,7 +138,7 @@ class SharedIndex:
         it now, or None; ``still(slot, seq)`` after copying says whether it held."""
         raw = bytes.fromhex(key)
         i = self._home(raw)
-        for _ in range(min(self.slots, 64)):  # probe runs are short in a half-empty table
+        for _ in range(min(self.slots, PROBES)):
             # One unpack per slot (numpy field access costs ~10x more on this hot path).
             seq, k, offset, size, desc_offset, desc_size, _ = _ROW.unpack_from(
                 self._map, i * SLOT.itemsize)

@@ -198,3 +198,17 @@ def test_without_the_token_a_client_gets_no_shared_memory(tmp_path):
         assert member.get_objects([make_key(0)])[0] is not None and member.uses_fast_path
     finally:
         daemon.stop()
+
+
+def test_withdrawn_slots_are_reused_so_the_table_never_clogs():
+    index = SharedIndex.create(4096)
+    for i in range(20_000):  # far more entries over time than slots
+        key = make_key(i)
+        assert index.publish(key, i, 1, i, 1)
+        if i >= 1000:
+            index.withdraw(make_key(i - 1000))  # about 1000 live at a time
+    live = [make_key(i) for i in range(19_000, 20_000)]
+    assert all(index.find(k) is not None for k in live)
+    assert index.find(make_key(5)) is None
+    assert index.publish(make_key(99_999), 0, 1, 0, 1)
+    index.close()
