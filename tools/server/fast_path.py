@@ -52,10 +52,9 @@ _HEADER_CACHE = 1 << 16
 _MAX_TOUCHED = 4096  # keys in one report of reads made through the index
 
 
-
-
 class FastPath:
-    """Serves loans of ``cpu``'s entries on a Unix socket at ``path``."""
+    """Serves ``cpu``'s pool, its index and loans of its entries on a Unix socket at
+    ``path``."""
 
     def __init__(self, server: CacheServer, cpu: CpuTier, path: Path) -> None:
         if cpu.pool_fd is None:
@@ -97,7 +96,8 @@ class FastPath:
                 "slots": slot_rows(loan.slots)}
 
     def expire(self) -> int:
-        """Return loans older than the lease time (their clients are told at release)."""
+        """Take back loans older than the lease time (a client that took longer than half
+        of it to copy drops its copy, see ``kvstore/shm_reader.py``)."""
         now = time.monotonic()
         dead = [i for i, (_, until, _) in self._loans.items() if until <= now]
         for loan_id in dead:
