@@ -1,5 +1,6 @@
 """Cache daemons for the tests: in-process (a thread with its own event loop) or as a
-``kvcache serve`` subprocess, on a free loopback port."""
+``kvcache serve`` subprocess, on a free loopback port; the objects the process-level tests
+store, and readers of a daemon's ``/metrics``."""
 
 from __future__ import annotations
 
@@ -12,14 +13,20 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvcache.kvstore.config import KVCacheConfig, ServerConfig, StoreConfig
+from kvcache.kvstore.container import ObjectHeader, StoredObject
+from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tiered_store import TieredStore
 from kvcache.tools.server.app import CacheServer
+from tests.helpers import make_chunk, make_key
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -92,6 +99,10 @@ class ProcessDaemon:
             raise RuntimeError(f"kvcache serve did not start: {line!r} {err[-2000:]}")
         self.url = m.group(1)
         self.port = int(self.url.rsplit(":", 1)[1])
+        self.local_url = f"http://127.0.0.1:{self.port}"  # whatever address it bound
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -104,6 +115,13 @@ class ProcessDaemon:
         """What the daemon logged so far."""
         self._log.flush()
         return self.log_path.read_text()
+
+    def close(self) -> None:
+        """Kill it if it still runs, and reap it."""
+        if self.alive():
+            self.kill()
+        self.wait()
+        self._log.close()
 
     def stop(self) -> int:
         self.kill(signal.SIGTERM)
@@ -124,3 +142,66 @@ def thread_daemon(tmp_path: Path, *, token: str | None = None, **server: object
     finally:
         d.stop()
         store.close()
+
+
+# -- for the process-level tests ---------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+LAYOUT = KVLayout("test-model", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
+TOKENS = 16  # 2 KiB objects: these tests are about faults, not bandwidth
+# Small tiers: a daemon starts in about a second and the tests stay within a small disk.
+SMALL_STORE = {"KVCACHE_CPU_CAPACITY": "64MiB", "KVCACHE_DISK_CAPACITY": "256MiB"}
+
+
+@contextlib.contextmanager
+def daemon(store_dir: Path, *args: str, port: int = 0,
+           env: dict[str, str] | None = None) -> Iterator[ProcessDaemon]:
+    """A ``kvcache serve`` process on small tiers, always reaped."""
+    d = ProcessDaemon(store_dir, *args, port=port, env=SMALL_STORE | (env or {}))
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without ``KVCACHE_*`` variables (they would configure the child)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env | extra
+
+
+def make_obj(i: int, seed: int) -> StoredObject:
+    """The object of entry ``i`` (key ``make_key(i)``) holding the chunk of ``seed``."""
+    return StoredObject(ObjectHeader(make_key(i), LAYOUT, TOKENS),
+                        {"kv": make_chunk(LAYOUT, TOKENS, seed)})
+
+
+def holds(obj: StoredObject | None, i: int, seeds: list[int] | tuple[int, ...]) -> bool:
+    """Whether ``obj`` is entry ``i``'s object and holds the chunk of one of ``seeds``."""
+    return (obj is not None and obj.header.key == make_key(i)
+            and any(torch.equal(obj.tensors["kv"], make_chunk(LAYOUT, TOKENS, s))
+                    for s in seeds))
+
+
+def metrics(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The daemon's ``/metrics`` as sample name -> [(labels, value)]."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def metric(url: str, name: str) -> float:
+    return sum(v for _, v in metrics(url).get(name, []))
+
+
+def server_errors(url: str) -> dict[str, float]:
+    """5xx answers the daemon counted, by endpoint."""
+    out: dict[str, float] = {}
+    for labels, v in metrics(url).get("kvcache_requests_total", []):
+        if labels["status"].startswith("5") and v:
+            out[labels["endpoint"]] = out.get(labels["endpoint"], 0) + v
+    return out
