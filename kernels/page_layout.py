@@ -92,16 +92,16 @@ class PageLayout(Protocol):
 
 
 @dataclass(frozen=True)
-class VllmFlashLayout:
-    """vLLM FlashAttention-style paged cache: per layer ``[2, N, B, H, D]`` (NHD), or
-    ``[2, N, H, B, D]`` with ``hnd=True``. K is index 0 of the leading axis."""
+class _VllmPages:
+    """What vLLM's K/V page layouts share: one tensor per layer, ``N`` blocks of ``B``
+    tokens, ``H`` KV heads of ``D`` elements; a subclass gives ``layer_shape`` and
+    ``block_views``."""
 
     num_layers: int
     num_blocks: int
     block_size: int
     num_kv_heads: int
     head_dim: int
-    hnd: bool = False
 
     @property
     def num_slots(self) -> int:
@@ -117,12 +117,24 @@ class VllmFlashLayout:
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
-        n, b, h, d = self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim
-        return (2, n, h, b, d) if self.hnd else (2, n, b, h, d)
+        raise NotImplementedError
 
     def allocate(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> EngineKV:
         return [torch.zeros(self.layer_shape, dtype=dtype, device=device)
                 for _ in range(self.num_layers)]
+
+
+@dataclass(frozen=True)
+class VllmFlashLayout(_VllmPages):
+    """vLLM FlashAttention-style paged cache: per layer ``[2, N, B, H, D]`` (NHD), or
+    ``[2, N, H, B, D]`` with ``hnd=True``. K is index 0 of the leading axis."""
+
+    hnd: bool = False
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        n, b, h, d = self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim
+        return (2, n, h, b, d) if self.hnd else (2, n, b, h, d)
 
     def block_views(self, kv: EngineKV) -> list[list[torch.Tensor]]:
         out = []
@@ -176,7 +188,7 @@ class VllmMlaLayout:
 
 
 @dataclass(frozen=True)
-class VllmCpuLayout:
+class VllmCpuLayout(_VllmPages):
     """vLLM's CPU attention backend (``cpu_attn``, ISAs ``vec``/``vec16``): per layer
     ``[N, H, B, 2 * D]``. Within one (block, head) the first ``B * D`` elements hold K
     transposed (``[D, B]``: element ``d * B + b``), the next ``B * D`` hold V plainly
@@ -184,31 +196,9 @@ class VllmCpuLayout:
     ``tests/vllm``. The views are strided (K's head_dim is not contiguous), so copies take
     the torch path; the Triton kernels need ``paged_planes(...).uniform``."""
 
-    num_layers: int
-    num_blocks: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-
-    @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
-    def num_heads(self) -> int:
-        return self.num_kv_heads
-
-    @property
-    def has_v(self) -> bool:
-        return True
-
     @property
     def layer_shape(self) -> tuple[int, ...]:
         return (self.num_blocks, self.num_kv_heads, self.block_size, 2 * self.head_dim)
-
-    def allocate(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> EngineKV:
-        return [torch.zeros(self.layer_shape, dtype=dtype, device=device)
-                for _ in range(self.num_layers)]
 
     def block_views(self, kv: EngineKV) -> list[list[torch.Tensor]]:
         n, h, b, d = self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim
