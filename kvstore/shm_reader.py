@@ -71,6 +71,10 @@ class SharedMemoryReader:
             msg, fds, _, _ = socket.recv_fds(self._sock, 4096, 2)
             try:
                 hello = self._parse(msg)
+                if fds and hello.get("version") != wire.FAST_PATH_VERSION:
+                    raise wire.ProtocolError(
+                        f"the daemon speaks fast-path version {hello.get('version')}, this "
+                        f"client {wire.FAST_PATH_VERSION}: reading over HTTP")
                 if not fds:
                     raise wire.ProtocolError(
                         f"the fast path refused: {hello.get('message', 'no memory sent')}")

@@ -8,7 +8,6 @@ token others can read authorises nothing.
 from __future__ import annotations
 
 import hmac
-import os
 import stat
 from pathlib import Path
 
@@ -48,10 +47,3 @@ def token_matches(expected: str, authorization: str | None) -> bool:
     if not authorization or not authorization.startswith("Bearer "):
         return False
     return hmac.compare_digest(expected.encode(), authorization[len("Bearer "):].encode())
-
-
-def write_token_file(path: Path, token: str) -> None:
-    """Write ``token`` to ``path`` readable by its owner only (created with 0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")

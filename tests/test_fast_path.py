@@ -212,3 +212,35 @@ def test_withdrawn_slots_are_reused_so_the_table_never_clogs():
     assert index.find(make_key(5)) is None
     assert index.publish(make_key(99_999), 0, 1, 0, 1)
     index.close()
+
+
+def test_a_greeting_of_another_version_is_refused(tmp_path):
+    """A daemon speaking another fast-path version: the client maps nothing (it reads over
+    HTTP instead)."""
+    import os
+    import socket
+
+    from kvcache.kvstore import wire
+    from kvcache.kvstore.shm_reader import SharedMemoryReader
+
+    path = str(tmp_path / "old.fast")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+    fd = os.memfd_create("pool")
+    os.ftruncate(fd, 1 << 20)
+
+    def greet() -> None:
+        conn, _ = srv.accept()
+        conn.recv(4096)  # the hello
+        socket.send_fds(conn, [wire.message({"pool_bytes": 1 << 20, "loan_ttl": 30.0,
+                                             "version": wire.FAST_PATH_VERSION + 1})], [fd])
+        conn.close()
+
+    t = threading.Thread(target=greet)
+    t.start()
+    with pytest.raises(wire.ProtocolError, match="version"):
+        SharedMemoryReader(path, timeout_s=5)
+    t.join()
+    srv.close()
+    os.close(fd)

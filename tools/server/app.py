@@ -384,7 +384,7 @@ class CacheServer:
     async def pin(self, request: web.Request) -> web.Response:
         body = await self._meta(request)
         keys, ttl = self._keys(body), self.leases.ttl(body.get("ttl"))
-        lease_id, pinned = await self._io(self.leases.grant, keys, ttl, request.remote or "")
+        lease_id, pinned = await self._io(self.leases.grant, keys, ttl)
         return _ok({"lease": lease_id, "pinned": pinned, "ttl": ttl})
 
     def _lease_id(self, body: dict[str, Any]) -> str:

@@ -65,8 +65,6 @@ class FastPath:
         self._writers: set[asyncio.StreamWriter] = set()
         # (key, created_at) -> the header as sent: building it is most of a hit's work
         self._headers: OrderedDict[tuple[str, float], dict[str, Any]] = OrderedDict()
-        self.served = 0
-        self.expired = 0
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -102,7 +100,6 @@ class FastPath:
         dead = [i for i, (_, until, _) in self._loans.items() if until <= now]
         for loan_id in dead:
             self._return(loan_id)
-        self.expired += len(dead)
         return len(dead)
 
     def _return(self, loan_id: str) -> bool:
@@ -188,7 +185,6 @@ class FastPath:
             c.reads += len(keys)
             c.read_hits += len(keys)
             self.server.tenants.read(str(msg.get("tenant", "default")), len(keys), 0, nbytes)
-            self.served += len(keys)
             return None
         if op != "get":
             raise wire.ProtocolError(f"unknown op {op!r}")
@@ -204,6 +200,5 @@ class FastPath:
         tenant = str(msg.get("tenant", "default"))
         self.server.tenants.read(tenant, len(held), len(keys) - len(held),
                                  sum(loan.size for loan in held))
-        self.served += len(held)
         return {"loan": loan_id, "objects": [None if lo is None else self._describe(lo)
                                              for lo in loans]}

@@ -12,14 +12,13 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
 class _Lease:
     keys: list[str]
     expires_at: float
-    client: str = field(default="")
 
 
 class LeaseTable:
@@ -57,7 +56,7 @@ class LeaseTable:
             raise ValueError(f"ttl must be a number of seconds in (0, {self.max_ttl_s:g}]")
         return float(requested)
 
-    def grant(self, keys: Sequence[str], ttl_s: float, client: str = "") -> tuple[str, list[bool]]:
+    def grant(self, keys: Sequence[str], ttl_s: float) -> tuple[str, list[bool]]:
         """A new lease pinning each key the store holds; (lease id, pinned per key)."""
         lease_id = secrets.token_hex(16)
         pinned: list[bool] = []
@@ -72,7 +71,7 @@ class LeaseTable:
                     held.append(key)
                 pinned.append(ok)
             if held:  # a lease that pins nothing is not kept (renewing it answers False)
-                self._leases[lease_id] = _Lease(held, self._clock() + ttl_s, client)
+                self._leases[lease_id] = _Lease(held, self._clock() + ttl_s)
                 self.granted += 1
         return lease_id, pinned
 
