@@ -333,9 +333,13 @@ class CacheServer:
             except asyncio.IncompleteReadError as e:
                 raise wire.ProtocolError(
                     f"truncated object: {len(e.partial)} of {n} bytes") from None
-            obj = await self._io(decode_object, data)
-            await self._io(self.store.check_object, obj)
-            objs.append(obj)
+            objs.append(await self._io(self._verified, data))
+
+    def _verified(self, data: bytes) -> StoredObject:
+        """A received container, checksum verified and checked as the store would take it."""
+        obj = decode_object(data)
+        self.store.check_object(obj)
+        return obj
 
     async def put(self, request: web.Request) -> web.Response:
         tenant = self._tenant(request)
