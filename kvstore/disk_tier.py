@@ -404,8 +404,7 @@ class DiskTier(Tier):
                 check_object_key(key, data if header_only else data.header)
                 return data, rec["nbytes"]
             except (CorruptObjectError, FileNotFoundError) as e:
-                log.warning("disk tier at %s: dropping %s: %s", self.path, key, e)
-                if self._drop_if_unchanged(key, rec["id"]):
+                if self._drop_if_unchanged(key, rec["id"], e):
                     return None
         return None
 
@@ -419,13 +418,20 @@ class DiskTier(Tier):
             self._write(lambda txn: idx.drop_raw(txn, [key.encode()]))
             self._forget(key)
 
-    def _drop_if_unchanged(self, key: str, rec_id: str) -> bool:
-        """Remove a corrupt entry unless it was replaced meanwhile (then False: read again)."""
+    def _drop_if_unchanged(self, key: str, rec_id: str, why: Exception) -> bool:
+        """Remove a corrupt entry unless another process replaced (then False: read again)
+        or deleted it meanwhile: its blob vanishing under us was that, not corruption."""
         with self._lock:
-            if self.readonly:
-                self._count(corrupt=1)
-                return True
             idx = self._idx()
+            if self.readonly:
+                with idx.read() as txn:
+                    cur = idx.get_rec(txn, key)
+                if cur is not None and cur["id"] != rec_id:
+                    return False
+                if cur is not None:
+                    log.warning("disk tier at %s: %s is corrupt: %s", self.path, key, why)
+                    self._count(corrupt=1)
+                return True
 
             def drop(txn: lmdb.Transaction) -> Record | bool | None:
                 cur = idx.get_rec(txn, key)
@@ -442,6 +448,7 @@ class DiskTier(Tier):
                 return False
             self._forget(key)
         if isinstance(cur, dict):
+            log.warning("disk tier at %s: dropping %s: %s", self.path, key, why)
             self._unlink_blobs([cur])
         return True
 

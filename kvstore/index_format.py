@@ -20,9 +20,12 @@ sizes), so the index is a recoverable cache of them: ``kvcache.kvstore.fsck`` re
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import re
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,8 @@ import xxhash
 
 from kvcache.kvstore.errors import CorruptObjectError, StoreUnavailableError
 from kvcache.kvstore.keys import is_key
+
+log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 
@@ -280,28 +285,49 @@ class _Bad(Exception):
     pass
 
 
+# How many times a check that overlapped another process's commits is run again.
+_CHECK_ATTEMPTS = 5
+
+
 def check_index_file(data_file: Path) -> str | None:
     """Why the LMDB file ``data_file`` must not be mapped, or None when it may be.
 
     Reads LMDB's two meta pages (it uses the newer), checks that the file holds every page
     the newer one says is in use, and walks every tree it will read. Costs one read of
     the index's branch and leaf pages (not of blobs stored in it), at each open.
+
+    Another process may be committing while we walk. The walk is not an LMDB reader, so
+    once newer commits supersede the tree being walked its pages may be reused under us:
+    a problem found while the newest transaction moved on proves nothing, and the walk is
+    tried again. Only a problem seen over a file that stayed still is damage. A file whose
+    every walk overlapped commits is in use by a live writer, which maps and walks it
+    itself at each commit; it is trusted rather than reported damaged.
     """
+    for attempt in range(_CHECK_ATTEMPTS):
+        problem, txnid = _check_once(data_file)
+        if problem is None or txnid == _newest_txnid(data_file):
+            return problem
+        time.sleep(random.uniform(0.005, 0.02) * (attempt + 1))  # let a burst of commits end
+    log.info("%s: every check overlapped commits of another process; trusting it", data_file)
+    return None
+
+
+def _check_once(data_file: Path) -> tuple[str | None, int | None]:
+    """(problem or None, the transaction id of the meta page walked, if any)."""
+    txnid = None
     try:
         with open(data_file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(1 << 16)
             if size == 0:
-                return "is empty (0 bytes)"
-            first = _meta(head)
-            psize = first[2] if first is not None else 4096
-            metas = [m for m in (first, _meta(head[psize : 2 * psize])) if m is not None]
+                return "is empty (0 bytes)", None
+            metas = _metas(head)
             if not metas:
-                return f"is not an LMDB file ({size} bytes, no valid meta page)"
-            _, last_pg, psize, free, main = max(metas, key=lambda m: m[0])
+                return f"is not an LMDB file ({size} bytes, no valid meta page)", None
+            txnid, last_pg, psize, free, main = max(metas, key=lambda m: m[0])
             need = (last_pg + 1) * psize
             if size < need:
-                return f"is truncated: {size} bytes, but its pages reach {need}"
+                return f"is truncated: {size} bytes, but its pages reach {need}", txnid
             mem = np.memmap(f, dtype=np.uint8, mode="r", shape=(need,))
             try:
                 walk = _Walk(mem, psize, last_pg)
@@ -310,10 +336,26 @@ def check_index_file(data_file: Path) -> str | None:
             finally:
                 mem._mmap.close()  # type: ignore[attr-defined]
     except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
+        return f"cannot be read ({e.strerror or e})", txnid
     except (_Bad, struct.error) as e:
-        return f"is damaged: {e}"
-    return None
+        return f"is damaged: {e}", txnid
+    return None, txnid
+
+
+def _metas(head: bytes) -> list[tuple[int, int, int, tuple[Any, ...], tuple[Any, ...]]]:
+    """The valid ones of the two meta pages at the start of an LMDB file."""
+    first = _meta(head)
+    psize = first[2] if first is not None else 4096
+    return [m for m in (first, _meta(head[psize : 2 * psize])) if m is not None]
+
+
+def _newest_txnid(data_file: Path) -> int | None:
+    try:
+        with open(data_file, "rb") as f:
+            metas = _metas(f.read(1 << 16))
+    except OSError:
+        return None
+    return max(m[0] for m in metas) if metas else None
 
 
 def index_problem(tier_dir: Path, *, readonly: bool) -> str | None:

@@ -349,3 +349,40 @@ def test_a_full_tier_sweeps_dead_writers_orphans_before_evicting(
         monkeypatch.setattr(disk_tier, "_SWEEP_INTERVAL_S", 0.0)
         t.put(make_key(2), obj(2))  # full: sweeps, then evicts
         assert not orphan.exists()
+
+
+COMMITTER = textwrap.dedent("""
+    import sys, time
+    from kvcache.kvstore.disk_tier import DiskTier
+    from tests.test_index_recovery import CAP, obj
+    from tests.helpers import make_key
+    with DiskTier(sys.argv[1], CAP, blob_storage=sys.argv[2]) as t:
+        print("ready", flush=True)
+        deadline = time.monotonic() + float(sys.argv[3])
+        i = 0
+        while time.monotonic() < deadline:
+            t.put(make_key(i % 200), obj(i % 200))
+            if i % 3 == 0:
+                t.delete(make_key((i * 7) % 200))
+            i += 1
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["files", "lmdb"])
+def test_an_index_being_written_is_never_taken_for_a_damaged_one(
+    tmp_path: Path, storage: str
+) -> None:
+    """The open-time check walks a file another process keeps committing to: pages of the
+    tree it walks may be reused under it. That must never read as damage (a read-only or
+    shared open would then serve nothing until repaired)."""
+    build(tmp_path, storage)
+    root = str(Path(__file__).parents[1])
+    writer = subprocess.Popen([sys.executable, "-c", COMMITTER, str(tmp_path), storage, "4"],
+                              cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        problems = [p for _ in range(300) if (p := check_index_file(data_mdb(tmp_path)))]
+    finally:
+        assert writer.wait(timeout=60) == 0
+    assert problems == []

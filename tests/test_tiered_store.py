@@ -224,42 +224,53 @@ def test_concurrent_readers_and_writers_across_tiers(tmp_path, layout):
 
 @pytest.mark.slow
 def test_reader_process_alongside_a_writer(tmp_path, layout):
-    """A second process reads the disk tier while this one writes, evicts and overwrites:
-    every hit it gets is a whole, correct chunk."""
+    """A second process opens and reads the disk tier while this one writes, evicts and
+    overwrites: it never takes the live index for a damaged one, never counts an object
+    replaced or deleted under it as corrupt, and every hit it gets is a whole, correct
+    chunk."""
     reader = textwrap.dedent(f"""
-        import time, torch
+        import sys, time, torch
         from kvcache.kvstore.disk_tier import DiskTier
-        from kvcache.kvstore.keys import content_key
         from kvcache.kvstore.layout import KVLayout
         from tests.helpers import make_chunk, make_key
         layout = KVLayout("test-model", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
+        print("importing done", flush=True)
+        sys.stdin.readline()  # the writer is writing: open now
         tier = DiskTier({str(tmp_path / 'disk')!r}, 1 << 20, readonly=True)
         hits = bad = 0
-        deadline = time.time() + 3
+        deadline = time.time() + 2
         while time.time() < deadline:
             for i in range(40):
                 obj = tier.get(make_key(i))
                 if obj is not None:
                     hits += 1
                     bad += not torch.equal(obj.tensors["kv"], make_chunk(layout, 8, i))
-        print(hits, bad)
+        print(hits, bad, tier.stats().corrupt, tier.damage is not None)
     """)
     root = str(__import__("pathlib").Path(__file__).parents[1])
     with make_store(tmp_path, cpu_objects=4) as store:
         store.put(make_key(0), make_chunk(layout, TOKENS, 0), layout)
         store.flush()  # the directory exists before the reader opens it
-        child = subprocess.Popen([sys.executable, "-c", reader], cwd=root,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        child = subprocess.Popen([sys.executable, "-c", reader], cwd=root, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        assert child.stdout.readline().strip() == "importing done", child.stderr.read()
+        started = False
         deadline = time.time() + 2.5
         while time.time() < deadline:
             for i in range(40):
                 store.put(make_key(i), make_chunk(layout, TOKENS, i), layout)
             for i in range(0, 40, 3):
                 store.delete(make_key(i))
+            if not started:
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                started = True
         out, err = child.communicate(timeout=60)
     assert child.returncode == 0, err
-    hits, bad = map(int, out.split())
-    assert hits > 0 and bad == 0
+    hits, bad, corrupt, damaged = out.split()
+    assert (bad, corrupt, damaged) == ("0", "0", "False"), err
+    assert int(hits) > 0
 
 
 def test_put_falls_through_when_the_top_tier_cannot_take_it(tmp_path, layout):
