@@ -97,7 +97,10 @@ class RemoteTier(Tier):
 
     # -- Tier ------------------------------------------------------------------------------
     def contains(self, key: str) -> bool:
-        return self._try("lookup", lambda: self.client.exists([key])[0], False)
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        return self._try("lookup", lambda: self.client.exists(keys), [False] * len(keys))
 
     def get(self, key: str) -> StoredObject | None:
         return self.get_many([key])[0]

@@ -120,6 +120,10 @@ class Tier(abc.ABC):
     @abc.abstractmethod
     def contains(self, key: str) -> bool: ...
 
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """``contains`` of each key. Remote tiers override this to ask once for all."""
+        return [self.contains(k) for k in keys]
+
     @abc.abstractmethod
     def get(self, key: str) -> StoredObject | None:
         """The object under ``key`` (tensors owned by the caller), or None on a miss.

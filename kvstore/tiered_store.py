@@ -581,11 +581,7 @@ class TieredStore:
         if num_tokens is not None and len(num_tokens) != len(keys):
             raise LayoutMismatchError(
                 f"{len(num_tokens)} token counts for {len(keys)} keys; give one per key")
-        n = 0
-        for key in keys:
-            if not self.contains(key):
-                break
-            n += 1
+        n = self._present_prefix(keys)
         tokens = list(num_tokens) if num_tokens is not None else [0] * len(keys)
         missed, missed_tokens = len(keys) - n, sum(tokens[n:])
         c = self.counters
@@ -598,6 +594,22 @@ class TieredStore:
             for tier in self.tiers:
                 tier.count_misses(missed, missed_tokens)
         return n
+
+    def _present_prefix(self, keys: Sequence[str]) -> int:
+        """How many leading ``keys`` some tier holds, asking each tier once about the keys
+        the tiers above it lack (one round trip to a remote tier, not one per key)."""
+        for key in keys:
+            check_key(key)
+        present = [False] * len(keys)
+        for tier in self.tiers:
+            n = present.index(False) if False in present else len(keys)
+            missing = [i for i in range(n, len(keys)) if not present[i]]
+            if not missing:
+                break
+            for i, held in zip(missing, tier.contains_many([keys[i] for i in missing]),
+                               strict=True):
+                present[i] = held
+        return present.index(False) if False in present else len(keys)
 
     def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
         """Remove ``key`` from every tier; ``cause`` as in ``Tier.delete``."""

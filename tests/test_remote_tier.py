@@ -17,7 +17,7 @@ from kvcache.kvstore.errors import ConfigError
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.remote_tier import RemoteTier
 from kvcache.kvstore.tiered_store import TieredStore
-from tests.daemon import TOKEN, thread_daemon
+from tests.daemon import TOKEN, metrics, thread_daemon
 from tests.helpers import make_chunk, make_key
 
 LAYOUT = KVLayout("remote-test", 2, 2, 64, dtype="float16")  # 16 tokens: 16 KiB
@@ -48,6 +48,28 @@ def test_a_store_demotes_into_the_daemon_and_reads_back(daemon):
     assert got is not None and torch.equal(got, chunks[make_key(3)])
     store.close()
     other.close()
+
+
+def test_a_prefix_lookup_asks_the_daemon_once(daemon):
+    """``longest_prefix`` asks the local tiers first and the daemon once for the rest, not
+    once per key: an engine's lookup costs one round trip."""
+    store = TieredStore([CpuTier(1 << 20), RemoteTier(daemon.url, token=TOKEN)])
+    local, remote_only = [make_key(i) for i in range(2)], [make_key(i) for i in range(2, 6)]
+    for key in local:
+        store.put(key, make_chunk(LAYOUT, 16), LAYOUT)
+    store.flush()
+    for key in remote_only:
+        store.tiers[1].put(key, StoredObject(ObjectHeader(key, LAYOUT, 16),
+                                             {"kv": make_chunk(LAYOUT, 16)}))
+    before = lookups(daemon.url)
+    assert store.longest_prefix([*local, *remote_only, make_key(9), make_key(10)]) == 6
+    assert lookups(daemon.url) - before == 1
+    store.close()
+
+
+def lookups(url: str) -> float:
+    return sum(v for labels, v in metrics(url).get("kvcache_requests_total", [])
+               if labels["endpoint"] == "/v1/lookup")
 
 
 def test_pins_are_leases_released_on_unpin_and_close(daemon):
