@@ -390,6 +390,40 @@ class ServerConfig(_Section):
 
 
 @dataclass
+class ConnectorConfig(_Section):
+    """The engine connectors (vLLM, SGLang, transformers): where an engine's KV goes and
+    how long it may wait for it (``docs/architecture.md``, "Connectors")."""
+
+    PATH: ClassVar[str] = "connector"
+    # A ``kvcache serve`` daemon (http://host:port, unix:///path.sock): the engine's store is
+    # that daemon alone, shared by every engine on the node (token, timeout and codec from
+    # store.remote). Unset: an embedded store (store.cpu, store.disk, store.remote).
+    server: str | None = None
+    # Names the weights in every key; unset: the path or hub id the engine loaded.
+    model_id: str | None = None
+    # Reuse stored KV / store the KV of new prompts.
+    load: bool = True
+    save: bool = True
+    # The longest a step waits for one layer of a load before it gives the load up and
+    # lets the engine recompute those tokens.
+    load_timeout: float = field(default=10.0, metadata={"unit": "duration"})
+    # KV copied out of the engine and waiting to be encoded and stored; past this, new
+    # saves are skipped (counted) so the engine never waits for the store.
+    max_pending_saves: int = _size(1 * GiB)
+
+    def _validate(self) -> None:
+        if self.server is not None:
+            scheme = self.server.split("://", 1)[0] if "://" in self.server else ""
+            if scheme not in ("http", "unix"):
+                self._fail("server", f"{self.server!r} is not a daemon URL; use "
+                                     "http://host:port or unix:///path/to.sock")
+        if self.load_timeout <= 0:
+            self._fail("load_timeout", f"{self.load_timeout} must be > 0; use e.g. '10s'")
+        if self.max_pending_saves <= 0:
+            self._fail("max_pending_saves", "must be > 0; use e.g. '1GiB'")
+
+
+@dataclass
 class KVCacheConfig(_Section):
     """The whole configuration. Build with ``load()`` unless you have a reason not to."""
 
@@ -397,6 +431,7 @@ class KVCacheConfig(_Section):
 
     store: StoreConfig = field(default_factory=StoreConfig, metadata={"env_prefix": ""})
     server: ServerConfig = field(default_factory=ServerConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     log_level: str = "INFO"
 
     def _validate(self) -> None:
@@ -450,8 +485,36 @@ class KVCacheConfig(_Section):
         base = cls.from_file(path) if path is not None else cls()
         return cls.from_env(environ, base=base)
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> KVCacheConfig:
+        """This config with ``overrides`` applied: nested tables
+        (``{"store": {"cpu": {"capacity": "8GiB"}}}``) or dotted keys
+        (``{"store.cpu.capacity": "8GiB"}``), as an engine's connector options pass them.
+        Unknown keys are errors that suggest the nearest known one."""
+        merged = self.to_dict()
+        for raw_key, value in overrides.items():
+            *parents, leaf = str(raw_key).split(".")
+            node = merged
+            for i, part in enumerate(parents):
+                sub = node.setdefault(part, {})  # an unknown name: from_dict says so
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{'.'.join(parents[:i + 1])} is a value, not a table "
+                                      f"of keys: cannot set {raw_key!r}")
+                node = sub
+            node[leaf] = _merge(node.get(leaf), value)
+        return type(self).from_dict(merged)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _merge(base: Any, value: Any) -> Any:
+    """``value`` over ``base``, table by table."""
+    if isinstance(base, dict) and isinstance(value, Mapping):
+        out = dict(base)
+        for k, v in value.items():
+            out[k] = _merge(out.get(k), v)
+        return out
+    return value
 
 
 def _read_config_file(p: Path) -> Mapping[str, Any]:

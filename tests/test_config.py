@@ -247,7 +247,7 @@ def test_direct_construction_validates_too() -> None:
         (
             {"stor": {}},
             r"unknown config key 'stor' in the top level \(did you mean 'store'\?\); "
-            r"known keys: log_level, server, store",
+            r"known keys: connector, log_level, server, store",
         ),
         (
             {"store": {"chunksize": 1}},
@@ -375,7 +375,9 @@ def test_env_map_is_derived_from_the_fields() -> None:
     assert m["KVCACHE_READONLY"] == ("store", "readonly")
     assert m["KVCACHE_REMOTE_URL"] == ("store", "remote", "url")
     assert m["KVCACHE_SERVER_TOKEN"] == ("server", "token")
-    leaves = 5 + 4 + 6 + 8 + 13 + 1  # store scalars + cpu + disk + remote + server + log_level
+    assert m["KVCACHE_CONNECTOR_SERVER"] == ("connector", "server")
+    # store scalars + cpu + disk + remote + server + connector + log_level
+    leaves = 5 + 4 + 6 + 8 + 13 + 6 + 1
     assert len(m) == leaves
 
 
@@ -462,3 +464,21 @@ def test_store_with_dir(tmp_path: Path) -> None:
     assert moved.disk_path == tmp_path / "disk"  # an absolute path named another store
     relative = StoreConfig.from_dict({"disk": {"path": "ssd"}}).with_dir(tmp_path)
     assert relative.disk_path == tmp_path / "ssd"
+
+
+def test_connector_options_override_the_loaded_config() -> None:
+    """An engine's connector options (vLLM's kv_connector_extra_config) are nested tables or
+    dotted keys over the file/env config; a typo is refused with the nearest key."""
+    base = KVCacheConfig.from_dict({"store": {"chunk_size": 512}})
+    cfg = base.with_overrides({"store.cpu.capacity": "8GiB",
+                               "connector": {"server": "unix:///run/kvcache.sock"}})
+    assert cfg.store.cpu.capacity == 8 << 30 and cfg.store.chunk_size == 512
+    assert cfg.connector.server == "unix:///run/kvcache.sock" and base.connector.server is None
+    with pytest.raises(ConfigError, match=r"'store.cpu.capacty'.*did you mean 'capacity'"):
+        base.with_overrides({"store.cpu.capacty": "1GiB"})
+    with pytest.raises(ConfigError, match=r"store.chunk_size is a value"):
+        base.with_overrides({"store.chunk_size.x": 1})
+    with pytest.raises(ConfigError, match=r"connector.server: 'redis://h' is not a daemon URL"):
+        base.with_overrides({"connector.server": "redis://h"})
+    with pytest.raises(ConfigError, match=r"connector.load_timeout"):
+        base.with_overrides({"connector": {"load_timeout": "0s"}})
