@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import re
 import threading
@@ -89,6 +90,13 @@ def _decode(obj: StoredObject) -> torch.Tensor:
 
 def _writable(tier: Tier) -> bool:
     return not getattr(tier, "readonly", False)
+
+
+def _largest_object(tiers: Sequence[Tier]) -> float:
+    """The largest object some writable tier could hold. A remote tier's capacity is 0
+    until its server tells (a Redis without maxmemory never does): no bound known there."""
+    caps = [t.capacity_bytes for t in tiers if _writable(t)]
+    return math.inf if 0 in caps else max(caps)
 
 
 def open_remote_tier(cfg: RemoteTierConfig, *, store_ttl: float | None = None) -> Tier:
@@ -339,7 +347,7 @@ class TieredStore:
         if rope_start is not None and (not isinstance(rope_start, int) or rope_start < 0):
             raise LayoutMismatchError(f"rope_start must be an int >= 0 or None, got {rope_start!r}")
         raw = chunk.numel() * chunk.element_size()
-        largest = max(t.capacity_bytes for t in self.tiers if _writable(t))
+        largest = _largest_object(self.tiers)
         if raw > largest:
             # Refused before the codec runs: encoding it would allocate all of it.
             raise ObjectTooLargeError(
@@ -378,7 +386,7 @@ class TieredStore:
                 raise LayoutMismatchError(
                     f"the object says {header.num_tokens} tokens, its tensor holds "
                     f"{tensor.shape}")
-        largest = max(t.capacity_bytes for t in self.tiers if _writable(t))
+        largest = _largest_object(self.tiers)
         if obj.nbytes > largest:
             raise ObjectTooLargeError(
                 f"an object of {obj.nbytes} bytes is larger than any tier ({largest} bytes)")

@@ -1,0 +1,324 @@
+"""A paged engine's worker side: KV pages ↔ canonical chunks ↔ the store, layer by layer.
+
+``PagedWorker`` carries out the ``RequestOps`` a ``PagedPlanner`` planned for a step:
+
+- ``start_loads`` (before the forward pass): per request a ``LayerLoader`` fetches the
+  chunks (zero-copy from the CPU tier, read from lower tiers) and decodes layer after
+  layer on its own thread;
+- ``load_layer(i)`` (before layer ``i``'s attention): waits for layer ``i`` of every load,
+  at most ``load_timeout`` seconds, and scatters it into the request's blocks;
+- ``save_layer(i)`` (after layer ``i``'s attention wrote the step's KV): gathers the
+  tokens to save from layer ``i``'s pages into a staging buffer — the only cost the
+  forward pass pays for saving;
+- ``end_step`` (after the forward pass): loads that did not deliver every layer become
+  failed blocks; full staging buffers go to a saver thread, which cuts them into chunks,
+  encodes and stores them while the engine runs the next steps.
+
+Failures never reach the engine: a chunk that is missing, corrupt, of another layout, a
+layer that times out or fails to decode make the request's blocks from the first bad
+token on *failed blocks* (``failed_blocks``), which the engine recomputes. Saves that
+would push the staged bytes past ``max_pending_saves`` are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcache.connectors.paged_plan import RequestOps
+from kvcache.kernels.page_layout import PagedPlanes, slots_from_block_table
+from kvcache.kernels.paged_copy import paged_gather, paged_scatter
+from kvcache.kvstore.errors import KVCacheError
+from kvcache.kvstore.keys import Chunk, chunk_tokens
+from kvcache.kvstore.layer_loader import LayerLoader
+from kvcache.kvstore.layout import KVLayout
+from kvcache.kvstore.tiered_store import TieredStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    """Counters since the last ``take_stats`` (the engine's stats interval)."""
+
+    load_requests: int = 0
+    load_tokens: int = 0  # tokens written into the engine's pages from the store
+    load_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    load_bytes: int = 0
+    load_seconds: float = 0.0  # waiting for layers inside the forward pass
+    failed_loads: int = 0
+    failed_tokens: int = 0
+    save_tokens: int = 0
+    save_bytes: int = 0
+    save_seconds: float = 0.0  # copying out of the pages inside the forward pass
+    skipped_saves: int = 0  # over max_pending_saves, or a store error
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Load:
+    op: RequestOps
+    loader: LayerLoader | None
+    first_token: int  # of the loader's first chunk
+    start: int
+    end: int  # tokens [start, end) are loaded; end < op.load[1]: the rest failed
+    slots: torch.Tensor
+    layers_done: int = 0
+    failed: bool = False
+
+
+@dataclass
+class _Save:
+    op: RequestOps
+    staging: torch.Tensor  # [layers, 2, tokens, kv_heads, head_dim]
+    slots: torch.Tensor
+    layers_done: int = 0
+
+
+class PagedWorker:
+    """One worker's (one tensor-parallel rank's) loads and saves.
+
+    layout: this rank's ``KVLayout``; planes: one ``PagedPlanes`` per layer over the
+    engine's pages (``paged_planes(layout_of_one_layer, [layer_kv])``); chunk_size and
+    block_size as the planner's.
+    """
+
+    def __init__(self, store: TieredStore, layout: KVLayout, planes: Sequence[PagedPlanes], *,
+                 chunk_size: int, block_size: int, load_timeout: float = 10.0,
+                 max_pending_saves: int = 1 << 30) -> None:
+        if len(planes) != layout.num_layers:
+            raise KVCacheError(f"{len(planes)} layers of pages for a layout of "
+                               f"{layout.num_layers} layers")
+        self.store = store
+        self.layout = layout
+        self.planes = list(planes)
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.load_timeout = load_timeout
+        self.max_pending_saves = max_pending_saves
+        self.stats = WorkerStats()  # since the last take_stats
+        self.totals = WorkerStats()  # since the start, as of the last take_stats
+        self._loads: list[_Load] = []
+        self._saves: list[_Save] = []
+        self._failed: set[int] = set()
+        self._lock = threading.Lock()
+        self._pending_bytes = 0
+        self._queue: queue.Queue[_Save | None] = queue.Queue()
+        self._saver = threading.Thread(target=self._save_loop, name="kvcache-saver",
+                                       daemon=True)
+        self._saver.start()
+
+    # -- loads -------------------------------------------------------------------------------
+    def start_loads(self, ops: Sequence[RequestOps]) -> None:
+        """Start the step's loads (before the forward pass)."""
+        for op in ops:
+            if op.load is None:
+                continue
+            try:
+                self._loads.append(self._start_load(op))
+            except Exception as e:  # nothing may reach the engine
+                log.warning("request %s: load of tokens %s failed to start: %s",
+                            op.req_id, op.load, e)
+                self._fail(op, op.load[0])
+
+    def _start_load(self, op: RequestOps) -> _Load:
+        assert op.load is not None
+        start, end = op.load
+        chunks = self._chunks(op.token_ids, start, end)
+        loader = LayerLoader(self.store, [c.prefix_key for c in chunks], self.layout,
+                             device=self.planes[0].device, partial=True)
+        first = chunks[0].start
+        got = first + loader.num_tokens
+        if got < end:
+            # Chunks from the first one missing on are recomputed, from its block on.
+            ok = max(start, got // self.block_size * self.block_size)
+            log.info("request %s: the store holds tokens up to %d of the %d planned; "
+                     "recomputing from %d", op.req_id, got, end, ok)
+            self._fail(op, ok)
+            end = ok
+        slots = slots_from_block_table(op.block_ids, self.block_size, start, end - start)
+        with self._lock:
+            s = self.stats
+            s.load_requests += 1
+            for chunk, tier in zip(chunks, loader.tiers, strict=False):
+                used = min(chunk.end, end) - max(chunk.start, start)
+                if used > 0:
+                    s.load_tokens_by_tier[tier] = s.load_tokens_by_tier.get(tier, 0) + used
+        return _Load(op, loader, first, start, end, slots)
+
+    def load_layer(self, i: int) -> None:
+        """Write layer ``i`` of every started load into the pages (before its attention)."""
+        t0 = time.perf_counter()
+        for load in self._loads:
+            if load.failed or load.loader is None or load.end <= load.start:
+                continue
+            try:
+                layer = load.loader.wait_for_layer(i, self.load_timeout)
+                piece = layer[:, load.start - load.first_token : load.end - load.first_token]
+                paged_scatter(self.planes[i], load.slots, piece.unsqueeze(0))
+                load.layers_done = i + 1
+                with self._lock:
+                    self.stats.load_bytes += piece.numel() * piece.element_size()
+            except Exception as e:
+                log.warning("request %s: layer %d of its load failed (%s); the engine "
+                            "recomputes those tokens", load.op.req_id, i, e)
+                self._abandon(load)
+        with self._lock:
+            self.stats.load_seconds += time.perf_counter() - t0
+
+    def _abandon(self, load: _Load) -> None:
+        load.failed = True
+        self._fail(load.op, load.start)
+        if load.loader is not None:
+            load.loader.close()
+            load.loader = None
+
+    def _fail(self, op: RequestOps, from_token: int) -> None:
+        """The blocks holding tokens ``[from_token, load end)`` of ``op`` are unusable."""
+        assert op.load is not None
+        first, last = from_token // self.block_size, -(-op.load[1] // self.block_size)
+        with self._lock:
+            self._failed.update(op.block_ids[first:last])
+            self.stats.failed_loads += 1
+            self.stats.failed_tokens += op.load[1] - from_token
+
+    # -- saves -------------------------------------------------------------------------------
+    def save_layer(self, i: int, ops: Sequence[RequestOps]) -> None:
+        """Copy layer ``i`` of the step's tokens to save into staging (after its attention)."""
+        t0 = time.perf_counter()
+        if i == 0:
+            self._saves = [s for op in ops if op.save is not None
+                           if (s := self._stage(op)) is not None]
+        for save in self._saves:
+            if save.layers_done != i:
+                continue  # a layer skipped: the save is dropped in end_step
+            try:
+                paged_gather(self.planes[i], save.slots, out=save.staging[i : i + 1])
+                save.layers_done = i + 1
+            except Exception as e:
+                log.warning("request %s: copying layer %d out failed: %s", save.op.req_id,
+                            i, e)
+        with self._lock:
+            self.stats.save_seconds += time.perf_counter() - t0
+
+    def _stage(self, op: RequestOps) -> _Save | None:
+        assert op.save is not None
+        start, end = op.save
+        p = self.planes[0]
+        shape = (self.layout.num_layers, 2, end - start, p.num_heads, p.head_dim)
+        nbytes = int(torch.Size(shape).numel()) * p.base.element_size()
+        with self._lock:
+            if self._pending_bytes + nbytes > self.max_pending_saves:
+                self.stats.skipped_saves += 1
+                log.info("request %s: not saving tokens %s: %d bytes already wait to be "
+                         "stored", op.req_id, op.save, self._pending_bytes)
+                return None
+            self._pending_bytes += nbytes
+        staging = torch.empty(shape, dtype=p.dtype, device="cpu")
+        slots = slots_from_block_table(op.block_ids, self.block_size, start, end - start)
+        return _Save(op, staging, slots)
+
+    # -- end of step -------------------------------------------------------------------------
+    def end_step(self) -> None:
+        """After the forward pass: account for the loads, hand full staging to the saver."""
+        for load in self._loads:
+            if load.loader is not None:
+                load.loader.close()
+            if load.failed or load.end <= load.start:
+                continue
+            if load.layers_done < self.layout.num_layers:
+                log.warning("request %s: only %d of %d layers were loaded; the engine "
+                            "recomputes those tokens", load.op.req_id, load.layers_done,
+                            self.layout.num_layers)
+                self._fail(load.op, load.start)
+            else:
+                with self._lock:
+                    self.stats.load_tokens += load.end - load.start
+        self._loads = []
+        for save in self._saves:
+            if save.layers_done == self.layout.num_layers:
+                self._queue.put(save)
+            else:
+                self._release(save)
+                with self._lock:
+                    self.stats.skipped_saves += 1
+        self._saves = []
+
+    def failed_blocks(self) -> set[int]:
+        """Blocks whose load failed since the last call (the engine recomputes them)."""
+        with self._lock:
+            out, self._failed = self._failed, set()
+        return out
+
+    def take_stats(self) -> WorkerStats:
+        """The counters since the last call (also added to ``totals``)."""
+        with self._lock:
+            out, self.stats = self.stats, WorkerStats()
+            for name, value in out.__dict__.items():
+                if isinstance(value, dict):
+                    mine = getattr(self.totals, name)
+                    for k, v in value.items():
+                        mine[k] = mine.get(k, 0) + v
+                else:
+                    setattr(self.totals, name, getattr(self.totals, name) + value)
+        return out
+
+    # -- the saver thread --------------------------------------------------------------------
+    def _save_loop(self) -> None:
+        while (save := self._queue.get()) is not None:
+            try:
+                self._store_chunks(save)
+            except Exception as e:  # a failed save is a future miss
+                log.warning("request %s: storing tokens %s failed: %s", save.op.req_id,
+                            save.op.save, e)
+                with self._lock:
+                    self.stats.skipped_saves += 1
+            finally:
+                self._release(save)
+                self._queue.task_done()
+
+    def _store_chunks(self, save: _Save) -> None:
+        assert save.op.save is not None
+        start, end = save.op.save
+        for chunk in self._chunks(save.op.token_ids, start, end):
+            if self.store.contains(chunk.prefix_key):
+                continue
+            piece = save.staging[:, :, chunk.start - start : chunk.end - start]
+            self.store.put(chunk.prefix_key, piece, self.layout, rope_start=chunk.start)
+            with self._lock:
+                self.stats.save_tokens += chunk.num_tokens
+                self.stats.save_bytes += piece.numel() * piece.element_size()
+
+    def _release(self, save: _Save) -> None:
+        with self._lock:
+            self._pending_bytes -= save.staging.numel() * save.staging.element_size()
+
+    def wait_saved(self, timeout_s: float | None = None) -> bool:
+        """Block until every staged save is stored (tests, shutdown); False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self) -> None:
+        """Finish the saves already staged, then stop the saver."""
+        self._queue.put(None)
+        self._saver.join()
+
+    # -- keys --------------------------------------------------------------------------------
+    def _chunks(self, token_ids: Sequence[int], start: int, end: int) -> list[Chunk]:
+        """The chunks that overlap tokens ``[start, end)``, each whole (a chunk is keyed by
+        all its tokens: one ending past ``end`` is read whole and used in part)."""
+        whole = -(-end // self.chunk_size) * self.chunk_size
+        chunks = chunk_tokens(self.layout.fingerprint, token_ids[:whole], self.chunk_size)
+        return [c for c in chunks if c.end > start and c.start < end]

