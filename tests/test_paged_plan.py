@@ -1,0 +1,218 @@
+"""The paged engines' scheduler side (``connectors/paged_plan.py``) and worker side
+(``connectors/paged_worker.py``) over a real store and real vLLM CPU page tensors; the same
+code inside a running vLLM is tested in ``tests/vllm``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kvcache.connectors.paged_plan import PagedPlanner, RequestOps
+from kvcache.connectors.paged_worker import PagedWorker
+from kvcache.kernels.page_layout import VllmCpuLayout, paged_planes, slots_from_block_table
+from kvcache.kernels.paged_copy import paged_gather, paged_scatter
+from kvcache.kvstore.errors import ConfigError
+from kvcache.kvstore.keys import chunk_tokens
+from kvcache.kvstore.layout import KVLayout
+from kvcache.kvstore.tiered_store import TieredStore
+
+LAYOUT = KVLayout("paged-test", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32")
+CHUNK, BLOCK = 64, 16
+PROMPT = list(range(1000, 1300))  # 300 tokens: 4 full chunks and one of 44
+
+
+def store_prefix(store: TieredStore, prompt: list[int], chunks: int,
+                 layout: KVLayout = LAYOUT) -> None:
+    for c in chunk_tokens(layout.fingerprint, prompt, CHUNK)[:chunks]:
+        store.put(c.prefix_key, torch.zeros(layout.chunk_shape(c.num_tokens)), layout,
+                  rope_start=c.start)
+
+
+@pytest.fixture
+def store():
+    with TieredStore.in_memory(64 << 20) as s:
+        yield s
+
+
+def planner(store: TieredStore, layout: KVLayout = LAYOUT, **kw) -> PagedPlanner:
+    return PagedPlanner(layout, store.longest_prefix, chunk_size=CHUNK, block_size=BLOCK, **kw)
+
+
+def test_hits_are_whole_blocks_and_never_the_last_token(store):
+    p = planner(store)
+    store_prefix(store, PROMPT, 5)  # every chunk, the partial last one too
+    assert p.matched_tokens("r", PROMPT, 0) == 288  # 299 rounded down to blocks of 16
+    store_prefix(store, PROMPT[:70], 1)
+    assert p.matched_tokens("s", PROMPT[:70], 0) == 64
+
+
+def test_the_engines_own_tokens_are_not_offered_again(store):
+    p = planner(store)
+    store_prefix(store, PROMPT, 2)
+    assert p.matched_tokens("r", PROMPT, 32) == 96  # 128 held, 32 already computed
+    assert p.matched_tokens("r", PROMPT, 160) == 0  # the engine has more than we do
+    p.allocated("r", 0)
+    ops = p.plan_step([("r", PROMPT, list(range(19)), 160)], [], {"r": 140})
+    assert ops[0].load is None and ops[0].save == (128, 300)
+
+
+def test_a_hit_shorter_than_a_block_is_no_hit(store):
+    p = PagedPlanner(LAYOUT, store.longest_prefix, chunk_size=CHUNK, block_size=CHUNK)
+    short = PROMPT[:64]  # one chunk, all of the prompt: the last token must be recomputed
+    store_prefix(store, short, 1)
+    assert p.matched_tokens("r", short, 0) == 0
+
+
+def test_chunked_prefill_saves_each_chunk_once_in_the_step_that_completes_it(store):
+    p = planner(store)
+    assert p.matched_tokens("r", PROMPT, 0) == 0
+    blocks = list(range(100, 119))
+    steps = [p.plan_step([("r", PROMPT, blocks, 0)], [], {"r": 100}),
+             p.plan_step([], [("r", None, False, 100)], {"r": 100}),
+             p.plan_step([], [("r", None, False, 200)], {"r": 100}),
+             p.plan_step([], [("r", None, False, 300)], {"r": 1})]  # decoding
+    assert [[op.save for op in ops] for ops in steps] == [[(0, 64)], [(64, 192)], [(192, 300)],
+                                                         []]
+    last = steps[2][0]
+    assert last.token_ids == PROMPT and last.block_ids == blocks
+
+
+def test_a_load_is_planned_once_into_the_blocks_vllm_gave(store):
+    p = planner(store)
+    store_prefix(store, PROMPT, 3)
+    assert p.matched_tokens("r", PROMPT, 0) == 192
+    p.allocated("r", 192)
+    blocks = list(range(19))
+    (op,) = p.plan_step([("r", PROMPT, blocks, 192)], [], {"r": 108})
+    assert op.load == (0, 192) and op.save == (192, 300)
+    (again,) = p.plan_step([], [("r", None, False, 300)], {"r": 1}) or [None]
+    assert again is None
+
+
+def test_a_load_ending_inside_a_chunk_carries_that_chunks_tokens(store):
+    p = planner(store)
+    store_prefix(store, PROMPT, 5)
+    # A shorter prompt shares the whole chunks; its last chunk [192, 250) is another one.
+    assert p.matched_tokens("r", PROMPT[:250], 0) == 192
+    assert p.matched_tokens("q", PROMPT, 0) == 288
+    p.allocated("q", 288)
+    (op,) = p.plan_step([("q", PROMPT, list(range(19)), 288)], [], {"q": 12})
+    assert op.load == (0, 288) and len(op.token_ids) == 300  # chunk [256, 300) is keyed whole
+
+
+def test_preemption_gets_new_blocks_and_keeps_what_was_saved(store):
+    p = planner(store)
+    p.matched_tokens("r", PROMPT, 0)
+    p.plan_step([("r", PROMPT, list(range(19)), 0)], [], {"r": 200})
+    # preempted: vLLM asks again from scratch, then resumes it with a new block list
+    assert p.matched_tokens("r", PROMPT, 0) == 0  # nothing stored yet: the saver is async
+    store_prefix(store, PROMPT, 3)
+    assert p.matched_tokens("r", PROMPT, 0) == 192
+    p.allocated("r", 192)
+    new_blocks = list(range(50, 69))
+    (op,) = p.plan_step([], [("r", new_blocks, True, 192)], {"r": 108})
+    assert op.block_ids == new_blocks and op.load == (0, 192) and op.save == (192, 300)
+
+
+def test_finished_and_aborted_requests_are_forgotten(store):
+    p = planner(store)
+    for r in ("a", "b", "c"):
+        p.matched_tokens(r, PROMPT, 0)
+    p.finished("a")
+    p.finished("b")
+    p.finished("never-seen")
+    assert p.tracked() == 1
+
+
+def test_every_rank_must_hold_a_chunk_for_it_to_count(store):
+    tp = dataclasses.replace(LAYOUT, tp_size=2)
+    p = planner(store, tp)
+    store_prefix(store, PROMPT, 4, tp)  # rank 0
+    store_prefix(store, PROMPT, 2, dataclasses.replace(tp, tp_rank=1))
+    assert p.matched_tokens("r", PROMPT, 0) == 128
+
+
+def test_load_and_save_switches(store):
+    store_prefix(store, PROMPT, 5)
+    off = planner(store, load=False, save=False)
+    assert off.matched_tokens("r", PROMPT, 0) == 0
+    assert off.plan_step([("r", PROMPT, list(range(19)), 0)], [], {"r": 300}) == []
+
+
+def test_chunks_must_be_whole_blocks(store):
+    with pytest.raises(ConfigError, match="multiple of the engine's block size"):
+        PagedPlanner(LAYOUT, store.longest_prefix, chunk_size=64, block_size=48)
+
+
+# -- the worker side over real pages ---------------------------------------------------------
+def pages(num_blocks: int = 40):
+    layout = VllmCpuLayout(num_layers=1, num_blocks=num_blocks, block_size=BLOCK,
+                           num_kv_heads=2, head_dim=16)
+    kv = [layout.allocate(torch.float32)[0] for _ in range(LAYOUT.num_layers)]
+    return kv, [paged_planes(layout, [t]) for t in kv]
+
+
+def test_a_worker_saves_what_it_copied_out_and_loads_it_into_other_blocks(store):
+    _, planes = pages()
+    worker = PagedWorker(store, LAYOUT, planes, chunk_size=CHUNK, block_size=BLOCK)
+    g = torch.Generator().manual_seed(0)
+    src_blocks = list(range(0, 19))
+    slots = slots_from_block_table(src_blocks, BLOCK, 0, 300)
+    want = torch.randn(2, 2, 300, 2, 16, generator=g)
+    for i in range(2):
+        paged_scatter(planes[i], slots, want[i : i + 1])
+    save = RequestOps("r", PROMPT, src_blocks, save=(0, 300))
+    for i in range(2):
+        worker.save_layer(i, [save])
+    worker.end_step()
+    assert worker.wait_saved(10)
+    assert worker.take_stats().save_tokens == 300
+
+    dst_blocks = list(range(20, 39))
+    load = RequestOps("s", PROMPT, dst_blocks, load=(0, 288))
+    worker.start_loads([load])
+    for i in range(2):
+        worker.load_layer(i)
+    worker.end_step()
+    assert worker.failed_blocks() == set()
+    dst = slots_from_block_table(dst_blocks, BLOCK, 0, 288)
+    for i in range(2):
+        assert torch.equal(paged_gather(planes[i], dst)[0], want[i, :, :288])
+    stats = worker.take_stats()
+    assert stats.load_tokens == 288 and stats.load_tokens_by_tier == {"cpu": 288}
+    worker.close()
+
+
+def test_a_missing_chunk_fails_its_blocks_and_a_missed_layer_fails_the_load(store):
+    _, planes = pages()
+    worker = PagedWorker(store, LAYOUT, planes, chunk_size=CHUNK, block_size=BLOCK)
+    store_prefix(store, PROMPT, 2)  # chunks 0 and 1 only
+    blocks = list(range(19))
+    worker.start_loads([RequestOps("r", PROMPT, blocks, load=(0, 256))])
+    worker.load_layer(0)
+    worker.load_layer(1)
+    worker.end_step()
+    assert worker.failed_blocks() == set(blocks[8:16])  # tokens 128..256
+    worker.start_loads([RequestOps("r", PROMPT, blocks, load=(0, 128))])
+    worker.load_layer(0)  # layer 1's hook never ran
+    worker.end_step()
+    assert worker.failed_blocks() == set(blocks[:8])
+    assert worker.take_stats().failed_loads == 2
+    worker.close()
+
+
+def test_saves_past_the_staging_limit_are_skipped_not_waited_for(store):
+    _, planes = pages()
+    worker = PagedWorker(store, LAYOUT, planes, chunk_size=CHUNK, block_size=BLOCK,
+                         max_pending_saves=64 * 2 * 2 * 2 * 16 * 4)  # one chunk's staging
+    ops = [RequestOps("a", PROMPT, list(range(19)), save=(0, 64)),
+           RequestOps("b", PROMPT[::-1], list(range(19)), save=(0, 64))]
+    for i in range(2):
+        worker.save_layer(i, ops)
+    worker.end_step()
+    assert worker.wait_saved(10)
+    stats = worker.take_stats()
+    assert stats.skipped_saves == 1 and stats.save_tokens == 64
+    worker.close()
