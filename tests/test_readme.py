@@ -55,7 +55,8 @@ def test_python_example_runs_as_written_and_prints_what_it_says(tmp_path: Path):
     """Run the README's Python block in a fresh interpreter (twice: the second run finds
     the first's chunks on disk), and compare what each ``print`` writes with the comment
     beside it."""
-    (code,) = blocks("python")
+    section = README.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    (code,) = blocks("python", section)
     expected = [
         line.split("#", 1)[1].strip()
         for line in code.splitlines()

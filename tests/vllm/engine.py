@@ -56,6 +56,7 @@ class Spec:
     multiprocessing: bool = False  # vLLM's default: engine core (and workers) in processes
     prompts: list[list[int]] = field(default_factory=list)
     max_tokens: int = 8
+    transfer: dict[str, Any] = field(default_factory=dict)  # KVTransferConfig fields
 
 
 def make_llm(spec: Spec) -> Any:
@@ -65,10 +66,11 @@ def make_llm(spec: Spec) -> Any:
 
     kw: dict[str, Any] = {}
     if spec.kvcache:
-        kw["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVCacheConnector", kv_connector_module_path="kvcache.connectors.vllm",
-            kv_role="kv_both", kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"store.chunk_size": CHUNK, **spec.options})
+        fields = {"kv_connector": "KVCacheConnector",
+                  "kv_connector_module_path": "kvcache.connectors.vllm",
+                  "kv_role": "kv_both", "kv_load_failure_policy": "recompute", **spec.transfer,
+                  "kv_connector_extra_config": {"store.chunk_size": CHUNK, **spec.options}}
+        kw["kv_transfer_config"] = KVTransferConfig(**fields)
     return LLM(model=spec.model, skip_tokenizer_init=True, dtype=spec.dtype, block_size=BLOCK,
                enforce_eager=True, max_model_len=1024, enable_prefix_caching=spec.prefix_caching,
                distributed_executor_backend="mp" if spec.multiprocessing else "uni",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -177,5 +178,23 @@ def test_default_multiprocess_mode(models, tmp_path):
     cold = run_elsewhere(Spec(models["float32"], options=store, multiprocessing=True))
     warm = run_elsewhere(Spec(models["float32"], options=store, multiprocessing=True))
     assert_same(cold, ref, "float32")
+    assert_same(warm, ref, "float32")
+    assert_reused(warm)
+
+
+def test_the_readmes_flag_runs_as_written(models, tmp_path):
+    """The README's ``--kv-transfer-config`` value, with this test's store, is what an
+    engine starts from and reuses with."""
+    readme = (ROOT / "README.md").read_text().split("## Use with vLLM", 1)[1]
+    flag = re.search(r"--kv-transfer-config '(\{.*?\})'", readme, flags=re.S)
+    assert flag is not None
+    config = json.loads(flag.group(1))
+    assert config["kv_connector_module_path"] == "kvcache.connectors.vllm"
+    options = {**config["kv_connector_extra_config"], "store.dir": str(tmp_path / "store"),
+               "store.cpu.capacity": "64MiB", "store.disk.capacity": "256MiB"}
+    transfer = {k: v for k, v in config.items() if k != "kv_connector_extra_config"}
+    ref, _ = run(Spec(models["float32"], kvcache=False))
+    run(Spec(models["float32"], options=options, transfer=transfer))
+    warm, _ = run(Spec(models["float32"], options=options, transfer=transfer))
     assert_same(warm, ref, "float32")
     assert_reused(warm)
