@@ -78,9 +78,10 @@ def run(spec: Spec) -> tuple[Outputs, dict]:
     return out, totals
 
 
-def run_elsewhere(spec: Spec, env: dict[str, str] | None = None) -> Outputs:
+def run_elsewhere(spec: Spec, env: dict[str, str] | None = None,
+                  prompts: list[list[int]] | None = None) -> Outputs:
     """One engine in a fresh process."""
-    spec.prompts = PROMPTS
+    spec.prompts = PROMPTS if prompts is None else prompts
     proc = subprocess.run([sys.executable, "-m", "tests.vllm.engine", json.dumps(asdict(spec))],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
@@ -198,3 +199,33 @@ def test_the_readmes_flag_runs_as_written(models, tmp_path):
     warm, _ = run(Spec(models["float32"], options=options, transfer=transfer))
     assert_same(warm, ref, "float32")
     assert_reused(warm)
+
+
+def test_vllm_and_transformers_serve_each_other(models, tmp_path):
+    """The same tokens of the same checkpoint get the same keys in both connectors: what
+    vLLM stored, transformers reuses, and the other way round."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvcache.connectors.hf import HFConnector
+    from kvcache.kvstore.config import StoreConfig
+    from kvcache.kvstore.tiered_store import TieredStore
+
+    store_dir = tmp_path / "store"
+    options = {"store.dir": str(store_dir)}
+    run(Spec(models["float32"], options=options))  # vLLM stores PROMPTS
+    model = AutoModelForCausalLM.from_pretrained(models["float32"], dtype=torch.float32).eval()
+    extra = prompts(1, (333,), seed=7)[0]
+    with TieredStore.open(StoreConfig(dir=store_dir, chunk_size=CHUNK)) as store:
+        hf = HFConnector(model, store, chunk_size=CHUNK)
+        for p in PROMPTS:
+            got = hf.prefill(p)
+            assert got.reused_tokens >= 0.9 * full_chunk_tokens(p)
+            with torch.no_grad():
+                want = model(torch.tensor([p]), logits_to_keep=1).logits
+            assert torch.allclose(got.logits, want, atol=1e-3)
+        hf.prefill(extra)  # transformers stores a prompt vLLM never saw
+    ref = run_elsewhere(Spec(models["float32"], kvcache=False), prompts=[extra])
+    out = run_elsewhere(Spec(models["float32"], options=options), prompts=[extra])
+    assert_same(out, ref, "float32")
+    assert out.cached[0] >= 0.9 * full_chunk_tokens(extra)
