@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, str] = {
     "transfer": "kvcache.tools.bench_transfer",
     "codecs": "kvcache.tools.bench_codecs",
     "remote": "kvcache.tools.bench_remote",
+    "e2e": "kvcache.tools.bench_e2e",
 }
 
 
@@ -56,6 +57,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "codecs": {"--split": "split", "--lmcache-python": "lmcache_python_path"},
     "transfer": {},
     "remote": {"--duration": "duration"},
+    "e2e": {},
 }
 
 

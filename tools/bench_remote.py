@@ -37,11 +37,9 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -62,6 +60,7 @@ from kvcache.kvstore.keys import content_key
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tier import check_object_key
 from kvcache.tools.bench_store import _code_version, _machine
+from kvcache.tools.serve_process import serve_process, stop_process
 
 GB = 1e9
 MiB = 1 << 20
@@ -333,38 +332,6 @@ class _Workers:
 
 
 # -- servers -------------------------------------------------------------------------------
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-@contextlib.contextmanager
-def _daemon(workdir: Path, capacity: int) -> Iterator[tuple[int, str, str]]:
-    """``kvcache serve`` (CPU tier only; the caller's ``KVCACHE_*`` settings ignored) on a
-    free loopback port and a Unix socket: (pid, TCP URL, Unix URL)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVCACHE_")}
-    env |= {"KVCACHE_DISK_ENABLED": "false", "KVCACHE_CPU_CAPACITY": str(capacity),
-            "KVCACHE_LOG_LEVEL": "WARNING"}
-    cmd = [sys.executable, "-m", "kvcache.tools.cli", "serve", "--store",
-           str(workdir / "store"), "--port", "0", "--socket", str(workdir / "daemon.sock")]
-    with open(workdir / "daemon.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        tcp, unix = re.search(r"http://\S+", line), re.search(r"unix://\S+", line)
-        if tcp is None or unix is None:
-            raise KVCacheError(f"kvcache serve did not start: {line!r} "
-                               f"{(workdir / 'daemon.log').read_text()[-2000:]}")
-        yield proc.pid, tcp.group(0), unix.group(0)
-    finally:
-        _stop(proc)
-
-
 @contextlib.contextmanager
 def _redis_server(workdir: Path) -> Iterator[tuple[str, str]]:
     """redis-server on a free loopback port, no persistence: (URL, its version)."""
@@ -393,7 +360,7 @@ def _redis_server(workdir: Path) -> Iterator[tuple[str, str]]:
                 time.sleep(0.1)
         yield f"redis://127.0.0.1:{port}", version
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _rss_mib(pid: int) -> float:
@@ -600,7 +567,7 @@ def run(quick: bool = False, duration: float | None = None,
     workdir = Path(tempfile.mkdtemp(prefix="kvcache-bench-remote-"))
     workers = None
     try:
-        with _daemon(workdir, cfg.daemon_capacity) as (pid, tcp, unix), \
+        with serve_process(workdir, cfg.daemon_capacity) as (pid, tcp, unix), \
                 _redis_server(workdir) as (redis_url, redis_version):
             urls = {"http-tcp": tcp, "http-unix": unix, "fast-path": unix, "redis": redis_url}
             workers = _Workers(max(*cfg.clients, cfg.load_clients))

