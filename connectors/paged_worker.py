@@ -7,12 +7,14 @@
   layer on its own thread;
 - ``load_layer(i)`` (before layer ``i``'s attention): waits for layer ``i`` of every load,
   at most ``load_timeout`` seconds, and scatters it into the request's blocks;
-- ``save_layer(i)`` (after layer ``i``'s attention wrote the step's KV): gathers the
-  tokens to save from layer ``i``'s pages into a staging buffer — the only cost the
-  forward pass pays for saving;
+- ``save_layer(i)`` (after layer ``i``'s attention wrote the step's KV): copies the
+  blocks holding the tokens to save out of layer ``i``, whole and as they are (one
+  ``index_select``) — the only cost the forward pass pays for saving;
 - ``end_step`` (after the forward pass): loads that did not deliver every layer become
-  failed blocks; full staging buffers go to a saver thread, which cuts them into chunks,
-  encodes and stores them while the engine runs the next steps.
+  failed blocks; full staging buffers go to a saver thread, which turns the copied blocks
+  into canonical chunks (``paged_gather`` over the staged blocks: a page layout may
+  interleave or transpose K and V, and that work stays off the forward pass), encodes
+  and stores them while the engine runs the next steps.
 
 Failures never reach the engine: a chunk that is missing, corrupt, of another layout, a
 layer that times out or fails to decode make the request's blocks from the first bad
@@ -22,17 +24,27 @@ would push the staged bytes past ``max_pending_saves`` are skipped and counted.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import torch
 
 from kvcache.connectors.paged_plan import RequestOps
-from kvcache.kernels.page_layout import PagedPlanes, slots_from_block_table
+from kvcache.kernels.page_layout import (
+    VllmCpuLayout,
+    VllmFlashLayout,
+    VllmMlaLayout,
+    paged_planes,
+    slots_from_block_table,
+)
 from kvcache.kernels.paged_copy import paged_gather, paged_scatter
 from kvcache.kvstore.errors import KVCacheError
 from kvcache.kvstore.keys import Chunk, chunk_tokens
@@ -75,33 +87,40 @@ class _Load:
     failed: bool = False
 
 
+# Page layouts whose layer tensors hold whole blocks along ``block_dim``.
+BlockPages: TypeAlias = VllmCpuLayout | VllmFlashLayout | VllmMlaLayout
+
+
 @dataclass
 class _Save:
     op: RequestOps
-    staging: torch.Tensor  # [layers, 2, tokens, kv_heads, head_dim]
-    slots: torch.Tensor
+    first_block: int  # of the request's blocks, the first one staged
+    block_ids: torch.Tensor  # int64 [blocks]: the engine's blocks copied out
+    staging: torch.Tensor  # [layers, *one layer's pages with len(block_ids) blocks]
     layers_done: int = 0
 
 
 class PagedWorker:
     """One worker's (one tensor-parallel rank's) loads and saves.
 
-    layout: this rank's ``KVLayout``; planes: one ``PagedPlanes`` per layer over the
-    engine's pages (``paged_planes(layout_of_one_layer, [layer_kv])``); chunk_size and
-    block_size as the planner's.
+    layout: this rank's ``KVLayout``; pages: the page layout of one layer (``num_layers``
+    1) and layer_pages its tensor for each layer; chunk_size as the planner's (the block
+    size is the page layout's).
     """
 
-    def __init__(self, store: TieredStore, layout: KVLayout, planes: Sequence[PagedPlanes], *,
-                 chunk_size: int, block_size: int, load_timeout: float = 10.0,
-                 max_pending_saves: int = 1 << 30) -> None:
-        if len(planes) != layout.num_layers:
-            raise KVCacheError(f"{len(planes)} layers of pages for a layout of "
+    def __init__(self, store: TieredStore, layout: KVLayout, pages: BlockPages,
+                 layer_pages: Sequence[torch.Tensor], *, chunk_size: int,
+                 load_timeout: float = 10.0, max_pending_saves: int = 1 << 30) -> None:
+        if len(layer_pages) != layout.num_layers or pages.num_layers != 1:
+            raise KVCacheError(f"{len(layer_pages)} layers of pages for a layout of "
                                f"{layout.num_layers} layers")
         self.store = store
         self.layout = layout
-        self.planes = list(planes)
+        self.pages = pages
+        self.layer_pages = list(layer_pages)
+        self.planes = [paged_planes(pages, [t]) for t in self.layer_pages]
         self.chunk_size = chunk_size
-        self.block_size = block_size
+        self.block_size = pages.block_size
         self.load_timeout = load_timeout
         self.max_pending_saves = max_pending_saves
         self.stats = WorkerStats()  # since the last take_stats
@@ -113,7 +132,7 @@ class PagedWorker:
         self._pending_bytes = 0
         self._queue: queue.Queue[_Save | None] = queue.Queue()
         self._saver = threading.Thread(target=self._save_loop, name="kvcache-saver",
-                                       daemon=True)
+                                       daemon=True)  # it lowers its own priority
         self._saver.start()
 
     # -- loads -------------------------------------------------------------------------------
@@ -201,7 +220,8 @@ class PagedWorker:
             if save.layers_done != i:
                 continue  # a layer skipped: the save is dropped in end_step
             try:
-                paged_gather(self.planes[i], save.slots, out=save.staging[i : i + 1])
+                torch.index_select(self.layer_pages[i], self.pages.block_dim, save.block_ids,
+                                   out=save.staging[i])
                 save.layers_done = i + 1
             except Exception as e:
                 log.warning("request %s: copying layer %d out failed: %s", save.op.req_id,
@@ -212,9 +232,11 @@ class PagedWorker:
     def _stage(self, op: RequestOps) -> _Save | None:
         assert op.save is not None
         start, end = op.save
-        p = self.planes[0]
-        shape = (self.layout.num_layers, 2, end - start, p.num_heads, p.head_dim)
-        nbytes = int(torch.Size(shape).numel()) * p.base.element_size()
+        first, last = start // self.block_size, -(-end // self.block_size)
+        blocks = dataclasses.replace(self.pages, num_blocks=last - first)
+        t = self.layer_pages[0]
+        shape = (self.layout.num_layers, *blocks.layer_shape)
+        nbytes = int(torch.Size(shape).numel()) * t.element_size()
         with self._lock:
             if self._pending_bytes + nbytes > self.max_pending_saves:
                 self.stats.skipped_saves += 1
@@ -222,9 +244,8 @@ class PagedWorker:
                          "stored", op.req_id, op.save, self._pending_bytes)
                 return None
             self._pending_bytes += nbytes
-        staging = torch.empty(shape, dtype=p.dtype, device="cpu")
-        slots = slots_from_block_table(op.block_ids, self.block_size, start, end - start)
-        return _Save(op, staging, slots)
+        ids = torch.tensor(op.block_ids[first:last], dtype=torch.int64, device=t.device)
+        return _Save(op, first, ids, torch.empty(shape, dtype=t.dtype, device=t.device))
 
     # -- end of step -------------------------------------------------------------------------
     def end_step(self) -> None:
@@ -273,6 +294,10 @@ class PagedWorker:
 
     # -- the saver thread --------------------------------------------------------------------
     def _save_loop(self) -> None:
+        # Encoding and storing compete with the engine for cores: let the engine win.
+        if hasattr(os, "setpriority"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while (save := self._queue.get()) is not None:
             try:
                 self._store_chunks(save)
@@ -288,14 +313,33 @@ class PagedWorker:
     def _store_chunks(self, save: _Save) -> None:
         assert save.op.save is not None
         start, end = save.op.save
+        kv = self._canonical(save)
         for chunk in self._chunks(save.op.token_ids, start, end):
             if self.store.contains(chunk.prefix_key):
                 continue
-            piece = save.staging[:, :, chunk.start - start : chunk.end - start]
+            piece = kv[:, :, chunk.start - start : chunk.end - start]
             self.store.put(chunk.prefix_key, piece, self.layout, rope_start=chunk.start)
             with self._lock:
                 self.stats.save_tokens += chunk.num_tokens
                 self.stats.save_bytes += piece.numel() * piece.element_size()
+
+    def _canonical(self, save: _Save) -> torch.Tensor:
+        """The saved tokens, ``[layers, 2, tokens, kv_heads, head_dim]``, from the staged
+        blocks (each layer's staging is a small engine cache of the copied blocks)."""
+        assert save.op.save is not None
+        start, end = save.op.save
+        blocks = dataclasses.replace(self.pages, num_blocks=len(save.block_ids))
+        offset = start - save.first_block * self.block_size
+        slots = torch.arange(offset, offset + end - start, dtype=torch.int64)
+        out: torch.Tensor | None = None
+        for i in range(self.layout.num_layers):
+            got = paged_gather(paged_planes(blocks, [save.staging[i]]), slots)
+            if out is None:
+                out = torch.empty((self.layout.num_layers, *got.shape[1:]), dtype=got.dtype,
+                                  device="cpu")
+            out[i].copy_(got[0])
+        assert out is not None
+        return out
 
     def _release(self, save: _Save) -> None:
         with self._lock:

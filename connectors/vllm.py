@@ -35,8 +35,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from kvcache.connectors import engine_store
 from kvcache.connectors.hf import layout_from_hf_config
 from kvcache.connectors.paged_plan import PagedPlanner, RequestOps
-from kvcache.connectors.paged_worker import PagedWorker
-from kvcache.kernels.page_layout import PageLayout, VllmCpuLayout, VllmFlashLayout, paged_planes
+from kvcache.connectors.paged_worker import BlockPages, PagedWorker
+from kvcache.kernels.page_layout import VllmCpuLayout, VllmFlashLayout, paged_planes
 from kvcache.kvstore.config import KVCacheConfig
 from kvcache.kvstore.errors import LayoutMismatchError
 from kvcache.kvstore.layout import KVLayout
@@ -131,7 +131,7 @@ def cpu_page_isa(vllm_config: VllmConfig, layout: KVLayout) -> str | None:
 
 
 def page_layout_of(tensor: torch.Tensor, layout: KVLayout, block_size: int,
-                   isa: str | None) -> PageLayout:
+                   isa: str | None) -> BlockPages:
     """The one-layer page layout of a vLLM KV cache tensor; ``LayoutMismatchError`` for
     formats kvcache cannot read."""
     h, d = layout.num_kv_heads, layout.head_dim
@@ -199,21 +199,20 @@ class KVCacheConnector(KVConnectorBase_V1):
             log.warning("kvcache is off: vLLM has %d KV cache layers, the model %d",
                         len(names), self.layout.num_layers)
             return
+        layers = [kv_caches[name] for name in names]
         try:
-            planes = []
-            for name in names:
-                t = kv_caches[name]
-                pages = page_layout_of(t, self.layout, self.block_size, self.isa)
-                planes.append(paged_planes(pages, [t]))
+            pages = page_layout_of(layers[0], self.layout, self.block_size, self.isa)
+            for t in layers:
+                paged_planes(pages, [t])  # each layer's tensor is of that layout
         except LayoutMismatchError as e:
             log.warning("kvcache is off: %s", e)
             return
-        self._layers = {name: i for i, name in enumerate(names)}
         if self.store is None:
             return
+        self._layers = {name: i for i, name in enumerate(names)}
         c = self.config.connector
-        self.worker = PagedWorker(self.store, self.layout, planes, chunk_size=self.chunk_size,
-                                  block_size=self.block_size, load_timeout=c.load_timeout,
+        self.worker = PagedWorker(self.store, self.layout, pages, layers,
+                                  chunk_size=self.chunk_size, load_timeout=c.load_timeout,
                                   max_pending_saves=c.max_pending_saves)
 
     def _ops(self) -> list[RequestOps]:

@@ -119,6 +119,11 @@ class _VllmPages:
     def layer_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
+    @property
+    def block_dim(self) -> int:
+        """The dim of a layer's tensor that indexes blocks (copying blocks out whole)."""
+        raise NotImplementedError
+
     def allocate(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> EngineKV:
         return [torch.zeros(self.layer_shape, dtype=dtype, device=device)
                 for _ in range(self.num_layers)]
@@ -135,6 +140,10 @@ class VllmFlashLayout(_VllmPages):
     def layer_shape(self) -> tuple[int, ...]:
         n, b, h, d = self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim
         return (2, n, h, b, d) if self.hnd else (2, n, b, h, d)
+
+    @property
+    def block_dim(self) -> int:
+        return 1
 
     def block_views(self, kv: EngineKV) -> list[list[torch.Tensor]]:
         out = []
@@ -175,6 +184,10 @@ class VllmMlaLayout:
     def layer_shape(self) -> tuple[int, ...]:
         return (self.num_blocks, self.block_size, self.latent_dim)
 
+    @property
+    def block_dim(self) -> int:
+        return 0
+
     def allocate(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> EngineKV:
         return [torch.zeros(self.layer_shape, dtype=dtype, device=device)
                 for _ in range(self.num_layers)]
@@ -199,6 +212,10 @@ class VllmCpuLayout(_VllmPages):
     @property
     def layer_shape(self) -> tuple[int, ...]:
         return (self.num_blocks, self.num_kv_heads, self.block_size, 2 * self.head_dim)
+
+    @property
+    def block_dim(self) -> int:
+        return 0
 
     def block_views(self, kv: EngineKV) -> list[list[torch.Tensor]]:
         n, h, b, d = self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim

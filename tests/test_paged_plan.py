@@ -148,15 +148,16 @@ def test_chunks_must_be_whole_blocks(store):
 
 # -- the worker side over real pages ---------------------------------------------------------
 def pages(num_blocks: int = 40):
+    """vLLM CPU pages of one layer, a tensor per layer, and those tensors' planes."""
     layout = VllmCpuLayout(num_layers=1, num_blocks=num_blocks, block_size=BLOCK,
                            num_kv_heads=2, head_dim=16)
     kv = [layout.allocate(torch.float32)[0] for _ in range(LAYOUT.num_layers)]
-    return kv, [paged_planes(layout, [t]) for t in kv]
+    return layout, kv, [paged_planes(layout, [t]) for t in kv]
 
 
 def test_a_worker_saves_what_it_copied_out_and_loads_it_into_other_blocks(store):
-    _, planes = pages()
-    worker = PagedWorker(store, LAYOUT, planes, chunk_size=CHUNK, block_size=BLOCK)
+    layout, kv, planes = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
     g = torch.Generator().manual_seed(0)
     src_blocks = list(range(0, 19))
     slots = slots_from_block_table(src_blocks, BLOCK, 0, 300)
@@ -186,8 +187,8 @@ def test_a_worker_saves_what_it_copied_out_and_loads_it_into_other_blocks(store)
 
 
 def test_a_missing_chunk_fails_its_blocks_and_a_missed_layer_fails_the_load(store):
-    _, planes = pages()
-    worker = PagedWorker(store, LAYOUT, planes, chunk_size=CHUNK, block_size=BLOCK)
+    layout, kv, _ = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
     store_prefix(store, PROMPT, 2)  # chunks 0 and 1 only
     blocks = list(range(19))
     worker.start_loads([RequestOps("r", PROMPT, blocks, load=(0, 256))])
@@ -204,8 +205,8 @@ def test_a_missing_chunk_fails_its_blocks_and_a_missed_layer_fails_the_load(stor
 
 
 def test_saves_past_the_staging_limit_are_skipped_not_waited_for(store):
-    _, planes = pages()
-    worker = PagedWorker(store, LAYOUT, planes, chunk_size=CHUNK, block_size=BLOCK,
+    layout, kv, _ = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK,
                          max_pending_saves=64 * 2 * 2 * 2 * 16 * 4)  # one chunk's staging
     ops = [RequestOps("a", PROMPT, list(range(19)), save=(0, 64)),
            RequestOps("b", PROMPT[::-1], list(range(19)), save=(0, 64))]
