@@ -24,10 +24,8 @@ would push the staged bytes past ``max_pending_saves`` are skipped and counted.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
@@ -45,7 +43,7 @@ from kvcache.kernels.page_layout import (
     paged_planes,
     slots_from_block_table,
 )
-from kvcache.kernels.paged_copy import paged_gather, paged_scatter
+from kvcache.kernels.paged_copy import chunk_shape, paged_scatter
 from kvcache.kvstore.errors import KVCacheError
 from kvcache.kvstore.keys import Chunk, chunk_tokens
 from kvcache.kvstore.layer_loader import LayerLoader
@@ -132,7 +130,7 @@ class PagedWorker:
         self._pending_bytes = 0
         self._queue: queue.Queue[_Save | None] = queue.Queue()
         self._saver = threading.Thread(target=self._save_loop, name="kvcache-saver",
-                                       daemon=True)  # it lowers its own priority
+                                       daemon=True)
         self._saver.start()
 
     # -- loads -------------------------------------------------------------------------------
@@ -294,10 +292,6 @@ class PagedWorker:
 
     # -- the saver thread --------------------------------------------------------------------
     def _save_loop(self) -> None:
-        # Encoding and storing compete with the engine for cores: let the engine win.
-        if hasattr(os, "setpriority"):
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while (save := self._queue.get()) is not None:
             try:
                 self._store_chunks(save)
@@ -324,22 +318,25 @@ class PagedWorker:
                 self.stats.save_bytes += piece.numel() * piece.element_size()
 
     def _canonical(self, save: _Save) -> torch.Tensor:
-        """The saved tokens, ``[layers, 2, tokens, kv_heads, head_dim]``, from the staged
-        blocks (each layer's staging is a small engine cache of the copied blocks)."""
+        """The saved tokens as one canonical tensor (``chunk_shape``: ``[layers, 2, tokens,
+        kv_heads, head_dim]``, MLA ``[layers, tokens, latent]``) from the staged blocks:
+        one strided copy per layer and plane (the staged blocks start at the first saved
+        token: saves start on chunk, hence block, boundaries)."""
         assert save.op.save is not None
         start, end = save.op.save
         blocks = dataclasses.replace(self.pages, num_blocks=len(save.block_ids))
-        offset = start - save.first_block * self.block_size
-        slots = torch.arange(offset, offset + end - start, dtype=torch.int64)
+        nb, b = len(save.block_ids), self.block_size
         out: torch.Tensor | None = None
         for i in range(self.layout.num_layers):
-            got = paged_gather(paged_planes(blocks, [save.staging[i]]), slots)
+            planes = paged_planes(blocks, [save.staging[i]])
             if out is None:
-                out = torch.empty((self.layout.num_layers, *got.shape[1:]), dtype=got.dtype,
-                                  device="cpu")
-            out[i].copy_(got[0])
-        assert out is not None
-        return out
+                shape = (self.layout.num_layers, *chunk_shape(planes, nb * b)[1:])
+                out = torch.empty(shape, dtype=planes.dtype)
+                out5 = out.unsqueeze(1).unsqueeze(3) if planes.num_planes == 1 else out
+            for p, view in enumerate(planes.views[0]):  # [nb, B, heads, head_dim]
+                out5[i, p].view(view.shape).copy_(view)
+        assert out is not None and start == save.first_block * b
+        return out.narrow(-3 if out.dim() == 5 else -2, 0, end - start)
 
     def _release(self, save: _Save) -> None:
         with self._lock:

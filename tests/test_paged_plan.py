@@ -11,7 +11,12 @@ import torch
 
 from kvcache.connectors.paged_plan import PagedPlanner, RequestOps
 from kvcache.connectors.paged_worker import PagedWorker
-from kvcache.kernels.page_layout import VllmCpuLayout, paged_planes, slots_from_block_table
+from kvcache.kernels.page_layout import (
+    VllmCpuLayout,
+    VllmFlashLayout,
+    paged_planes,
+    slots_from_block_table,
+)
 from kvcache.kernels.paged_copy import paged_gather, paged_scatter
 from kvcache.kvstore.errors import ConfigError
 from kvcache.kvstore.keys import chunk_tokens
@@ -147,16 +152,18 @@ def test_chunks_must_be_whole_blocks(store):
 
 
 # -- the worker side over real pages ---------------------------------------------------------
-def pages(num_blocks: int = 40):
-    """vLLM CPU pages of one layer, a tensor per layer, and those tensors' planes."""
-    layout = VllmCpuLayout(num_layers=1, num_blocks=num_blocks, block_size=BLOCK,
-                           num_kv_heads=2, head_dim=16)
+def pages(num_blocks: int = 40, kind: type = VllmCpuLayout):
+    """vLLM pages of one layer (CPU attention's by default), a tensor per layer, and
+    those tensors' planes."""
+    layout = kind(num_layers=1, num_blocks=num_blocks, block_size=BLOCK, num_kv_heads=2,
+                  head_dim=16)
     kv = [layout.allocate(torch.float32)[0] for _ in range(LAYOUT.num_layers)]
     return layout, kv, [paged_planes(layout, [t]) for t in kv]
 
 
-def test_a_worker_saves_what_it_copied_out_and_loads_it_into_other_blocks(store):
-    layout, kv, planes = pages()
+@pytest.mark.parametrize("kind", [VllmCpuLayout, VllmFlashLayout])
+def test_a_worker_saves_what_it_copied_out_and_loads_it_into_other_blocks(store, kind):
+    layout, kv, planes = pages(kind=kind)
     worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
     g = torch.Generator().manual_seed(0)
     src_blocks = list(range(0, 19))

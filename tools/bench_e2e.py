@@ -242,9 +242,10 @@ def _ttfts(result: dict[str, Any], first_round: bool = False) -> list[float]:
 
 def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
             machine: dict[str, Any], code: dict[str, Any], seconds: float) -> dict[str, Any]:
-    configs = {name: _summary(r["requests"]) | {"kvcache": r["kvcache"],
-                                                "engine_start_s": r["engine_start_s"]}
-               for name, r in results.items()}
+    configs = {name: _summary(r["requests"]) | {
+        "kvcache": r["kvcache"], "engine_start_s": r["engine_start_s"],
+        "ttft_ms": [round(1e3 * x["ttft_s"], 1) for x in r["requests"]]}
+        for name, r in results.items()}
     apc = _ttfts(results["vllm prefix cache"])
     rows = [
         {"figure": "TTFT speedup after a restart", "variant": "no cache",
