@@ -14,8 +14,12 @@ over ``$KVCACHE_CONFIG`` and ``KVCACHE_*`` variables; ``"config": PATH`` names a
 file instead of ``$KVCACHE_CONFIG``. Unknown keys are refused with the nearest known one.
 
 Pages: vLLM's CPU attention backend (``vec``/``vec16`` ISAs, fp32/fp16/bf16) and CUDA
-FlashAttention's ``[2, N, B, H, D]``. Other page formats (bf16 packed for AMX, fp8 KV
-caches) are refused at start with the reason, and the engine runs without kvcache.
+FlashAttention's ``[2, N, B, H, D]``. A model or KV dtype kvcache cannot key (other model
+families, sliding windows, fp8 KV caches) stops the engine at start with the reason; a
+page format of the machine it cannot read (bf16 packed for AMX) is logged and the engine
+runs without kvcache. Requests whose tokens do not determine their KV — multimodal
+inputs, a LoRA adapter, a cache salt, prompt embeddings — are neither looked up nor
+saved: they run as without kvcache.
 """
 
 from __future__ import annotations
@@ -164,6 +168,7 @@ class KVCacheConnector(KVConnectorBase_V1):
         self.planner: PagedPlanner | None = None
         self.worker: PagedWorker | None = None
         self._layers: dict[str, int] = {}
+        self._uncached: set[str] = set()  # requests kvcache leaves alone (_uncacheable)
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             log.warning("kv_load_failure_policy is %r: a chunk that fails to load fails "
                         "its request; set it to 'recompute' to recompute those tokens",
@@ -265,6 +270,11 @@ class KVCacheConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
         assert self.planner is not None
+        reason = _uncacheable(request)
+        if reason is not None:
+            self._uncached.add(request.request_id)
+            log.debug("request %s: not cached (%s)", request.request_id, reason)
+            return 0, False
         try:
             n = self.planner.matched_tokens(request.request_id, request.prompt_token_ids or [],
                                             num_computed_tokens)
@@ -284,7 +294,7 @@ class KVCacheConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.planner is not None
         new = [(r.req_id, r.prompt_token_ids or [], r.block_ids[0], r.num_computed_tokens)
-               for r in scheduler_output.scheduled_new_reqs]
+               for r in scheduler_output.scheduled_new_reqs if r.req_id not in self._uncached]
         cached = scheduler_output.scheduled_cached_reqs
         running = [
             (rid, None if cached.new_block_ids[i] is None else cached.new_block_ids[i][0],
@@ -298,4 +308,18 @@ class KVCacheConnector(KVConnectorBase_V1):
                          ) -> tuple[bool, dict[str, Any] | None]:
         if self.planner is not None:
             self.planner.finished(request.request_id)
+        self._uncached.discard(request.request_id)
         return False, None
+
+
+def _uncacheable(request: Request) -> str | None:
+    """Why a request's KV is not a function of its token ids alone, or None."""
+    if request.prompt_token_ids is None:
+        return "prompt embeddings"
+    if request.mm_features:
+        return "multimodal inputs: placeholder tokens do not identify the images"
+    if request.lora_request is not None:
+        return "a LoRA adapter"
+    if getattr(request, "cache_salt", None):
+        return "a cache salt"
+    return None

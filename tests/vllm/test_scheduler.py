@@ -203,3 +203,18 @@ def test_a_preempted_request_is_loaded_again_into_its_new_blocks(scheduler):
     assert len(loads) == 1 + a.num_preemptions and loads[-1].load == (0, 288)
     assert not s.has_unfinished_requests()
     assert s.connector.planner.tracked() == 0
+
+
+def test_requests_whose_tokens_do_not_determine_their_kv_are_left_alone(scheduler):
+    """A cache salt (like a LoRA adapter or images) changes the KV of the same tokens:
+    such a request is neither served from the store nor saved to it."""
+    s = scheduler(batched=512)
+    store_chunks(s, PROMPT, 5)
+    salted = Request("salted", PROMPT, SamplingParams(max_tokens=2, ignore_eos=True), None,
+                     cache_salt="tenant-a", block_hasher=get_request_block_hasher(BLOCK, sha256))
+    s.add_request(salted)
+    out, ops = step(s)
+    assert out.num_scheduled_tokens["salted"] == 300 and "salted" not in ops
+    while s.has_unfinished_requests():
+        step(s)
+    assert s.connector.planner.tracked() == 0 and not s.connector._uncached
