@@ -34,7 +34,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 
 from kvcache.connectors import engine_store
 from kvcache.connectors.hf import layout_from_hf_config
@@ -95,6 +98,48 @@ class KVCacheConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+# WorkerStats counters exported to vLLM's Prometheus endpoint: name -> help.
+_PROM_COUNTERS = {
+    "load_tokens": "tokens written into vLLM's pages from kvcache",
+    "load_bytes": "bytes written into vLLM's pages from kvcache",
+    "load_seconds": "seconds the forward pass waited for kvcache layers",
+    "failed_loads": "loads that failed and were recomputed by vLLM",
+    "failed_tokens": "tokens whose load failed and were recomputed",
+    "save_tokens": "tokens kvcache stored",
+    "save_bytes": "bytes kvcache stored (before encoding)",
+    "save_seconds": "seconds the forward pass spent copying blocks out for kvcache",
+    "skipped_saves": "saves skipped (too much KV waiting to be stored, or a store error)",
+}
+
+
+class KVCachePromMetrics(KVConnectorPromMetrics):
+    """kvcache's counters as ``vllm:kvcache_*`` Prometheus counters, per engine; hits by
+    tier as ``vllm:kvcache_load_tokens_by_tier{tier=...}``."""
+
+    def __init__(self, vllm_config: VllmConfig, metric_types: dict[type, type],
+                 labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {}
+        for key, doc in _PROM_COUNTERS.items():
+            metric = self._counter_cls(name=f"vllm:kvcache_{key}", documentation=doc,
+                                       labelnames=labelnames)
+            self._counters[key] = {i: metric.labels(*values)
+                                   for i, values in per_engine_labelvalues.items()}
+        self._by_tier = self._counter_cls(
+            name="vllm:kvcache_load_tokens_by_tier",
+            documentation="tokens loaded from kvcache, by the tier that held them",
+            labelnames=[*labelnames, "tier"])
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        values = self.per_engine_labelvalues.get(engine_idx, [])
+        for key, value in transfer_stats_data.items():
+            if key in self._counters and value:
+                self._counters[key][engine_idx].inc(value)
+            elif key == "load_tokens_by_tier":
+                for tier, n in value.items():
+                    self._by_tier.labels(*values, tier).inc(n)
 
 
 def connector_config(extra: dict[str, Any]) -> KVCacheConfig:
@@ -257,6 +302,12 @@ class KVCacheConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
                                  ) -> KVConnectorStats | None:
         return KVCacheConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KVConnectorPromMetrics | None:
+        return KVCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self.worker is not None:
