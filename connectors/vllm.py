@@ -228,6 +228,7 @@ class KVCacheConnector(KVConnectorBase_V1):
         store = engine_store.acquire(self.config)
         self.store: TieredStore | None = store
         if role == KVConnectorRole.SCHEDULER:
+            _warn_if_workers_cannot_share(vllm_config, self.config)
             enabled = self.isa is None or self.isa in _PLAIN_CPU_ISAS
             if not enabled:
                 log.warning("kvcache is off: vLLM's CPU attention packs %s KV for the %r "
@@ -361,6 +362,19 @@ class KVCacheConnector(KVConnectorBase_V1):
             self.planner.finished(request.request_id)
         self._uncached.discard(request.request_id)
         return False, None
+
+
+def _warn_if_workers_cannot_share(vllm_config: VllmConfig, config: KVCacheConfig) -> None:
+    """Workers in other processes than the scheduler share chunks with it only through a
+    tier both can open: the disk, a remote tier or the daemon."""
+    parallel = vllm_config.parallel_config
+    separate = parallel.world_size > 1 or parallel.distributed_executor_backend in ("mp", "ray")
+    shared = config.connector.server is not None or config.store.disk.enabled \
+        or config.store.remote.url is not None
+    if separate and not shared:
+        log.warning("vLLM's workers run in other processes than its scheduler, and the "
+                    "store has only a CPU tier: the scheduler cannot see what they store, "
+                    "so nothing will be reused. Enable store.disk or use connector.server")
 
 
 def _uncacheable(request: Request) -> str | None:

@@ -19,6 +19,7 @@ from vllm.config import (
     DeviceConfig,
     KVTransferConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     VllmConfig,
 )
@@ -48,8 +49,8 @@ def model(tmp_path_factory) -> str:
 def scheduler(model, tmp_path):
     made = []
 
-    def make(num_blocks: int = 200, batched: int = 64, prefix_caching: bool = False
-             ) -> Scheduler:
+    def make(num_blocks: int = 200, batched: int = 64, prefix_caching: bool = False,
+             backend: str = "uni", **options: object) -> Scheduler:
         model_config = ModelConfig(model=model, dtype="float32", seed=0,
                                    skip_tokenizer_init=True)
         config = VllmConfig(
@@ -63,8 +64,9 @@ def scheduler(model, tmp_path):
                 kv_connector_module_path="kvcache.connectors.vllm", kv_role="kv_both",
                 kv_load_failure_policy="recompute",
                 kv_connector_extra_config={"store.dir": str(tmp_path / "store"),
-                                           "store.chunk_size": CHUNK}),
+                                           "store.chunk_size": CHUNK, **options}),
             device_config=DeviceConfig("cpu"),
+            parallel_config=ParallelConfig(distributed_executor_backend=backend),
         )
         config.cache_config.num_gpu_blocks = num_blocks
         kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
@@ -218,3 +220,12 @@ def test_requests_whose_tokens_do_not_determine_their_kv_are_left_alone(schedule
     while s.has_unfinished_requests():
         step(s)
     assert s.connector.planner.tracked() == 0 and not s.connector._uncached
+
+
+def test_workers_in_other_processes_with_only_a_cpu_tier_are_warned_about(scheduler, caplog):
+    """The scheduler could never see what such workers store: say so at start."""
+    scheduler(backend="mp", **{"store.disk.enabled": False})
+    assert "nothing will be reused" in caplog.text
+    caplog.clear()
+    scheduler(backend="mp")  # the disk tier is shared: fine
+    assert "nothing will be reused" not in caplog.text
