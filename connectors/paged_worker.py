@@ -18,8 +18,10 @@
 
 Failures never reach the engine: a chunk that is missing, corrupt, of another layout, a
 layer that times out or fails to decode make the request's blocks from the first bad
-token on *failed blocks* (``failed_blocks``), which the engine recomputes. Saves that
-would push the staged bytes past ``max_pending_saves`` are skipped and counted.
+token on *failed blocks* (``failed_blocks``), which the engine recomputes; what that
+request computed in the same step attended to them, so its saves of the step are dropped.
+Saves that would push the staged bytes past ``max_pending_saves`` are skipped and
+counted.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class PagedWorker:
         self._loads: list[_Load] = []
         self._saves: list[_Save] = []
         self._failed: set[int] = set()
+        self._failed_requests: set[str] = set()  # this step's: their saves are dropped
         self._lock = threading.Lock()
         self._pending_bytes = 0
         self._queue: queue.Queue[_Save | None] = queue.Queue()
@@ -204,6 +207,7 @@ class PagedWorker:
         first, last = from_token // self.block_size, -(-op.load[1] // self.block_size)
         with self._lock:
             self._failed.update(op.block_ids[first:last])
+            self._failed_requests.add(op.req_id)
             self.stats.failed_loads += 1
             self.stats.failed_tokens += op.load[1] - from_token
 
@@ -262,8 +266,14 @@ class PagedWorker:
                 with self._lock:
                     self.stats.load_tokens += load.end - load.start
         self._loads = []
+        with self._lock:
+            failed, self._failed_requests = self._failed_requests, set()
         for save in self._saves:
-            if save.layers_done == self.layout.num_layers:
+            if save.op.req_id in failed:
+                # This step computed its tokens over KV that did not load: never store it.
+                log.info("request %s: not saving tokens %s computed over a failed load",
+                         save.op.req_id, save.op.save)
+            if save.layers_done == self.layout.num_layers and save.op.req_id not in failed:
                 self._queue.put(save)
             else:
                 self._release(save)

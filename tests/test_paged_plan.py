@@ -224,3 +224,23 @@ def test_saves_past_the_staging_limit_are_skipped_not_waited_for(store):
     stats = worker.take_stats()
     assert stats.skipped_saves == 1 and stats.save_tokens == 64
     worker.close()
+
+
+def test_a_step_whose_load_failed_saves_nothing_of_that_request(store):
+    """The tokens computed in that step attended to KV that never loaded."""
+    layout, kv, _ = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
+    store_prefix(store, PROMPT, 1)  # chunk 1 is missing: the load of [0, 128) fails half
+    bad = RequestOps("r", PROMPT, list(range(19)), load=(0, 128), save=(128, 300))
+    good = RequestOps("s", PROMPT[::-1], list(range(19, 38)), save=(0, 64))
+    worker.start_loads([bad])
+    for i in range(2):
+        worker.load_layer(i)
+        worker.save_layer(i, [bad, good])
+    worker.end_step()
+    assert worker.wait_saved(10)
+    assert worker.failed_blocks() == set(range(4, 8))
+    stats = worker.take_stats()
+    assert stats.save_tokens == 64 and stats.skipped_saves == 1
+    assert not store.contains(chunk_tokens(LAYOUT.fingerprint, PROMPT, CHUNK)[2].prefix_key)
+    worker.close()
