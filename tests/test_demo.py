@@ -72,8 +72,14 @@ _WITHOUT_TRITON = textwrap.dedent(
     for name in ("kvstore", "codecs", "kernels", "connectors", "tools"):
         pkg = importlib.import_module("kvcache." + name)
         for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
-            if "._triton" not in mod.name:  # the @triton.jit modules themselves
+            if "._triton" in mod.name:  # the @triton.jit modules themselves
+                continue
+            try:
                 importlib.import_module(mod.name)
+            except ModuleNotFoundError as e:
+                # an engine's adapter needs that engine (its own venv in CI), nothing else
+                if (mod.name, e.name) != ("kvcache.connectors.vllm", "vllm"):
+                    raise
 
     from kvcache.kernels.dispatch import use_triton
 
