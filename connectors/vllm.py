@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 # vLLM's CPU attention ISAs whose pages hold plain K/V (``VllmCpuLayout``).
 _PLAIN_CPU_ISAS = ("vec", "vec16")
+# kv_cache_dtype values that store K/V as plain floats (fp8 caches carry scales: not yet).
+_PLAIN_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class KVCacheConnectorMetadata(KVConnectorMetadata):
@@ -154,14 +156,15 @@ def vllm_layout(vllm_config: VllmConfig, config: KVCacheConfig, tp_rank: int) ->
     connector derives it (so that both key the same tokens alike), with this rank's
     share of the KV heads."""
     model = vllm_config.model_config
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype != "auto":
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    kv_dtype = model.dtype if cache_dtype == "auto" else _PLAIN_KV_DTYPES.get(cache_dtype)
+    if kv_dtype is None:
         raise LayoutMismatchError(
             f"kvcache does not store {cache_dtype} KV caches yet; run vLLM with "
             "kv_cache_dtype='auto'")
     model_id = config.connector.model_id or (
         f"{model.model}@{model.revision}" if model.revision else str(model.model))
-    layout = layout_from_hf_config(model.hf_config, model.dtype, model_id)
+    layout = layout_from_hf_config(model.hf_config, kv_dtype, model_id)
     tp = vllm_config.parallel_config.tensor_parallel_size
     heads = layout.num_kv_heads // tp if layout.num_kv_heads >= tp else 1
     return dataclasses.replace(layout, num_kv_heads=heads, tp_rank=tp_rank, tp_size=tp)

@@ -33,6 +33,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 
 from kvcache.connectors import engine_store
 from kvcache.connectors.vllm import KVCacheConnectorMetadata
+from kvcache.kvstore.errors import LayoutMismatchError
 from kvcache.kvstore.keys import chunk_tokens
 from tests.vllm.engine import write_model
 
@@ -50,7 +51,8 @@ def scheduler(model, tmp_path):
     made = []
 
     def make(num_blocks: int = 200, batched: int = 64, prefix_caching: bool = False,
-             backend: str = "uni", **options: object) -> Scheduler:
+             backend: str = "uni", cache_dtype: str = "auto", **options: object
+             ) -> Scheduler:
         model_config = ModelConfig(model=model, dtype="float32", seed=0,
                                    skip_tokenizer_init=True)
         config = VllmConfig(
@@ -58,7 +60,8 @@ def scheduler(model, tmp_path):
             scheduler_config=SchedulerConfig(
                 max_num_seqs=8, max_num_batched_tokens=batched, max_model_len=1024,
                 enable_chunked_prefill=True, is_encoder_decoder=False),
-            cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
+            cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching,
+                                     cache_dtype=cache_dtype),
             kv_transfer_config=KVTransferConfig(
                 kv_connector="KVCacheConnector",
                 kv_connector_module_path="kvcache.connectors.vllm", kv_role="kv_both",
@@ -229,3 +232,10 @@ def test_workers_in_other_processes_with_only_a_cpu_tier_are_warned_about(schedu
     caplog.clear()
     scheduler(backend="mp")  # the disk tier is shared: fine
     assert "nothing will be reused" not in caplog.text
+
+
+def test_an_fp8_kv_cache_is_refused_at_start_and_a_plain_one_keys_its_own_dtype(scheduler):
+    with pytest.raises(LayoutMismatchError, match="fp8"):
+        scheduler(cache_dtype="fp8")
+    assert scheduler().connector.layout.dtype == "float32"  # the model's
+    assert scheduler(cache_dtype="float16").connector.layout.dtype == "float16"
