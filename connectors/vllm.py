@@ -239,7 +239,10 @@ class KVCacheConnector(KVConnectorBase_V1):
             c = self.config.connector
             self.planner = PagedPlanner(
                 self.layout, store.longest_prefix, chunk_size=self.chunk_size,
-                block_size=self.block_size, load=c.load and enabled, save=c.save and enabled)
+                block_size=self.block_size,
+                # kv_role "kv_producer" only saves, "kv_consumer" only loads
+                load=c.load and enabled and self._kv_transfer_config.is_kv_consumer,
+                save=c.save and enabled and self._kv_transfer_config.is_kv_producer)
         log.info("kvcache %s connector: model %s, layout %s (rank %d of %d), store %s",
                  role.name.lower(), self.layout.model_id, self.layout.fingerprint, tp_rank,
                  self.layout.tp_size, self.config.connector.server or self.config.store.dir)

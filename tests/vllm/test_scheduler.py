@@ -51,8 +51,8 @@ def scheduler(model, tmp_path):
     made = []
 
     def make(num_blocks: int = 200, batched: int = 64, prefix_caching: bool = False,
-             backend: str = "uni", cache_dtype: str = "auto", **options: object
-             ) -> Scheduler:
+             backend: str = "uni", cache_dtype: str = "auto", role: str = "kv_both",
+             **options: object) -> Scheduler:
         model_config = ModelConfig(model=model, dtype="float32", seed=0,
                                    skip_tokenizer_init=True)
         config = VllmConfig(
@@ -64,7 +64,7 @@ def scheduler(model, tmp_path):
                                      cache_dtype=cache_dtype),
             kv_transfer_config=KVTransferConfig(
                 kv_connector="KVCacheConnector",
-                kv_connector_module_path="kvcache.connectors.vllm", kv_role="kv_both",
+                kv_connector_module_path="kvcache.connectors.vllm", kv_role=role,
                 kv_load_failure_policy="recompute",
                 kv_connector_extra_config={"store.dir": str(tmp_path / "store"),
                                            "store.chunk_size": CHUNK, **options}),
@@ -239,3 +239,10 @@ def test_an_fp8_kv_cache_is_refused_at_start_and_a_plain_one_keys_its_own_dtype(
         scheduler(cache_dtype="fp8")
     assert scheduler().connector.layout.dtype == "float32"  # the model's
     assert scheduler(cache_dtype="float16").connector.layout.dtype == "float16"
+
+
+def test_a_consumer_only_loads_and_a_producer_only_saves(scheduler):
+    consumer = scheduler(role="kv_consumer").connector.planner
+    producer = scheduler(role="kv_producer").connector.planner
+    assert (consumer.load_enabled, consumer.save_enabled) == (True, False)
+    assert (producer.load_enabled, producer.save_enabled) == (False, True)
