@@ -57,6 +57,7 @@ class Spec:
     prompts: list[list[int]] = field(default_factory=list)
     max_tokens: int = 8
     transfer: dict[str, Any] = field(default_factory=dict)  # KVTransferConfig fields
+    tensor_parallel: int = 1  # > 1: a worker process per rank ("mp" executor)
 
 
 def make_llm(spec: Spec) -> Any:
@@ -71,10 +72,11 @@ def make_llm(spec: Spec) -> Any:
                   "kv_role": "kv_both", "kv_load_failure_policy": "recompute", **spec.transfer,
                   "kv_connector_extra_config": {"store.chunk_size": CHUNK, **spec.options}}
         kw["kv_transfer_config"] = KVTransferConfig(**fields)
+    workers = spec.multiprocessing or spec.tensor_parallel > 1
     return LLM(model=spec.model, skip_tokenizer_init=True, dtype=spec.dtype, block_size=BLOCK,
                enforce_eager=True, max_model_len=1024, enable_prefix_caching=spec.prefix_caching,
-               distributed_executor_backend="mp" if spec.multiprocessing else "uni",
-               seed=0, **kw)
+               distributed_executor_backend="mp" if workers else "uni",
+               tensor_parallel_size=spec.tensor_parallel, seed=0, **kw)
 
 
 @dataclass

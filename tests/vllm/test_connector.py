@@ -229,3 +229,22 @@ def test_vllm_and_transformers_serve_each_other(models, tmp_path):
     out = run_elsewhere(Spec(models["float32"], options=options), prompts=[extra])
     assert_same(out, ref, "float32")
     assert out.cached[0] >= 0.9 * full_chunk_tokens(extra)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel workers need 2 cores")
+def test_tensor_parallel_ranks_store_and_reuse_their_own_shards(models, tmp_path):
+    """Two workers, each with half the KV heads: each stores its own shard under its own
+    keys, and a warm engine takes the prefix every rank holds."""
+    store = {"store.dir": str(tmp_path / "store")}
+    one_core_each = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # vLLM binds a worker per NUMA node
+    ref = run_elsewhere(Spec(models["float32"], kvcache=False, tensor_parallel=2),
+                        env=one_core_each)
+    cold = run_elsewhere(Spec(models["float32"], options=store, tensor_parallel=2),
+                         env=one_core_each)
+    warm = run_elsewhere(Spec(models["float32"], options=store, tensor_parallel=2),
+                         env=one_core_each)
+    assert_same(cold, ref, "float32")
+    assert_same(warm, ref, "float32")
+    assert_reused(warm)
+    chunks = sum(-(-len(p) // CHUNK) for p in PROMPTS)
+    assert len(list((tmp_path / "store").rglob("*.kvo"))) == 2 * chunks
