@@ -248,3 +248,25 @@ def test_tensor_parallel_ranks_store_and_reuse_their_own_shards(models, tmp_path
     assert_reused(warm)
     chunks = sum(-(-len(p) // CHUNK) for p in PROMPTS)
     assert len(list((tmp_path / "store").rglob("*.kvo"))) == 2 * chunks
+
+    # Rank 1 loses the third chunk of the first prompt: both ranks reuse two chunks there
+    # (never rank 0's three beside rank 1's two), the other prompts all they had.
+    import dataclasses
+
+    import torch
+    from transformers import AutoConfig
+
+    from kvcache.connectors.hf import layout_from_hf_config
+    from kvcache.kvstore.config import StoreConfig
+    from kvcache.kvstore.keys import chunk_tokens
+    from kvcache.kvstore.tiered_store import TieredStore
+
+    model = models["float32"]
+    layout = layout_from_hf_config(AutoConfig.from_pretrained(model), torch.float32, model)
+    rank1 = dataclasses.replace(layout, num_kv_heads=1, tp_rank=1, tp_size=2)
+    lost = chunk_tokens(rank1.fingerprint, PROMPTS[0], CHUNK)[2].prefix_key
+    with TieredStore.open(StoreConfig(dir=tmp_path / "store", chunk_size=CHUNK)) as s:
+        assert s.delete(lost)
+    partial = run_elsewhere(Spec(model, options=store, tensor_parallel=2), env=one_core_each)
+    assert_same(partial, ref, "float32")
+    assert partial.cached == [2 * CHUNK, *warm.cached[1:]]
