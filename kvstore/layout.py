@@ -144,6 +144,11 @@ class KVLayout:
 
     The canonical chunk tensor is ``[num_layers, 2, num_tokens, num_kv_heads, head_dim]``
     (K at index 0, V at index 1). For MLA it is ``[num_layers, num_tokens, latent_dim]``.
+
+    ``page_format``: None for canonical K/V. Otherwise the chunk tensor has the canonical
+    shape but holds an engine's pages as they are (``num_tokens`` a whole number of
+    blocks), in the page format this names (engine, kernel, block size): only that
+    engine can use them, and only lossless codecs store them (``codec_for``).
     """
 
     model_id: str
@@ -156,6 +161,7 @@ class KVLayout:
     rope: RopeSpec | None = field(default_factory=RopeSpec)
     tp_rank: int = 0
     tp_size: int = 1
+    page_format: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention", _enum(AttentionKind, self.attention, "attention"))
@@ -213,6 +219,8 @@ class KVLayout:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["page_format"] is None:  # canonical layouts keep the fingerprints they had
+            del d["page_format"]
         d["attention"] = self.attention.value
         if self.rope is not None:
             d["rope"]["style"] = self.rope.style.value

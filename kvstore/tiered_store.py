@@ -69,9 +69,19 @@ def check_key(key: str) -> None:
         )
 
 
+def codec_for(layout: KVLayout, codec_name: str) -> str:
+    """The codec a tier configured with ``codec_name`` uses for ``layout``'s chunks: a
+    lossy codec would quantize an engine's opaque pages along the wrong axes, so those
+    are stored with ``raw``."""
+    if layout.page_format is not None and not get_codec(codec_name).lossless:
+        return "raw"
+    return codec_name
+
+
 def transcode(obj: StoredObject, codec_name: str) -> StoredObject:
     """``obj`` re-encoded with ``codec_name`` (``obj`` itself when it already is)."""
     h = obj.header
+    codec_name = codec_for(h.layout, codec_name)
     if h.codec == codec_name:
         return obj
     chunk = get_codec(h.codec).decode(obj.tensors, h.codec_params, h.layout, h.num_tokens)
@@ -355,7 +365,7 @@ class TieredStore:
                 f"({largest} bytes); store smaller chunks (store.chunk_size) or raise the "
                 "tiers' capacity"
             )
-        codec = get_codec(self.codecs[0])
+        codec = get_codec(codec_for(layout, self.codecs[0]))
         tensors, params = codec.encode(chunk, layout, rope_start=rope_start)
         self._place(StoredObject(
             ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start, self._stamp()),

@@ -55,6 +55,30 @@ def test_llama3_rope_params_keep_older_layouts_keys():
             RopeSpec(**bad)
 
 
+def test_page_format_keeps_canonical_layouts_keys_and_sets_opaque_ones_apart(tmp_path):
+    """Unset, the field is left out of the dict (fingerprints unchanged); set, the layout
+    is another one, and even a store whose tiers quantize keeps such chunks exact."""
+    from kvcache.kvstore.config import StoreConfig
+    from kvcache.kvstore.tiered_store import TieredStore
+
+    plain = KVLayout("m", 2, 2, 8, dtype="float32")
+    assert "page_format" not in plain.to_dict()
+    pages = KVLayout("m", 2, 2, 8, dtype="float32", page_format="vllm-cpu-amx-b32")
+    assert pages.fingerprint != plain.fingerprint
+    assert KVLayout.from_dict(pages.to_dict()) == pages
+    cfg = StoreConfig.from_dict({"dir": str(tmp_path), "cpu": {"codec": "quant"},
+                                 "disk": {"codec": "cachegen"}})
+    chunk = torch.randn(pages.chunk_shape(32))
+    with TieredStore.open(cfg) as store:
+        store.put("0" * 32, chunk, pages)
+        store.flush()
+        assert store.get_object("0" * 32).header.codec == "raw"
+        assert store.tiers[1].get("0" * 32).header.codec == "raw"  # written down raw too
+        assert torch.equal(store.get("0" * 32), chunk)
+        store.put("1" * 32, chunk, plain)  # canonical chunks do get the tier's codec
+        assert store.get_object("1" * 32).header.codec == "quant"
+
+
 def test_fingerprint_and_keys_agree_across_processes(layout):
     code = (
         "from kvcache.kvstore.layout import KVLayout;"
