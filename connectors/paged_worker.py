@@ -119,6 +119,11 @@ class PagedWorker:
         self.pages = pages
         self.layer_pages = list(layer_pages)
         self.planes = [paged_planes(pages, [t]) for t in self.layer_pages]
+        # The layout names a page format: blocks are stored and loaded as they are.
+        self.opaque = layout.page_format is not None
+        if self.opaque and (pages.block_dim != 0 or chunk_size % pages.block_size):
+            raise KVCacheError("opaque pages need whole blocks along a layer tensor's "
+                               "first dim and chunks of whole blocks")
         self.chunk_size = chunk_size
         self.block_size = pages.block_size
         self.load_timeout = load_timeout
@@ -182,8 +187,12 @@ class PagedWorker:
                 continue
             try:
                 layer = load.loader.wait_for_layer(i, self.load_timeout)
-                piece = layer[:, load.start - load.first_token : load.end - load.first_token]
-                paged_scatter(self.planes[i], load.slots, piece.unsqueeze(0))
+                if self.opaque:
+                    piece = self._write_blocks(i, load, layer)
+                else:
+                    piece = layer[:, load.start - load.first_token :
+                                  load.end - load.first_token]
+                    paged_scatter(self.planes[i], load.slots, piece.unsqueeze(0))
                 load.layers_done = i + 1
                 with self._lock:
                     self.stats.load_bytes += piece.numel() * piece.element_size()
@@ -193,6 +202,22 @@ class PagedWorker:
                 self._abandon(load)
         with self._lock:
             self.stats.load_seconds += time.perf_counter() - t0
+
+    def _write_blocks(self, i: int, load: _Load, layer: torch.Tensor) -> torch.Tensor:
+        """Opaque pages: copy the loaded blocks of layer ``i`` into the request's blocks
+        as they are. layer: ``[2, tokens, heads, head_dim]``, whole chunks from the
+        loader's first one on, each chunk's slice holding its blocks' bytes in memory
+        order (see ``_opaque_piece``). Returns the blocks written."""
+        b, c, pages = self.block_size, self.chunk_size, self.layer_pages[i]
+        per_chunk = [layer[:, j : j + c].contiguous().view(c // b, *pages.shape[1:])
+                     for j in range(0, load.end - load.first_token, c)]
+        blocks = torch.cat(per_chunk) if len(per_chunk) > 1 else per_chunk[0]
+        first = (load.start - load.first_token) // b
+        piece = blocks[first : first + (load.end - load.start) // b]
+        dst = load.op.block_ids[load.start // b : load.end // b]
+        pages.index_copy_(0, torch.tensor(dst, dtype=torch.int64, device=pages.device),
+                          piece)
+        return piece
 
     def _abandon(self, load: _Load) -> None:
         load.failed = True
@@ -317,15 +342,26 @@ class PagedWorker:
     def _store_chunks(self, save: _Save) -> None:
         assert save.op.save is not None
         start, end = save.op.save
-        kv = self._canonical(save)
+        kv = None if self.opaque else self._canonical(save)
         for chunk in self._chunks(save.op.token_ids, start, end):
+            if self.opaque and chunk.num_tokens != self.chunk_size:
+                continue  # pages come in whole blocks: a partial chunk is not stored
             if self.store.contains(chunk.prefix_key):
                 continue
-            piece = kv[:, :, chunk.start - start : chunk.end - start]
+            piece = self._opaque_piece(save, chunk.start, chunk.end) if kv is None \
+                else kv[:, :, chunk.start - start : chunk.end - start]
             self.store.put(chunk.prefix_key, piece, self.layout, rope_start=chunk.start)
             with self._lock:
                 self.stats.save_tokens += chunk.num_tokens
                 self.stats.save_bytes += piece.numel() * piece.element_size()
+
+    def _opaque_piece(self, save: _Save, start: int, end: int) -> torch.Tensor:
+        """Opaque pages: the staged blocks of tokens ``[start, end)`` (a whole chunk), as
+        they are, in a tensor of the chunk's canonical shape."""
+        b = self.block_size
+        first = start // b - save.first_block
+        blocks = save.staging[:, first : first + (end - start) // b]  # [layers, m, *block]
+        return blocks.contiguous().view(self.layout.chunk_shape(end - start))
 
     def _canonical(self, save: _Save) -> torch.Tensor:
         """The saved tokens as one canonical tensor (``chunk_shape``: ``[layers, 2, tokens,

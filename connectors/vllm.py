@@ -14,12 +14,15 @@ over ``$KVCACHE_CONFIG`` and ``KVCACHE_*`` variables; ``"config": PATH`` names a
 file instead of ``$KVCACHE_CONFIG``. Unknown keys are refused with the nearest known one.
 
 Pages: vLLM's CPU attention backend (``vec``/``vec16`` ISAs, fp32/fp16/bf16) and CUDA
-FlashAttention's ``[2, N, B, H, D]``. A model or KV dtype kvcache cannot key (other model
-families, sliding windows, fp8 KV caches) stops the engine at start with the reason; a
-page format of the machine it cannot read (bf16 packed for AMX) is logged and the engine
-runs without kvcache. Requests whose tokens do not determine their KV — multimodal
-inputs, a LoRA adapter, a cache salt, prompt embeddings — are neither looked up nor
-saved: they run as without kvcache.
+FlashAttention's ``[2, N, B, H, D]`` are read into canonical chunks (codecs apply, other
+engines reuse them). CPU pages packed in a way kvcache cannot read (bf16 for AMX) are
+stored as they are, whole blocks, under a layout naming that page format (lossless codecs
+only; only engines with the same page format reuse them), and so are all CPU pages with
+``connector.pages = "opaque"``. A model or KV dtype kvcache cannot key (other model
+families, sliding windows, fp8 KV caches) stops the engine at start with the reason.
+Requests whose tokens do not determine their KV — multimodal inputs, a LoRA adapter, a
+cache salt, prompt embeddings — are neither looked up nor saved: they run as without
+kvcache.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from kvcache.connectors.paged_plan import PagedPlanner, RequestOps
 from kvcache.connectors.paged_worker import BlockPages, PagedWorker
 from kvcache.kernels.page_layout import VllmCpuLayout, VllmFlashLayout, paged_planes
 from kvcache.kvstore.config import KVCacheConfig
-from kvcache.kvstore.errors import LayoutMismatchError
+from kvcache.kvstore.errors import ConfigError, LayoutMismatchError
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tiered_store import TieredStore
 
@@ -182,16 +185,28 @@ def cpu_page_isa(vllm_config: VllmConfig, layout: KVLayout) -> str | None:
                              layout.head_dim))
 
 
+def page_format(isa: str | None, pages: str, layout: KVLayout, block_size: int
+                ) -> str | None:
+    """None when kvcache reads vLLM's pages into canonical chunks, else the name of the
+    page format stored as it is: the CPU attention's pages packed for an ISA kvcache
+    cannot read (bf16 for AMX), or any CPU pages with ``connector.pages = "opaque"``."""
+    if isa is None:
+        if pages == "opaque":
+            raise ConfigError("connector.pages = 'opaque' is for vLLM's CPU attention; "
+                              "GPU pages are always read into canonical chunks")
+        return None
+    if pages == "auto" and isa in _PLAIN_CPU_ISAS:
+        return None
+    return f"vllm-cpu-{isa}-{layout.dtype}-b{block_size}"
+
+
 def page_layout_of(tensor: torch.Tensor, layout: KVLayout, block_size: int,
                    isa: str | None) -> BlockPages:
-    """The one-layer page layout of a vLLM KV cache tensor; ``LayoutMismatchError`` for
-    formats kvcache cannot read."""
+    """The one-layer page layout of a vLLM KV cache tensor (the CPU attention's, whatever
+    its packing, for whole-block copies); ``LayoutMismatchError`` for shapes it does not
+    know."""
     h, d = layout.num_kv_heads, layout.head_dim
     if isa is not None:
-        if isa not in _PLAIN_CPU_ISAS:
-            raise LayoutMismatchError(
-                f"vLLM's CPU attention stores {layout.dtype} KV packed for the {isa!r} ISA, "
-                "which kvcache cannot read yet")
         n = tensor.shape[0]
         return VllmCpuLayout(num_layers=1, num_blocks=n, block_size=block_size,
                              num_kv_heads=h, head_dim=d)
@@ -226,23 +241,26 @@ class KVCacheConnector(KVConnectorBase_V1):
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             tp_rank = get_tensor_model_parallel_rank()
-        self.layout = vllm_layout(vllm_config, self.config, tp_rank)
-        self.isa = cpu_page_isa(vllm_config, self.layout)
+        layout = vllm_layout(vllm_config, self.config, tp_rank)
+        self.isa = cpu_page_isa(vllm_config, layout)
+        self.layout = dataclasses.replace(
+            layout, page_format=page_format(self.isa, self.config.connector.pages, layout,
+                                            self.block_size))
+        if self.layout.page_format is not None and role == KVConnectorRole.SCHEDULER:
+            log.warning("kvcache stores vLLM's %s pages as they are (page format %s): "
+                        "lossless codecs only, and only engines with this page format "
+                        "can reuse them", self.layout.dtype, self.layout.page_format)
         store = engine_store.acquire(self.config)
         self.store: TieredStore | None = store
         if role == KVConnectorRole.SCHEDULER:
             _warn_if_workers_cannot_share(vllm_config, self.config)
-            enabled = self.isa is None or self.isa in _PLAIN_CPU_ISAS
-            if not enabled:
-                log.warning("kvcache is off: vLLM's CPU attention packs %s KV for the %r "
-                            "ISA, which kvcache cannot read yet", self.layout.dtype, self.isa)
             c = self.config.connector
             self.planner = PagedPlanner(
                 self.layout, store.longest_prefix, chunk_size=self.chunk_size,
                 block_size=self.block_size,
                 # kv_role "kv_producer" only saves, "kv_consumer" only loads
-                load=c.load and enabled and self._kv_transfer_config.is_kv_consumer,
-                save=c.save and enabled and self._kv_transfer_config.is_kv_producer)
+                load=c.load and self._kv_transfer_config.is_kv_consumer,
+                save=c.save and self._kv_transfer_config.is_kv_producer)
         log.info("kvcache %s connector: model %s, layout %s (rank %d of %d), store %s",
                  role.name.lower(), self.layout.model_id, self.layout.fingerprint, tp_rank,
                  self.layout.tp_size, self.config.connector.server or self.config.store.dir)

@@ -410,6 +410,10 @@ class ConnectorConfig(_Section):
     # KV copied out of the engine and waiting to be encoded and stored; past this, new
     # saves are skipped (counted) so the engine never waits for the store.
     max_pending_saves: int = _size(1 * GiB)
+    # "auto": read the engine's pages into canonical chunks where kvcache knows their
+    # format, store them as they are otherwise; "opaque": always as they are (exact and
+    # cheapest, but lossless codecs only and reusable only by the same page format).
+    pages: str = _choice("auto", ("auto", "opaque"))
 
     def _validate(self) -> None:
         if self.server is not None:

@@ -244,3 +244,34 @@ def test_a_step_whose_load_failed_saves_nothing_of_that_request(store):
     assert stats.save_tokens == 64 and stats.skipped_saves == 1
     assert not store.contains(chunk_tokens(LAYOUT.fingerprint, PROMPT, CHUNK)[2].prefix_key)
     worker.close()
+
+
+def test_opaque_pages_are_stored_and_loaded_as_they_are(store):
+    """A page format kvcache cannot read (bf16 packed for AMX) is stored as the engine's
+    bytes, whole chunks only, and loaded back bit for bit into other blocks."""
+    opaque = dataclasses.replace(LAYOUT, page_format="vllm-cpu-amx-b16")
+    layout, kv, _ = pages()
+    g = torch.Generator().manual_seed(3)
+    src = list(range(19))
+    for t in kv:
+        t[src] = torch.randn(t[src].shape, generator=g)
+    worker = PagedWorker(store, opaque, layout, kv, chunk_size=CHUNK)
+    save = RequestOps("r", PROMPT, src, save=(0, 300))
+    for i in range(2):
+        worker.save_layer(i, [save])
+    worker.end_step()
+    assert worker.wait_saved(10)
+    assert worker.take_stats().save_tokens == 256  # the partial chunk [256, 300) is not
+    keys = [c.prefix_key for c in chunk_tokens(opaque.fingerprint, PROMPT, CHUNK)]
+    assert [store.contains(k) for k in keys] == [True] * 4 + [False]
+
+    dst = list(range(20, 39))
+    worker.start_loads([RequestOps("s", PROMPT, dst, load=(64, 240))])  # mid-chunk end
+    for i in range(2):
+        worker.load_layer(i)
+    worker.end_step()
+    assert worker.failed_blocks() == set()
+    for t in kv:
+        assert torch.equal(t[dst[4:15]], t[src[4:15]])  # blocks 4..14: tokens 64..240
+        assert not t[dst[15]].any() and not t[dst[3]].any()
+    worker.close()

@@ -270,3 +270,18 @@ def test_tensor_parallel_ranks_store_and_reuse_their_own_shards(models, tmp_path
     partial = run_elsewhere(Spec(model, options=store, tensor_parallel=2), env=one_core_each)
     assert_same(partial, ref, "float32")
     assert partial.cached == [2 * CHUNK, *warm.cached[1:]]
+
+
+def test_opaque_pages_are_reused_exactly(models, tmp_path):
+    """vLLM's pages stored as they are (as for bf16 packed for AMX, forced here): same
+    tokens, whole chunks reused, and the layout names the page format."""
+    options = {"store.dir": str(tmp_path / "store"), "connector.pages": "opaque",
+               "store.disk.codec": "cachegen"}  # lossy: opaque pages go down raw anyway
+    ref, _ = run(Spec(models["bfloat16"], "bfloat16", kvcache=False))
+    cold, saved = run(Spec(models["bfloat16"], "bfloat16", options=options))
+    warm, loaded = run(Spec(models["bfloat16"], "bfloat16", options=options))
+    assert cold.tokens == ref.tokens and warm.tokens == ref.tokens
+    assert warm.logprobs == cold.logprobs  # the very bytes vLLM wrote
+    assert_reused(warm)
+    assert saved["save_tokens"] == sum(len(p) // CHUNK * CHUNK for p in PROMPTS)
+    assert loaded["failed_loads"] == 0
