@@ -21,6 +21,7 @@ import platform
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from kvcache.kvstore.container import (
     BUFFER_ALIGN,
@@ -81,6 +82,28 @@ def write_blob_file(path: str, parts: list[bytes | memoryview], sync: bool) -> N
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_blob_file(final: Path, parts: list[bytes | memoryview], sync: bool) -> None:
+    """Write ``parts`` to ``final`` so that a file under that name is always whole: under
+    a temporary name first, then renamed (with ``sync``, the rename made durable too). A
+    crash mid-write leaves only a ``*.tmp`` that nothing references; on an error neither
+    name is left behind and the error is raised."""
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        write_blob_file(str(tmp), parts, sync)
+        os.replace(tmp, final)
+        if sync:
+            dfd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        final.unlink(missing_ok=True)
+        raise
 
 
 def read_blob_header(path: str) -> ObjectHeader:

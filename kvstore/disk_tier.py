@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from kvcache.kvstore.blob_files import read_blob_file, read_blob_header, write_blob_file
+from kvcache.kvstore.blob_files import publish_blob_file, read_blob_file, read_blob_header
 from kvcache.kvstore.container import (
     ObjectHeader,
     StoredObject,
@@ -426,11 +426,10 @@ class DiskTier(Tier):
             if self.readonly:
                 with idx.read() as txn:
                     cur = idx.get_rec(txn, key)
-                if cur is not None and cur["id"] != rec_id:
-                    return False
-                if cur is not None:
-                    log.warning("disk tier at %s: %s is corrupt: %s", self.path, key, why)
-                    self._count(corrupt=1)
+                if cur is None or cur["id"] != rec_id:
+                    return cur is None  # deleted: a miss; replaced: read it again
+                log.warning("disk tier at %s: %s is corrupt: %s", self.path, key, why)
+                self._count(corrupt=1)
                 return True
 
             def drop(txn: lmdb.Transaction) -> Record | bool | None:
@@ -584,22 +583,9 @@ class DiskTier(Tier):
             )
 
     def _write_file(self, final: Path, parts: list[bytes | memoryview]) -> None:
-        # A temporary name first: a crash mid-write leaves only a *.tmp that nothing
-        # references, and any file under a final name is complete.
-        tmp = final.with_name(final.name + ".tmp")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            write_blob_file(str(tmp), parts, self._sync_blobs)
-            os.replace(tmp, final)
-            if self._sync_blobs:  # make the rename itself survive a power loss
-                dfd = os.open(final.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+            publish_blob_file(final, parts, self._sync_blobs)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
-            final.unlink(missing_ok=True)
             if is_enospc(e):
                 raise DiskFullError(disk_full_message(self.path, f"writing {final.name}: {e}")
                                     ) from e

@@ -355,7 +355,7 @@ def test_disk_full_leaves_store_unchanged(
             raise lmdb.MapFullError("mdb_put: MDB_MAP_FULL")
 
         if storage == "files":
-            monkeypatch.setattr(disk_tier, "write_blob_file", enospc)
+            monkeypatch.setattr(disk_tier, "publish_blob_file", enospc)
         else:
             monkeypatch.setattr(disk_tier, "lmdb_put", map_full)
             monkeypatch.setattr(lmdb_index, "free_disk_bytes", lambda p: 0)
