@@ -232,6 +232,7 @@ class KVCacheConnector(KVConnectorBase_V1):
         self.worker: PagedWorker | None = None
         self._layers: dict[str, int] = {}
         self._uncached: set[str] = set()  # requests kvcache leaves alone (_uncacheable)
+        self._unloaded: set[int] = set()  # blocks planned for loads this worker cannot do
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             log.warning("kv_load_failure_policy is %r: a chunk that fails to load fails "
                         "its request; set it to 'recompute' to recompute those tokens",
@@ -298,6 +299,13 @@ class KVCacheConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if self.worker is not None:
             self.worker.start_loads(self._ops())
+            return
+        # This worker turned kvcache off (register_kv_caches said why) but the scheduler,
+        # which cannot know, planned loads: their blocks hold nothing, vLLM recomputes them.
+        for op in self._ops():
+            if op.load is not None:
+                first, last = op.load[0] // self.block_size, -(-op.load[1] // self.block_size)
+                self._unloaded.update(op.block_ids[first:last])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         i = self._layers.get(layer_name)
@@ -315,7 +323,10 @@ class KVCacheConnector(KVConnectorBase_V1):
             self.worker.end_step()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker.failed_blocks() if self.worker is not None else set()
+        if self.worker is not None:
+            return self.worker.failed_blocks()
+        out, self._unloaded = self._unloaded, set()
+        return out
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self.worker is None:

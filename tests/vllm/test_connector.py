@@ -67,8 +67,8 @@ def run(spec: Spec) -> tuple[Outputs, dict]:
     try:
         out = generate(llm, PROMPTS)
         totals = {}
-        if has_kv_transfer_group():
-            worker = get_kv_transfer_group().worker
+        worker = get_kv_transfer_group().worker if has_kv_transfer_group() else None
+        if worker is not None:
             worker.wait_saved(30)
             worker.take_stats()
             totals = worker.totals.to_dict()
@@ -285,3 +285,22 @@ def test_opaque_pages_are_reused_exactly(models, tmp_path):
     assert_reused(warm)
     assert saved["save_tokens"] == sum(len(p) // CHUNK * CHUNK for p in PROMPTS)
     assert loaded["failed_loads"] == 0
+
+
+def test_a_worker_that_turned_kvcache_off_makes_vllm_recompute(models, tmp_path, monkeypatch):
+    """The scheduler cannot know that a worker refused its pages: the loads it planned
+    there are reported failed, and vLLM recomputes instead of reading empty blocks."""
+    import kvcache.connectors.vllm as adapter
+    from kvcache.kvstore.errors import LayoutMismatchError
+
+    store = {"store.dir": str(tmp_path / "store")}
+    ref, _ = run(Spec(models["float32"], kvcache=False))
+    run(Spec(models["float32"], options=store))
+
+    def refuse(*args, **kwargs):
+        raise LayoutMismatchError("pages of a format this worker cannot read")
+
+    monkeypatch.setattr(adapter, "page_layout_of", refuse)
+    out, totals = run(Spec(models["float32"], options=store))
+    assert_same(out, ref, "float32")
+    assert totals == {}  # no worker: nothing loaded, nothing saved
