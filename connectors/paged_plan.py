@@ -47,6 +47,10 @@ class RequestOps:
     load: tuple[int, int] | None = None
     save: tuple[int, int] | None = None
 
+    def blocks(self, start: int, end: int, block_size: int) -> list[int]:
+        """The request's blocks holding tokens ``[start, end)``."""
+        return self.block_ids[start // block_size : -(-end // block_size)]
+
 
 @dataclass
 class _Request:

@@ -229,9 +229,8 @@ class PagedWorker:
     def _fail(self, op: RequestOps, from_token: int) -> None:
         """The blocks holding tokens ``[from_token, load end)`` of ``op`` are unusable."""
         assert op.load is not None
-        first, last = from_token // self.block_size, -(-op.load[1] // self.block_size)
         with self._lock:
-            self._failed.update(op.block_ids[first:last])
+            self._failed.update(op.blocks(from_token, op.load[1], self.block_size))
             self._failed_requests.add(op.req_id)
             self.stats.failed_loads += 1
             self.stats.failed_tokens += op.load[1] - from_token

@@ -304,8 +304,7 @@ class KVCacheConnector(KVConnectorBase_V1):
         # which cannot know, planned loads: their blocks hold nothing, vLLM recomputes them.
         for op in self._ops():
             if op.load is not None:
-                first, last = op.load[0] // self.block_size, -(-op.load[1] // self.block_size)
-                self._unloaded.update(op.block_ids[first:last])
+                self._unloaded.update(op.blocks(*op.load, self.block_size))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         i = self._layers.get(layer_name)
