@@ -9,12 +9,18 @@ engine:
   supply (``core.agreed_prefix`` over every tensor-parallel rank, ``core.reusable_tokens``:
   whole blocks, never the last prompt token);
 - ``allocated``: the engine gave the request blocks for that many external tokens;
+- ``load_async``: whether the request waits for its load outside the engine's steps
+  (``connector.load_mode``: while the engine runs other requests, a load inside a step
+  would hold all of them up; when it is idle, loading layer by layer under the prompt's
+  own compute is quicker, and costs no extra step);
 - ``plan_step``: per scheduled request, a ``RequestOps`` saying which tokens the workers
   load into which blocks before the forward pass, and which prompt tokens they copy out
   and save after it. A prompt is saved chunk by chunk as prefill computes it (chunked
   prefill spreads it over several steps): a chunk is saved in the step that completes it,
   the last, partial chunk in the step that computes the prompt's last token; chunks the
-  store already holds are not saved again.
+  store already holds are not saved again. An asynchronous load is planned in the step
+  that allocated its blocks (the request is not scheduled in it); the workers report it
+  done, and the engine schedules the request from there.
 
 Preemption frees a request's blocks and recomputes it from scratch: the engine asks
 ``matched_tokens`` again and hands over new blocks; what was saved stays saved.
@@ -46,6 +52,7 @@ class RequestOps:
     block_ids: list[int]
     load: tuple[int, int] | None = None
     save: tuple[int, int] | None = None
+    load_async: bool = False  # the load runs beside the engine's steps, not inside one
 
     def blocks(self, start: int, end: int, block_size: int) -> list[int]:
         """The request's blocks holding tokens ``[start, end)``."""
@@ -61,6 +68,7 @@ class _Request:
     hit_tokens: int = 0  # what we offered the engine: tokens [0, hit) from local + store
     load: tuple[int, int] | None = None  # granted by the engine, not yet planned
     saved_to: int = 0  # chunks below are stored (or were before we saw the request)
+    load_async: bool = False
 
 
 class PagedPlanner:
@@ -69,11 +77,12 @@ class PagedPlanner:
     layout: rank 0's layout (its ``tp_size`` says how many ranks must hold a chunk);
     lookup: asks the store how many leading prefix keys it holds; chunk_size: the store's;
     block_size: the engine's, which must divide ``chunk_size``; load / save: whether to
-    reuse stored KV and store new KV at all.
+    reuse stored KV and store new KV at all; load_mode: ``connector.load_mode``.
     """
 
     def __init__(self, layout: KVLayout, lookup: PrefixLookup, *, chunk_size: int,
-                 block_size: int, load: bool = True, save: bool = True) -> None:
+                 block_size: int, load: bool = True, save: bool = True,
+                 load_mode: str = "sync") -> None:
         if block_size <= 0 or chunk_size % block_size:
             raise ConfigError(
                 f"store.chunk_size ({chunk_size}) must be a multiple of the engine's block "
@@ -84,7 +93,10 @@ class PagedPlanner:
         self.block_size = block_size
         self.load_enabled = load
         self.save_enabled = save
+        self.load_mode = load_mode
         self._requests: dict[str, _Request] = {}
+        self._running: set[str] = set()  # scheduled in the last step, not finished
+        self._async_ops: list[RequestOps] = []  # planned by ``allocated``, not yet sent
 
     # -- lookups -----------------------------------------------------------------------------
     def matched_tokens(self, req_id: str, prompt: Sequence[int], local_tokens: int) -> int:
@@ -102,16 +114,33 @@ class PagedPlanner:
             return 0
         req.hit_tokens = max(local_tokens,
                              reusable_tokens(stored, len(req.prompt), self.block_size))
-        return req.hit_tokens - local_tokens
+        n = req.hit_tokens - local_tokens
+        busy = bool(self._running - {req_id})
+        req.load_async = n > 0 and (self.load_mode == "async"
+                                    or (self.load_mode == "auto" and busy))
+        return n
 
-    def allocated(self, req_id: str, num_external_tokens: int) -> None:
+    def load_async(self, req_id: str) -> bool:
+        """Whether the hit ``matched_tokens`` last offered for the request is loaded
+        asynchronously (the module docstring says when)."""
+        req = self._requests.get(req_id)
+        return req is not None and req.load_async
+
+    def allocated(self, req_id: str, num_external_tokens: int,
+                  block_ids: Sequence[int] = ()) -> None:
         """The engine allocated blocks for ``num_external_tokens`` tokens from the store,
-        starting where its own tokens end."""
+        starting where its own tokens end. block_ids: all the request's blocks, in order
+        (an asynchronous load needs them: it is planned now)."""
         req = self._requests.get(req_id)
         if req is None or num_external_tokens <= 0:
             return
         start = req.local_tokens
-        req.load = (start, start + num_external_tokens)
+        load = (start, start + num_external_tokens)
+        if not req.load_async:
+            req.load = load
+            return
+        req.block_ids = list(block_ids)
+        self._async_ops.append(self._op(req_id, req, load, None, load_async=True))
 
     # -- steps -------------------------------------------------------------------------------
     def plan_step(
@@ -127,7 +156,8 @@ class PagedPlanner:
         of the others (``resumed``: back from preemption, ``new_block_ids`` replaces the
         block list); num_scheduled: tokens each request computes in this step.
         """
-        ops: list[RequestOps] = []
+        ops, self._async_ops = self._async_ops, []
+        self._running = set(num_scheduled)
         for req_id, prompt, block_ids, computed in new:
             req = self._requests.get(req_id)
             if req is None or req.prompt != list(prompt):  # never looked up (e.g. no store)
@@ -154,11 +184,16 @@ class PagedPlanner:
         save = self._save_range(req, computed_after) if self.save_enabled else None
         if load is None and save is None:
             return None
+        return self._op(req_id, req, load, save)
+
+    def _op(self, req_id: str, req: _Request, load: tuple[int, int] | None,
+            save: tuple[int, int] | None, *, load_async: bool = False) -> RequestOps:
         end = max(r[1] for r in (load, save) if r is not None)
         blocks = -(-end // self.block_size)
         # A load may end inside a chunk: the workers key that chunk by all its tokens.
         keyed = max(end, -(-load[1] // self.chunk_size) * self.chunk_size if load else 0)
-        return RequestOps(req_id, req.prompt[:keyed], req.block_ids[:blocks], load, save)
+        return RequestOps(req_id, req.prompt[:keyed], req.block_ids[:blocks], load, save,
+                          load_async)
 
     def _save_range(self, req: _Request, computed_after: int) -> tuple[int, int] | None:
         """The prompt's chunks that are complete after this step and not stored yet."""
@@ -174,6 +209,7 @@ class PagedPlanner:
     def finished(self, req_id: str) -> None:
         """The request is over (finished or aborted): forget it."""
         self._requests.pop(req_id, None)
+        self._running.discard(req_id)
 
     def tracked(self) -> int:
         """Requests being tracked (leak checks)."""

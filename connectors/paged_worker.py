@@ -7,6 +7,10 @@
   layer on its own thread;
 - ``load_layer(i)`` (before layer ``i``'s attention): waits for layer ``i`` of every load,
   at most ``load_timeout`` seconds, and scatters it into the request's blocks;
+- an asynchronous load (``RequestOps.load_async``: its request is not in the step) is
+  written layer by layer by a loader thread while the engine runs its steps, within
+  ``load_timeout`` in all; ``finished_loads`` reports it done (failed blocks included),
+  after which the engine schedules the request;
 - ``save_layer(i)`` (after layer ``i``'s attention wrote the step's KV): copies the
   blocks holding the tokens to save out of layer ``i``, whole and as they are (one
   ``index_select``) — the only cost the forward pass pays for saving;
@@ -31,7 +35,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -60,6 +64,7 @@ class WorkerStats:
     """Counters since the last ``take_stats`` (the engine's stats interval)."""
 
     load_requests: int = 0
+    async_loads: int = 0  # of them, loaded beside the engine's steps
     load_tokens: int = 0  # tokens written into the engine's pages from the store
     load_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     load_bytes: int = 0
@@ -85,6 +90,7 @@ class _Load:
     slots: torch.Tensor
     layers_done: int = 0
     failed: bool = False
+    cancelled: bool = False  # an asynchronous load whose request was aborted
 
 
 # Page layouts whose layer tensors hold whole blocks along ``block_dim``.
@@ -140,6 +146,12 @@ class PagedWorker:
         self._saver = threading.Thread(target=self._save_loop, name="kvcache-saver",
                                        daemon=True)
         self._saver.start()
+        self._async_loads: dict[str, _Load | None] = {}  # in flight (None: not started)
+        self._loaded: set[str] = set()  # asynchronous loads done since finished_loads
+        self._load_queue: queue.Queue[_Load | None] = queue.Queue()
+        self._loader = threading.Thread(target=self._async_load_loop,
+                                        name="kvcache-async-loader", daemon=True)
+        self._loader.start()
 
     # -- loads -------------------------------------------------------------------------------
     def start_loads(self, ops: Sequence[RequestOps]) -> None:
@@ -147,12 +159,25 @@ class PagedWorker:
         for op in ops:
             if op.load is None:
                 continue
+            if op.load_async:
+                with self._lock:
+                    self._async_loads[op.req_id] = None
             try:
-                self._loads.append(self._start_load(op))
+                load = self._start_load(op)
             except Exception as e:  # nothing may reach the engine
                 log.warning("request %s: load of tokens %s failed to start: %s",
                             op.req_id, op.load, e)
                 self._fail(op, op.load[0])
+                if op.load_async:
+                    self._loaded_async(op.req_id)
+                continue
+            if op.load_async:
+                with self._lock:
+                    self._async_loads[op.req_id] = load
+                    self.stats.async_loads += 1
+                self._load_queue.put(load)
+            else:
+                self._loads.append(load)
 
     def _start_load(self, op: RequestOps) -> _Load:
         assert op.load is not None
@@ -183,25 +208,57 @@ class PagedWorker:
         """Write layer ``i`` of every started load into the pages (before its attention)."""
         t0 = time.perf_counter()
         for load in self._loads:
-            if load.failed or load.loader is None or load.end <= load.start:
-                continue
-            try:
-                layer = load.loader.wait_for_layer(i, self.load_timeout)
-                if self.opaque:
-                    piece = self._write_blocks(i, load, layer)
-                else:
-                    piece = layer[:, load.start - load.first_token :
-                                  load.end - load.first_token]
-                    paged_scatter(self.planes[i], load.slots, piece.unsqueeze(0))
-                load.layers_done = i + 1
-                with self._lock:
-                    self.stats.load_bytes += piece.numel() * piece.element_size()
-            except Exception as e:
-                log.warning("request %s: layer %d of its load failed (%s); the engine "
-                            "recomputes those tokens", load.op.req_id, i, e)
-                self._abandon(load)
+            self._write_layer(load, i, self.load_timeout)
         with self._lock:
             self.stats.load_seconds += time.perf_counter() - t0
+
+    def _write_layer(self, load: _Load, i: int, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) for layer ``i`` of ``load`` and write it into the
+        request's blocks; a failure abandons the load."""
+        if load.failed or load.loader is None or load.end <= load.start:
+            return
+        try:
+            layer = load.loader.wait_for_layer(i, timeout)
+            if self.opaque:
+                piece = self._write_blocks(i, load, layer)
+            else:
+                piece = layer[:, load.start - load.first_token : load.end - load.first_token]
+                paged_scatter(self.planes[i], load.slots, piece.unsqueeze(0))
+            load.layers_done = i + 1
+            with self._lock:
+                self.stats.load_bytes += piece.numel() * piece.element_size()
+        except Exception as e:
+            log.warning("request %s: layer %d of its load failed (%s); the engine "
+                        "recomputes those tokens", load.op.req_id, i, e)
+            self._abandon(load)
+
+    def _async_load_loop(self) -> None:
+        """The loader thread: writes asynchronous loads into the pages, one at a time."""
+        while (load := self._load_queue.get()) is not None:
+            deadline = time.monotonic() + self.load_timeout
+            for i in range(self.layout.num_layers):
+                if load.cancelled:
+                    self._abandon(load)
+                self._write_layer(load, i, max(0.0, deadline - time.monotonic()))
+            self._account(load)
+            self._loaded_async(load.op.req_id)
+
+    def _loaded_async(self, req_id: str) -> None:
+        with self._lock:
+            self._async_loads.pop(req_id, None)
+            self._loaded.add(req_id)
+
+    def finished_loads(self, finished_req_ids: Collection[str] = ()) -> set[str]:
+        """Requests whose asynchronous load is over since the last call, loaded or failed
+        (their failed blocks are in ``failed_blocks`` by then). finished_req_ids: requests
+        the engine aborted: their loads in flight stop at the next layer."""
+        with self._lock:
+            for req_id in finished_req_ids:
+                load = self._async_loads.get(req_id)
+                if load is not None:
+                    load.cancelled = True
+            out, self._loaded = self._loaded, set()
+        return out
 
     def _write_blocks(self, i: int, load: _Load, layer: torch.Tensor) -> torch.Tensor:
         """Opaque pages: copy the loaded blocks of layer ``i`` into the request's blocks
@@ -231,7 +288,8 @@ class PagedWorker:
         assert op.load is not None
         with self._lock:
             self._failed.update(op.blocks(from_token, op.load[1], self.block_size))
-            self._failed_requests.add(op.req_id)
+            if not op.load_async:  # not in the step: it computed nothing over the load
+                self._failed_requests.add(op.req_id)
             self.stats.failed_loads += 1
             self.stats.failed_tokens += op.load[1] - from_token
 
@@ -277,18 +335,7 @@ class PagedWorker:
     def end_step(self) -> None:
         """After the forward pass: account for the loads, hand full staging to the saver."""
         for load in self._loads:
-            if load.loader is not None:
-                load.loader.close()
-            if load.failed or load.end <= load.start:
-                continue
-            if load.layers_done < self.layout.num_layers:
-                log.warning("request %s: only %d of %d layers were loaded; the engine "
-                            "recomputes those tokens", load.op.req_id, load.layers_done,
-                            self.layout.num_layers)
-                self._fail(load.op, load.start)
-            else:
-                with self._lock:
-                    self.stats.load_tokens += load.end - load.start
+            self._account(load)
         self._loads = []
         with self._lock:
             failed, self._failed_requests = self._failed_requests, set()
@@ -304,6 +351,21 @@ class PagedWorker:
                 with self._lock:
                     self.stats.skipped_saves += 1
         self._saves = []
+
+    def _account(self, load: _Load) -> None:
+        """A load is over: a layer it did not deliver fails it; count what it loaded."""
+        if load.loader is not None:
+            load.loader.close()
+        if load.failed or load.end <= load.start:
+            return
+        if load.layers_done < self.layout.num_layers:
+            log.warning("request %s: only %d of %d layers were loaded; the engine "
+                        "recomputes those tokens", load.op.req_id, load.layers_done,
+                        self.layout.num_layers)
+            self._fail(load.op, load.start)
+        else:
+            with self._lock:
+                self.stats.load_tokens += load.end - load.start
 
     def failed_blocks(self) -> set[int]:
         """Blocks whose load failed since the last call (the engine recomputes them)."""
@@ -397,9 +459,11 @@ class PagedWorker:
         return True
 
     def close(self) -> None:
-        """Finish the saves already staged, then stop the saver."""
+        """Finish the saves already staged and the loads started, then stop."""
         self._queue.put(None)
+        self._load_queue.put(None)
         self._saver.join()
+        self._loader.join()
 
     # -- keys --------------------------------------------------------------------------------
     def _chunks(self, token_ids: Sequence[int], start: int, end: int) -> list[Chunk]:

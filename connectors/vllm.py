@@ -108,6 +108,7 @@ class KVCacheConnectorStats(KVConnectorStats):
 # WorkerStats counters exported to vLLM's Prometheus endpoint: name -> help.
 _PROM_COUNTERS = {
     "load_tokens": "tokens written into vLLM's pages from kvcache",
+    "async_loads": "loads that ran beside vLLM's steps (connector.load_mode)",
     "load_bytes": "bytes written into vLLM's pages from kvcache",
     "load_seconds": "seconds the forward pass waited for kvcache layers",
     "failed_loads": "loads that failed and were recomputed by vLLM",
@@ -233,6 +234,7 @@ class KVCacheConnector(KVConnectorBase_V1):
         self._layers: dict[str, int] = {}
         self._uncached: set[str] = set()  # requests kvcache leaves alone (_uncacheable)
         self._unloaded: set[int] = set()  # blocks planned for loads this worker cannot do
+        self._unloaded_async: set[str] = set()  # their asynchronous loads, over at once
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             log.warning("kv_load_failure_policy is %r: a chunk that fails to load fails "
                         "its request; set it to 'recompute' to recompute those tokens",
@@ -261,7 +263,8 @@ class KVCacheConnector(KVConnectorBase_V1):
                 block_size=self.block_size,
                 # kv_role "kv_producer" only saves, "kv_consumer" only loads
                 load=c.load and self._kv_transfer_config.is_kv_consumer,
-                save=c.save and self._kv_transfer_config.is_kv_producer)
+                save=c.save and self._kv_transfer_config.is_kv_producer,
+                load_mode=c.load_mode)
         log.info("kvcache %s connector: model %s, layout %s (rank %d of %d), store %s",
                  role.name.lower(), self.layout.model_id, self.layout.fingerprint, tp_rank,
                  self.layout.tp_size, self.config.connector.server or self.config.store.dir)
@@ -305,6 +308,8 @@ class KVCacheConnector(KVConnectorBase_V1):
         for op in self._ops():
             if op.load is not None:
                 self._unloaded.update(op.blocks(*op.load, self.block_size))
+                if op.load_async:
+                    self._unloaded_async.add(op.req_id)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         i = self._layers.get(layer_name)
@@ -320,6 +325,15 @@ class KVCacheConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         if self.worker is not None:
             self.worker.end_step()
+
+    def get_finished(self, finished_req_ids: set[str]
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        # Saves never hold a request's blocks (they are copied out within the step), so
+        # only asynchronous loads finish here: loaded, failed or aborted.
+        if self.worker is not None:
+            return None, self.worker.finished_loads(finished_req_ids) or None
+        out, self._unloaded_async = self._unloaded_async, set()
+        return None, out or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         if self.worker is not None:
@@ -367,15 +381,17 @@ class KVCacheConnector(KVConnectorBase_V1):
         except Exception as e:  # a lookup that fails is a miss, never an engine error
             log.warning("request %s: lookup failed: %s", request.request_id, e)
             return 0, False
-        log.debug("request %s: %d prompt tokens, %d computed by vLLM, %d from kvcache",
+        load_async = self.planner.load_async(request.request_id)
+        log.debug("request %s: %d prompt tokens, %d computed by vLLM, %d from kvcache%s",
                   request.request_id, len(request.prompt_token_ids or []),
-                  num_computed_tokens, n)
-        return n, False
+                  num_computed_tokens, n, " (asynchronous load)" if load_async else "")
+        return n, load_async
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         assert self.planner is not None
-        self.planner.allocated(request.request_id, num_external_tokens)
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else ()
+        self.planner.allocated(request.request_id, num_external_tokens, block_ids)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self.planner is not None

@@ -414,6 +414,12 @@ class ConnectorConfig(_Section):
     # format, store them as they are otherwise; "opaque": always as they are (exact and
     # cheapest, but lossless codecs only and reusable only by the same page format).
     pages: str = _choice("auto", ("auto", "opaque"))
+    # How a paged engine (vLLM) loads a hit. "sync": layer by layer inside the step that
+    # computes the rest of the prompt (the load overlaps that compute; every request
+    # batched into the step waits for it). "async": in the background while the engine
+    # runs other requests; the request is scheduled once its KV is in (one step later).
+    # "auto": async while the engine is running other requests, sync when it is idle.
+    load_mode: str = _choice("auto", ("auto", "sync", "async"))
 
     def _validate(self) -> None:
         if self.server is not None:

@@ -377,7 +377,7 @@ def test_env_map_is_derived_from_the_fields() -> None:
     assert m["KVCACHE_SERVER_TOKEN"] == ("server", "token")
     assert m["KVCACHE_CONNECTOR_SERVER"] == ("connector", "server")
     # store scalars + cpu + disk + remote + server + connector + log_level
-    leaves = 5 + 4 + 6 + 8 + 13 + 7 + 1
+    leaves = 5 + 4 + 6 + 8 + 13 + 8 + 1
     assert len(m) == leaves
 
 

@@ -5,6 +5,7 @@ code inside a running vLLM is tested in ``tests/vllm``."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -94,6 +95,38 @@ def test_a_load_is_planned_once_into_the_blocks_vllm_gave(store):
     assert op.load == (0, 192) and op.save == (192, 300)
     (again,) = p.plan_step([], [("r", None, False, 300)], {"r": 1}) or [None]
     assert again is None
+
+
+def test_an_async_load_is_planned_when_allocated_and_the_request_then_runs_from_it(store):
+    p = planner(store, load_mode="async")
+    store_prefix(store, PROMPT, 3)
+    assert p.matched_tokens("r", PROMPT, 0) == 192 and p.load_async("r")
+    blocks = list(range(19))
+    p.allocated("r", 192, blocks)
+    # The request waits for its KV: the step that allocated it does not schedule it.
+    (op,) = p.plan_step([], [], {})
+    assert op.load_async and op.load == (0, 192) and op.save is None
+    assert op.block_ids == blocks[:12] and op.token_ids == PROMPT[:192]
+    # Once loaded it is scheduled as new from the loaded tokens: no second load.
+    (op,) = p.plan_step([("r", PROMPT, blocks, 192)], [], {"r": 108})
+    assert op.load is None and op.save == (192, 300) and not op.load_async
+
+
+def test_auto_loads_in_the_step_when_idle_and_beside_the_steps_when_busy(store):
+    p = planner(store, load_mode="auto")
+    store_prefix(store, PROMPT, 3)
+    assert p.matched_tokens("a", PROMPT, 0) == 192 and not p.load_async("a")
+    p.allocated("a", 192, list(range(19)))
+    (op,) = p.plan_step([("a", PROMPT, list(range(19)), 192)], [], {"a": 108})
+    assert op.load == (0, 192) and not op.load_async
+    # "a" is running: a load for "b" now would hold its step up.
+    assert p.matched_tokens("b", PROMPT, 0) == 192 and p.load_async("b")
+    p.finished("a")
+    assert p.matched_tokens("b", PROMPT, 0) == 192 and not p.load_async("b")
+    assert p.matched_tokens("c", PROMPT[::-1], 0) == 0 and not p.load_async("c")
+    sync = planner(store, load_mode="sync")
+    sync.plan_step([("x", PROMPT[::-1], [0], 0)], [], {"x": 10})
+    assert sync.matched_tokens("b", PROMPT, 0) == 192 and not sync.load_async("b")
 
 
 def test_a_load_ending_inside_a_chunk_carries_that_chunks_tokens(store):
@@ -208,6 +241,64 @@ def test_a_missing_chunk_fails_its_blocks_and_a_missed_layer_fails_the_load(stor
     worker.end_step()
     assert worker.failed_blocks() == set(blocks[:8])
     assert worker.take_stats().failed_loads == 2
+    worker.close()
+
+
+def _wait_loaded(worker: PagedWorker, req_id: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while req_id not in worker.finished_loads():
+        assert time.monotonic() < deadline, f"{req_id}'s load never finished"
+        time.sleep(0.005)
+
+
+def test_an_async_load_fills_the_blocks_outside_the_steps_and_reports_when_done(store):
+    layout, kv, planes = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
+    want = torch.randn(2, 2, 300, 2, 16, generator=torch.Generator().manual_seed(1))
+    for c in chunk_tokens(LAYOUT.fingerprint, PROMPT, CHUNK):
+        store.put(c.prefix_key, want[:, :, c.start : c.end].contiguous(), LAYOUT,
+                  rope_start=c.start)
+    blocks = list(range(20, 39))
+    worker.start_loads([RequestOps("r", PROMPT[:256], blocks[:16], load=(0, 256),
+                                   load_async=True)])
+    worker.end_step()  # the step that started it neither waits for it nor accounts it
+    _wait_loaded(worker, "r")
+    assert worker.failed_blocks() == set()
+    dst = slots_from_block_table(blocks, BLOCK, 0, 256)
+    for i in range(2):
+        assert torch.equal(paged_gather(planes[i], dst)[0], want[i, :, :256])
+    assert worker.take_stats().load_tokens == 256
+    worker.close()
+
+
+def test_a_failed_async_load_reports_its_blocks_before_or_with_being_done(store):
+    layout, kv, _ = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK, load_timeout=0.5)
+    store_prefix(store, PROMPT, 2)  # chunk 2 is missing
+    blocks = list(range(19))
+    worker.start_loads([RequestOps("r", PROMPT[:192], blocks[:12], load=(0, 192),
+                                   load_async=True)])
+    _wait_loaded(worker, "r")
+    assert worker.failed_blocks() == set(blocks[8:12])
+    # A store that fails outright: the whole load fails, and is still reported done.
+    store.close()
+    worker.start_loads([RequestOps("s", PROMPT[:128], blocks[:8], load=(0, 128),
+                                   load_async=True)])
+    _wait_loaded(worker, "s")
+    assert worker.failed_blocks() == set(blocks[:8])
+    worker.close()
+
+
+def test_an_aborted_requests_async_load_is_reported_done_once(store):
+    layout, kv, _ = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
+    store_prefix(store, PROMPT, 4)
+    worker.start_loads([RequestOps("r", PROMPT[:256], list(range(16)), load=(0, 256),
+                                   load_async=True)])
+    done = worker.finished_loads({"r"})  # aborted: done now or at its next layer
+    if "r" not in done:
+        _wait_loaded(worker, "r")
+    assert worker.finished_loads() == set()
     worker.close()
 
 

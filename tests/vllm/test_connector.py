@@ -129,6 +129,29 @@ def test_corrupt_stored_kv_is_recomputed(models, tmp_path):
     assert totals["failed_loads"] > 0
 
 
+def test_async_loads_generate_the_same_tokens_and_recompute_corrupt_chunks(models,
+                                                                         tmp_path):
+    """connector.load_mode "async": requests wait for their KV outside the engine's steps
+    (WAITING_FOR_REMOTE_KVS), then run from it."""
+    store = {"store.dir": str(tmp_path / "store"), "connector.load_mode": "async"}
+    ref, _ = run(Spec(models["float32"], kvcache=False))
+    run(Spec(models["float32"], options=store))
+    warm, loaded = run(Spec(models["float32"], options=store))
+    assert_same(warm, ref, "float32")
+    assert_reused(warm)
+    assert loaded["load_tokens"] >= 0.9 * sum(full_chunk_tokens(p) for p in PROMPTS)
+    assert loaded["failed_loads"] == 0
+    assert loaded["async_loads"] == loaded["load_requests"] == len(PROMPTS)
+    blobs = sorted((tmp_path / "store").rglob("*.kvo"))
+    for blob in blobs[::2]:
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    out, totals = run(Spec(models["float32"], options=store))
+    assert_same(out, ref, "float32")
+    assert totals["failed_loads"] > 0
+
+
 def test_engines_share_one_cache_through_the_daemon(models, tmp_path):
     ref, _ = run(Spec(models["float32"], kvcache=False))
     with cache_daemon(tmp_path / "daemon") as daemon:

@@ -189,6 +189,65 @@ def test_failed_blocks_make_vllm_recompute_and_aborts_are_forgotten(scheduler):
     assert s.connector.planner.tracked() == 0
 
 
+def _finish_loading(s: Scheduler, out, done: set[str], invalid: set[int] | None = None):
+    """The step's model runner output with the workers reporting ``done`` loaded."""
+    runner = runner_output(s, out, invalid)
+    assert runner.kv_connector_output is not None
+    runner.kv_connector_output.finished_recving = done
+    s.update_from_output(out, runner)
+
+
+def test_an_async_load_holds_the_request_until_the_workers_report_it_loaded(scheduler):
+    s = scheduler(batched=512, **{"connector.load_mode": "async"})
+    store_chunks(s, PROMPT, 5)
+    req = request(PROMPT)
+    s.add_request(req)
+    out, ops = step(s)
+    assert req.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert req.request_id not in out.num_scheduled_tokens
+    op = ops[req.request_id]
+    assert op.load_async and op.load == (0, 288)
+    assert op.block_ids == s.kv_cache_manager.get_block_ids(req.request_id)[0][:18]
+    out, ops = step(s)  # still loading: nothing scheduled, nothing planned again
+    assert not out.num_scheduled_tokens and req.request_id not in ops
+    _finish_loading(s, s.schedule(), {req.request_id})
+    out, ops = step(s)
+    assert out.num_scheduled_tokens[req.request_id] == 12  # from the loaded tokens on
+    assert req.request_id not in ops or ops[req.request_id].load is None
+
+
+def test_a_failed_async_load_is_recomputed_from_its_first_bad_block(scheduler):
+    s = scheduler(batched=512, **{"connector.load_mode": "async"})
+    store_chunks(s, PROMPT, 5)
+    req = request(PROMPT)
+    s.add_request(req)
+    _, ops = step(s)
+    bad = set(ops[req.request_id].block_ids[8:])  # tokens 128..288 did not load
+    _finish_loading(s, s.schedule(), {req.request_id}, bad)
+    out, _ = step(s)
+    assert out.num_scheduled_tokens[req.request_id] == 300 - 128
+
+
+def test_auto_loads_asynchronously_only_beside_running_requests(scheduler):
+    s = scheduler(batched=512)  # connector.load_mode "auto"
+    store_chunks(s, PROMPT, 5)
+    first = request(PROMPT, max_tokens=20)
+    s.add_request(first)
+    _, ops = step(s)
+    assert not ops[first.request_id].load_async and first.status == RequestStatus.RUNNING
+    second = request(PROMPT, max_tokens=4)
+    s.add_request(second)
+    _, ops = step(s)
+    assert ops[second.request_id].load_async
+    assert second.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    # Aborted while loading: vLLM keeps its blocks until the workers say the load is over.
+    s.finish_requests(second.request_id, RequestStatus.FINISHED_ABORTED)
+    _finish_loading(s, s.schedule(), {second.request_id})
+    s.finish_requests(first.request_id, RequestStatus.FINISHED_ABORTED)
+    assert s.connector.planner.tracked() == 0
+    assert s.kv_cache_manager.block_pool.get_num_free_blocks() == 199
+
+
 def test_a_preempted_request_is_loaded_again_into_its_new_blocks(scheduler):
     # Room for both prompts (19 blocks each) but not for both to decode 40 tokens: one is
     # preempted, its blocks freed, and it comes back with new ones.
