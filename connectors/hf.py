@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import xxhash
 
+from kvcache.connectors.blend import BlendStats
 from kvcache.connectors.core import reusable_tokens
 from kvcache.connectors.hf_layerwise_cache import LayerwiseCache
 from kvcache.kvstore.errors import KVCacheError, LayoutMismatchError
@@ -39,6 +40,9 @@ from kvcache.kvstore.tiered_store import TieredStore
 if TYPE_CHECKING:
     from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
     from transformers.utils import ModelOutput
+
+    from kvcache.connectors.blend import BlendResult
+    from kvcache.connectors.blend_policy import BlendPolicy
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +166,7 @@ def layout_from_hf_config(
 
 
 # -- engine-independent helpers (tokens → chunks → keys → lookup) ----------------------
-def _token_list(input_ids: torch.Tensor | Sequence[int]) -> list[int]:
+def token_list(input_ids: torch.Tensor | Sequence[int]) -> list[int]:
     """Flat token ids from ``[T]``, ``[1, T]`` or a sequence of ints."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 2:
@@ -320,10 +324,11 @@ class HFConnector:
         self.dtype: torch.dtype = model.dtype
         self.device: torch.device = model.device
         self.layout = layout_from_hf_config(model.config, self.dtype, model_id)
+        self.blend_stats = BlendStats()  # over this connector's ``blend`` calls
 
     def chunks(self, input_ids: torch.Tensor | Sequence[int]) -> list[Chunk]:
         """The prompt's chunks and their keys. input_ids: ``[T]`` or ``[1, T]``."""
-        return chunk_tokens(self.layout.fingerprint, _token_list(input_ids), self.chunk_size)
+        return chunk_tokens(self.layout.fingerprint, token_list(input_ids), self.chunk_size)
 
     def store_kv(
         self,
@@ -451,7 +456,7 @@ class HFConnector:
 
         input_ids: ``[T]`` or ``[1, T]`` with ``T >= 1``.
         """
-        tokens = _token_list(input_ids)
+        tokens = token_list(input_ids)
         if not tokens:
             raise ValueError("prefill needs at least one token")
         chunks = chunk_tokens(self.layout.fingerprint, tokens, self.chunk_size)
@@ -489,6 +494,31 @@ class HFConnector:
             stored_tokens=stored,
             store_s=time.perf_counter() - t1,
         )
+
+
+    def blend(
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        segments: Sequence[tuple[int, int]] | None = None,
+        *,
+        separator: Sequence[int] | None = None,
+        policy: BlendPolicy | None = None,
+        ratio: float = 0.15,
+        store: bool = True,
+    ) -> BlendResult:
+        """Prefill a prompt reusing its cached segments wherever they sit (CacheBlend),
+        recomputing ``ratio`` of the cached tokens, and store the segments it computed.
+
+        input_ids: ``[T]`` or ``[1, T]``; segments: the ``(start, end)`` spans of the
+        documents (or tool outputs, memories) in it, or separator: token ids that begin
+        each one; tokens outside them are computed. policy: which cached tokens to
+        recompute (``blend_policy``; default ``DeviationTopK()``, CacheBlend's). The
+        result's ``plan`` says what each segment reused and why the rest missed; its
+        ``cache`` continues in ``generate``. See ``connectors/blend.py``.
+        """
+        from kvcache.connectors.hf_blend import blend
+
+        return blend(self, input_ids, segments, separator, policy, ratio, store)
 
 
 def _model_id_of(model: PreTrainedModel) -> str:

@@ -92,6 +92,10 @@ class LayerLoader:
         self._thread: threading.Thread | None = None
         self._stream: Any = None
         self._events: list[Any] = []
+        # partial: why the load stops before the last key (None: it does not), and whether
+        # that is a chunk stored for another layout.
+        self.shortfall: str | None = None
+        self.layout_mismatch = False
         try:
             self._objects, self.tiers = self._fetch(store, list(keys), partial)
             self.chunk_tokens = [o.header.num_tokens for o in self._objects]
@@ -147,6 +151,9 @@ class LayerLoader:
                     raise LayerLoadError(f"chunk {key} cannot be loaded: {problem}")
                 if obj is not None:
                     log.warning("chunk %s ignored: %s", key, problem)
+                self.shortfall = problem
+                self.layout_mismatch = obj is not None \
+                    and obj.header.layout.fingerprint != self.layout.fingerprint
                 break
             assert obj is not None
             out.append(obj)
@@ -226,6 +233,11 @@ class LayerLoader:
     @property
     def num_chunks(self) -> int:
         return len(self._objects)
+
+    @property
+    def rope_starts(self) -> list[int | None]:
+        """Each loaded chunk's stored ``rope_start``: where its keys were rotated."""
+        return [o.header.rope_start for o in self._objects]
 
     def wait_for_layer(self, i: int, timeout_s: float | None = None) -> torch.Tensor:
         """Layer ``i`` as ``[2, tokens, kv_heads, head_dim]`` (MLA ``[tokens, latent_dim]``)
