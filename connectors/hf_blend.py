@@ -134,7 +134,7 @@ def store_segments(model: PreTrainedModel, store: TieredStore, layout: KVLayout,
         cache = output_cache(out)
         for c in chunks:
             kv = cache_to_canonical(cache, c.start, c.end)
-            store.put(c.key, kv, layout, rope_start=span.start + c.start)
+            store.put(c.key, kv, layout, rope_start=span.start + c.start, keying="segment")
             stored += c.num_tokens
     return stored
 

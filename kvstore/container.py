@@ -59,12 +59,18 @@ def _st_dtypes() -> dict[torch.dtype, str]:
     return {v: k for k, v in _st_names().items()}
 
 
+# How an object's key names its chunk (ObjectHeader.keying).
+KEYINGS = ("prefix", "segment")
+
+
 @dataclass(frozen=True)
 class ObjectHeader:
     """Everything needed to interpret an object's tensors, independent of where it lives.
 
     ``rope_start``: K was rotated at positions ``rope_start .. rope_start + num_tokens - 1``;
-    ``None`` means the keys are stored before RoPE was applied.
+    ``None`` means the keys are stored before RoPE was applied. ``keying``: how ``key``
+    names the chunk — ``"prefix"`` (its tokens and everything before them) or
+    ``"segment"`` (a blended segment's own tokens, ``connectors/blend_plan.py``).
     """
 
     key: str
@@ -74,9 +80,16 @@ class ObjectHeader:
     codec_params: Mapping[str, Any] = field(default_factory=dict)
     rope_start: int | None = 0
     created_at: float = field(default_factory=time.time)
+    keying: str = "prefix"
+
+    def __post_init__(self) -> None:
+        if self.keying not in KEYINGS:
+            raise CorruptObjectError(f"keying must be one of {KEYINGS}, got {self.keying!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        # Prefix objects' headers are what they were before segments existed.
+        extra = {} if self.keying == "prefix" else {"keying": self.keying}
+        return extra | {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "key": self.key,
@@ -108,6 +121,7 @@ class ObjectHeader:
                 codec_params=dict(d["codec_params"]),
                 rope_start=None if d["rope_start"] is None else int(d["rope_start"]),
                 created_at=float(d["created_at"]),
+                keying=str(d.get("keying", "prefix")),
             )
         except (KeyError, TypeError, ValueError, KVCacheError) as e:
             raise CorruptObjectError(f"malformed kvcache object header: {e}") from e

@@ -377,6 +377,7 @@ class CpuTier(Tier):
             last_access=e.last_access,
             hits=e.hits,
             pinned=e.pinned,
+            keying=h.keying,
         )
 
     def info(self, key: str) -> EntryInfo | None:

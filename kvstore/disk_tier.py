@@ -507,7 +507,7 @@ class DiskTier(Tier):
             key=key, tier=self.name, nbytes=rec["nbytes"], num_tokens=rec["num_tokens"],
             codec=rec["codec"], model_id=rec["model_id"], created_at=rec["created_at"],
             last_access=max(last_access, rec["last_access"]), hits=rec["hits"] + hits,
-            pinned=rec["pinned"],
+            pinned=rec["pinned"], keying=rec.get("keying", "prefix"),
         )
 
     def info(self, key: str) -> EntryInfo | None:
@@ -556,6 +556,8 @@ class DiskTier(Tier):
             "model_id": obj.header.layout.model_id, "created_at": now, "last_access": now,
             "hits": 0, "pinned": False, "loc": self.blob_storage, "blob": None, "id": rec_id,
         }
+        if obj.header.keying != "prefix":  # prefix records keep their original fields
+            rec["keying"] = obj.header.keying
         final: Path | None = None
         if self.blob_storage == "files":
             rec["blob"] = blob_name(key, rec_id)

@@ -329,6 +329,8 @@ def _rebuild_from_files(path: Path, new: LmdbIndex) -> dict[str, int]:
             "last_access": max(header.created_at, st.st_mtime), "hits": 0, "pinned": False,
             "loc": "files", "blob": rel, "id": rec_id,
         }
+        if header.keying != "prefix":
+            rec["keying"] = header.keying
         prev = best.get(header.key)
         if prev is not None:  # two copies of one key (a crash mid-replace): keep the newer
             superseded += 1

@@ -33,6 +33,7 @@ import msgpack
 import numpy as np
 import xxhash
 
+from kvcache.kvstore.container import KEYINGS
 from kvcache.kvstore.errors import CorruptObjectError, StoreUnavailableError
 from kvcache.kvstore.keys import is_key
 
@@ -99,6 +100,8 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "created_at": (float, int), "last_access": (float, int), "hits": (int,),
     "pinned": (bool,), "loc": (str,), "blob": (str, type(None)), "id": (str,),
 }
+# Fields only some records have: a segment's keying (ObjectHeader.keying).
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"keying": (str,)}
 # shard/name: two hex digits, then a file name without any path separator
 _BLOB_REL = re.compile(r"^[0-9a-f]{2}/[^/\x00]+\.kvo$")
 
@@ -106,12 +109,17 @@ _BLOB_REL = re.compile(r"^[0-9a-f]{2}/[^/\x00]+\.kvo$")
 def decode_record(raw: Any) -> Record:
     """The record stored for one entry, validated field by field."""
     rec = unpack(raw)
-    if not isinstance(rec, dict) or set(rec) != set(_FIELDS):
+    if not isinstance(rec, dict) or not set(_FIELDS) <= set(rec) <= set(_FIELDS) | set(
+            _OPTIONAL_FIELDS):
         raise BadRecordError(f"index record is not an entry record: {rec!r:.200}")
-    for name, types in _FIELDS.items():
+    for name, types in (_FIELDS | _OPTIONAL_FIELDS).items():
+        if name not in rec:
+            continue
         value = rec[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise BadRecordError(f"index record field {name!r} holds {value!r:.80}")
+    if rec.get("keying", "prefix") not in KEYINGS:
+        raise BadRecordError(f"index record has unknown keying {rec['keying']!r}")
     if rec["nbytes"] <= 0 or rec["num_tokens"] <= 0 or rec["hits"] < 0:
         raise BadRecordError(f"index record has impossible sizes: {rec!r:.200}")
     if rec["loc"] not in BLOB_STORAGES:

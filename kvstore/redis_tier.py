@@ -498,7 +498,8 @@ class RedisTier(Tier):
                 continue
             seen = now - idle if isinstance(idle, int) else h.created_at
             out.append((h, EntryInfo(key, self.name, size, h.num_tokens, h.codec,
-                                     h.layout.model_id, h.created_at, seen)))
+                                     h.layout.model_id, h.created_at, seen,
+                                     keying=h.keying)))
         return out
 
     def _reader(self, rk: str, head: bytes, size: int) -> Callable[[int, int], bytes]:

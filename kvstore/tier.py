@@ -43,6 +43,7 @@ class EntryInfo:
     last_access: float
     hits: int = 0
     pinned: bool = False
+    keying: str = "prefix"  # ObjectHeader.keying
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

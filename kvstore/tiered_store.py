@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvcache.codecs.registry import get_codec
-from kvcache.kvstore.container import ObjectHeader, StoredObject
+from kvcache.kvstore.container import KEYINGS, ObjectHeader, StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier, Loan
 from kvcache.kvstore.errors import (
     ConfigError,
@@ -340,13 +340,16 @@ class TieredStore:
 
     # -- public API ----------------------------------------------------------------------
     def put(
-        self, key: str, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = 0
+        self, key: str, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = 0,
+        keying: str = "prefix",
     ) -> None:
         """Store a chunk (replacing what ``key`` held, in every tier). chunk: ``[layers, 2,
         tokens, kv_heads, head_dim]`` (MLA ``[layers, tokens, latent_dim]``) of
-        ``layout.torch_dtype``, on any device. Raises a ``KVCacheError`` and stores nothing
-        on bad input (``InvalidKeyError``, ``LayoutMismatchError``, ``ObjectTooLargeError``,
-        ``UnencodableChunkError`` from the codec)."""
+        ``layout.torch_dtype``, on any device; keying: how ``key`` names it
+        (``ObjectHeader.keying``). The store keeps no reference to ``chunk``. Raises a
+        ``KVCacheError`` and stores nothing on bad input (``InvalidKeyError``,
+        ``LayoutMismatchError``, ``ObjectTooLargeError``, ``UnencodableChunkError`` from the
+        codec)."""
         check_key(key)
         if not isinstance(layout, KVLayout):
             raise LayoutMismatchError(
@@ -356,6 +359,8 @@ class TieredStore:
         num_tokens = layout.check_chunk(chunk)
         if rope_start is not None and (not isinstance(rope_start, int) or rope_start < 0):
             raise LayoutMismatchError(f"rope_start must be an int >= 0 or None, got {rope_start!r}")
+        if keying not in KEYINGS:
+            raise InvalidKeyError(f"keying must be one of {KEYINGS}, got {keying!r}")
         raw = chunk.numel() * chunk.element_size()
         largest = _largest_object(self.tiers)
         if raw > largest:
@@ -368,7 +373,8 @@ class TieredStore:
         codec = get_codec(codec_for(layout, self.codecs[0]))
         tensors, params = codec.encode(chunk, layout, rope_start=rope_start)
         self._place(StoredObject(
-            ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start, self._stamp()),
+            ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start, self._stamp(),
+                         keying),
             tensors,
         ))
 

@@ -327,3 +327,23 @@ def test_separator_segments(conn):
     assert [(s.start, s.end) for s in segs] == [(20, 172), (172, len(tokens))]
     with pytest.raises(SegmentError):
         conn.blend(tokens)
+
+
+def test_segment_entries_say_so_on_disk_in_inspect_and_after_an_index_rebuild(model, tmp_path):
+    from kvcache.kvstore.config import KVCacheConfig
+    from kvcache.tools.admin import fsck, inspect
+
+    cfg = KVCacheConfig().with_overrides({"store.dir": str(tmp_path / "store")})
+    tokens, spans = rag()
+    with TieredStore.open(cfg.store) as store:
+        conn = HFConnector(model, store, chunk_size=CHUNK, model_id="blend-test")
+        conn.blend(tokens, spans)  # 8 segment chunks
+        conn.prefill(tokens)  # and the prompt's prefix chunks
+        store.flush()
+        assert {i.keying for i in store.tiers[0].scan()} == {"prefix", "segment"}
+    listed = inspect(cfg)["entries"]
+    assert sorted(e["keying"] for e in listed).count("segment") == 8
+    assert sum(e["keying"] == "prefix" for e in listed) == -(-len(tokens) // CHUNK)
+    (tmp_path / "store" / "disk" / "index" / "data.mdb").unlink()
+    fsck(cfg, repair=True)
+    assert sum(e["keying"] == "segment" for e in inspect(cfg)["entries"]) == 8

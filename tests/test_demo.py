@@ -43,6 +43,25 @@ def test_run_demo_reuses_and_second_run_hits_disk(tmp_path: Path):
     assert second["max_abs_logit_diff"] < MAX_LOGIT_DIFF
 
 
+@pytest.mark.slow
+def test_blend_demo_reuses_documents_in_other_orders_and_reports_misses(tmp_path: Path,
+                                                                         capsys):
+    from kvcache.tools.cli import main as cli_main
+
+    assert cli_main(["demo", "--blend", "--store", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["requests"]
+    assert rows[0]["reused_tokens"] == 0  # nothing stored yet
+    assert rows[-1]["reused_tokens"] > 0 and rows[-1]["hits_by_tier"]
+    assert result["missed_tokens"]["not stored"] > 0
+    for r in rows:
+        assert r["reused_tokens"] + r["recomputed_tokens"] + r["computed_tokens"] \
+            == r["prompt_tokens"]
+        assert r["kl"] >= 0
+    assert cli_main(["demo", "--blend", "--store", str(tmp_path)]) == 0
+    assert "documents reused" in capsys.readouterr().out
+
+
 def test_main_passes_cli_arguments_and_prints_json(tmp_path: Path, capsys, monkeypatch):
     seen = {}
 

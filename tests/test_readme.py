@@ -72,3 +72,15 @@ def test_python_example_runs_as_written_and_prints_what_it_says(tmp_path: Path):
         assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines() == expected
     assert (tmp_path / "store").is_dir()
+
+
+@pytest.mark.slow
+def test_blending_example_runs_as_written_and_prints_what_it_says():
+    section = README.split("## Reuse documents anywhere in the prompt", 1)[1].split("\n## ", 1)[0]
+    (code,) = blocks("python", section)
+    expected = [line.split("#", 1)[1].strip() for line in code.splitlines()
+                if line.startswith("print(") and "#" in line]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == expected

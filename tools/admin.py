@@ -103,6 +103,7 @@ def entry_dict(info: EntryInfo) -> dict[str, Any]:
         "last_access": info.last_access,
         "hits": info.hits,
         "pinned": info.pinned,
+        "keying": info.keying,
     }
 
 

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "codecs": "kvcache.tools.bench_codecs",
     "remote": "kvcache.tools.bench_remote",
     "e2e": "kvcache.tools.bench_e2e",
+    "blend": "kvcache.tools.bench_blend",
 }
 
 
@@ -58,6 +59,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "transfer": {},
     "remote": {"--duration": "duration"},
     "e2e": {},
+    "blend": {},
 }
 
 

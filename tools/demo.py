@@ -187,16 +187,21 @@ def main(args: argparse.Namespace) -> int:
     """Entry point of ``kvcache demo [--store DIR] [--json]``."""
     store = getattr(args, "store", None)
     requests = getattr(args, "requests", None) or DEFAULT_REQUESTS
-    result = run_demo(
-        Path(store) if store else None,
-        requests=requests,
-        config_file=getattr(args, "config", None),
-    )
+    where = Path(store) if store else None
+    config_file = getattr(args, "config", None)
+    if getattr(args, "blend", False):
+        from kvcache.tools import demo_blend
+
+        result = demo_blend.run_blend_demo(where, requests=requests, config_file=config_file)
+        text = demo_blend.format_table(result)
+    else:
+        result = run_demo(where, requests=requests, config_file=config_file)
+        text = format_table(result)
     if getattr(args, "json", False):
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(format_table(result))
+        print(text)
     return 0
 
 
@@ -206,4 +211,5 @@ if __name__ == "__main__":
     parser.add_argument("--config", help="config file, .toml or .yaml")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS)
+    parser.add_argument("--blend", action="store_true", help="the blending demo")
     sys.exit(main(parser.parse_args()))
