@@ -88,7 +88,8 @@ class SegmentLoads:
 
     def __call__(self, layer: int) -> torch.Tensor:
         shape = (2, self.plan.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
-        out = torch.zeros(shape, dtype=self.layout.torch_dtype, device=self.device)
+        # Rows of tokens nothing is cached for are computed (written) before any use.
+        out = torch.empty(shape, dtype=self.layout.torch_dtype, device=self.device)
         for i, span, loader in self.loaders:
             try:
                 kv = loader.wait_for_layer(layer, self.timeout_s)

@@ -133,3 +133,29 @@ def test_read_object_detects_corruption_and_truncation(obj):
         read_object(_dribble(data[:-10], 1000), len(data))
     with pytest.raises(CorruptObjectError):
         read_object(_dribble(data[:5], 1000), 5)
+
+
+def test_segment_keying_round_trips_and_prefix_headers_are_unchanged(obj):
+    import dataclasses
+
+    assert "keying" not in obj.header.to_json()  # what prefix objects always wrote
+    seg = StoredObject(dataclasses.replace(obj.header, keying="segment"), obj.tensors)
+    assert seg.header.to_json()["keying"] == "segment"
+    assert decode_object(encode_object(seg)).header.keying == "segment"
+    assert decode_object(encode_object(obj)).header.keying == "prefix"
+    bad = seg.header.to_json() | {"keying": "sideways"}
+    with pytest.raises(CorruptObjectError):
+        ObjectHeader.from_json(bad)
+
+
+def test_index_records_take_an_optional_keying_and_nothing_else():
+    from kvcache.kvstore.index_format import BadRecordError, decode_record, pack
+
+    rec = {"nbytes": 10, "num_tokens": 4, "codec": "raw", "model_id": "m", "created_at": 1.0,
+           "last_access": 1.0, "hits": 0, "pinned": False, "loc": "lmdb", "blob": None,
+           "id": "x"}
+    assert "keying" not in decode_record(pack(rec))
+    assert decode_record(pack(rec | {"keying": "segment"}))["keying"] == "segment"
+    for bad in (rec | {"keying": "sideways"}, rec | {"keying": 3}, rec | {"extra": 1}):
+        with pytest.raises(BadRecordError):
+            decode_record(pack(bad))
