@@ -9,8 +9,9 @@ prompt, the few tokens that need it recomputed, with an exact causal mask.
 2. a layer computes Q/K/V for the tokens still in flight (``rows``) and writes their K/V
    over the cached K/V of that layer (the cached keys were rotated to their positions in
    this prompt when loaded), then attends from each of them to *every* earlier token's
-   K/V — cached or fresh — through a mask built from positions (token ``p`` sees keys
-   ``0..p``), then its MLP;
+   K/V — cached or fresh — by position (token ``p`` sees keys ``0..p``; queries go a
+   block at a time, each block reading the keys up to its last position, so the work
+   follows the causal triangle as in a prefill), then its MLP;
 3. after ``check_layer`` (which every token went through) the policy compares the fresh
    K/V there with the cached K/V, picks the tokens to recompute, and the others leave the
    computation: their K/V in later layers stays the cached one.
@@ -25,8 +26,10 @@ continues from.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -90,21 +93,74 @@ def _decoder(model: PreTrainedModel) -> Any:
     return inner
 
 
-def _mask(rows: torch.Tensor | None, n: int, model: PreTrainedModel, device: torch.device
-          ) -> torch.Tensor | None:
-    """The attention mask of the tokens in flight over all ``n`` keys: row ``q`` (the
-    token at position ``rows[q]``) sees keys ``0..rows[q]``. SDPA takes it as bool (and
-    no mask at all for a plain causal prefill, as the model's own forward does); eager
-    attention adds it."""
-    impl = getattr(model.config, "_attn_implementation", "eager")
-    pos = torch.arange(n, device=device) if rows is None else rows
-    allowed = torch.arange(n, device=device)[None, :] <= pos[:, None]  # [q, n]
-    if impl == "sdpa":
-        return None if rows is None else allowed[None, None]
-    neg = torch.finfo(model.dtype).min
-    zero = torch.zeros((), dtype=model.dtype, device=device)
-    return torch.where(allowed, zero, torch.full((), neg, dtype=model.dtype, device=device)
-                       )[None, None]
+def _causal_mask(n: int, model: PreTrainedModel, device: torch.device
+                 ) -> torch.Tensor | None:
+    """The model's own attention over all ``n`` tokens: SDPA needs no mask (causal), as
+    in the model's own forward; eager attention adds one."""
+    if getattr(model.config, "_attn_implementation", "eager") == "sdpa":
+        return None
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    neg = torch.full((), torch.finfo(model.dtype).min, dtype=model.dtype, device=device)
+    return torch.where(allowed, torch.zeros((), dtype=model.dtype, device=device), neg)[
+        None, None]
+
+
+# Queries of the tokens in flight attend a block at a time; a block reads the keys up to
+# its last token's position only, so the cost follows the causal triangle, as a causal
+# prefill's does, instead of every query reading every key.
+_QUERY_BLOCK = 256
+_BLOCKED = "kvcache_blend"
+# The attention a model had before a blend switched it to _BLOCKED (by config id): a
+# forward that is not ours, running meanwhile, goes there.
+_inner_attention: dict[int, str] = {}
+
+
+def _blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, attention_mask: torch.Tensor | None,
+                       scaling: float | None = None, dropout: float = 0.0,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function (``AttentionInterface``). query ``[1, heads, S,
+    head_dim]`` of the tokens at positions ``kvcache_rows`` (int64 ``[S]``, ascending);
+    key/value ``[1, kv_heads, T, head_dim]``, every token's. Each query sees keys up to
+    its position. Returns ``[1, S, heads, head_dim]``."""
+    rows = kwargs.pop("kvcache_rows", None)
+    if rows is None:  # another forward of this model, while a blend runs
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        impl = _inner_attention.get(id(module.config), "sdpa")
+        # "eager" is each model file's own function, not a registered one.
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager) if impl != "eager" else eager
+        return fn(module, query, key, value, attention_mask,
+                  scaling=scaling, dropout=dropout, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    out = torch.empty_like(query)
+    keys = torch.arange(key.shape[2], device=query.device)
+    for s in range(0, query.shape[2], _QUERY_BLOCK):
+        pos = rows[s : s + _QUERY_BLOCK]
+        end = int(pos[-1]) + 1
+        mask = keys[None, :end] <= pos[:, None]  # [block, end]
+        out[:, :, s : s + _QUERY_BLOCK] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s : s + _QUERY_BLOCK], key[:, :, :end], value[:, :, :end],
+            attn_mask=mask[None, None], scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _blocked_attention_on(model: PreTrainedModel) -> Iterator[None]:
+    """The model's attention is ``_blocked_attention`` inside the block."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_BLOCKED, _blocked_attention)
+    config = model.config
+    before = config._attn_implementation
+    _inner_attention[id(config)] = before or "sdpa"
+    config._attn_implementation = _BLOCKED
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        _inner_attention.pop(id(config), None)
 
 
 def _cache_kwarg(layer: torch.nn.Module) -> str:
@@ -136,52 +192,58 @@ def blend_prefill(model: PreTrainedModel, input_ids: torch.Tensor, plan: BlendPl
     always[n - 1] = True  # the last token's logits are the output
     budget = budget_tokens(plan, ratio)
 
-    ids = input_ids.to(device)[None]
-    hidden = inner.embed_tokens(ids)  # [1, T, hidden]
+    def in_flight(recompute: torch.Tensor) -> torch.Tensor:
+        """Positions computed from here on: ``recompute`` and the always computed."""
+        mask = always.clone()
+        mask[recompute.to(device)] = True
+        return torch.nonzero(mask).flatten()
+
     positions = torch.arange(n, device=device)[None]
+    hidden = inner.embed_tokens(input_ids.to(device)[None])  # [1, T, hidden]
     cos, sin = inner.rotary_emb(hidden, positions)
     recomputed = torch.zeros(0, dtype=torch.int64)
     rows: torch.Tensor | None = None  # None: every token is in flight
-
-    def keep(chosen: torch.Tensor) -> torch.Tensor:
-        mask = always.clone()
-        mask[chosen.to(device)] = True
-        return torch.nonzero(mask).flatten()
-
     if check is None:
         recomputed = policy.select(plan, budget, None)
-        rows = keep(recomputed)
+        rows = in_flight(recomputed)
         hidden = hidden[:, rows]
     kv = _RowsCache(len(layers))
     kwarg = _cache_kwarg(layers[0])
     for i, layer in enumerate(layers):
         layer_kv = cached_layer(i)  # [2, T, kv_heads, head_dim]
-        if rows is not None:  # the tokens out of flight keep the cached K/V
+        kv.rows = rows
+        if rows is None:  # every token: the model's own causal attention
+            out = layer(hidden, attention_mask=_causal_mask(n, model, device),
+                        position_ids=positions, use_cache=True, position_embeddings=(cos, sin),
+                        **{kwarg: kv})
+        else:  # the others keep the cached K/V of this layer
             kv.keys[i], kv.values[i] = (
                 layer_kv[p].transpose(0, 1)[None].clone(memory_format=torch.contiguous_format)
                 for p in (0, 1))
-        kv.rows = rows
-        sel = slice(None) if rows is None else rows
-        out = layer(hidden, attention_mask=_mask(rows, n, model, device),
-                    position_ids=positions[:, sel], use_cache=True,
-                    position_embeddings=(cos[:, sel], sin[:, sel]), **{kwarg: kv})
+            with _blocked_attention_on(model):
+                out = layer(hidden, attention_mask=None, position_ids=positions[:, rows],
+                            use_cache=True, position_embeddings=(cos[:, rows], sin[:, rows]),
+                            kvcache_rows=rows, **{kwarg: kv})
         hidden = out[0] if isinstance(out, tuple) else out
         if i == check:
-            fresh_k, fresh_v = kv.keys[i], kv.values[i]
-            assert fresh_k is not None and fresh_v is not None
-            f = {"k": fresh_k[0].transpose(0, 1), "v": fresh_v[0].transpose(0, 1)}
-            c = {"k": layer_kv[0], "v": layer_kv[1]}
-            planes = list(policy.planes)
-            dev = kv_deviation(f[planes[0]], c[planes[0]].to(f[planes[0]].dtype),
-                               *((f["v"], c["v"].to(f["v"].dtype)) if len(planes) == 2
-                                 else ()))
+            dev = _deviation(kv, i, layer_kv, policy.planes)
             recomputed = policy.select(plan, budget, dev)
-            rows = keep(recomputed)
+            rows = in_flight(recomputed)
             hidden = hidden[:, rows]
-    last = inner.norm(hidden[:, -1:])
-    logits = model.lm_head(last).float()  # [1, 1, vocab]
+    logits = model.lm_head(inner.norm(hidden[:, -1:])).float()  # [1, 1, vocab]
     return BlendOutput(logits, _to_dynamic_cache(model, kv), recomputed.cpu(),
                        int((~cached).sum()))
+
+
+def _deviation(kv: _RowsCache, i: int, cached: torch.Tensor, planes: str) -> torch.Tensor:
+    """fp32 ``[T]``: per token, how far layer ``i``'s fresh K/V (every token computed)
+    are from the cached ones (``cached``: ``[2, T, kv_heads, head_dim]``), on ``planes``."""
+    fresh_k, fresh_v = kv.keys[i], kv.values[i]
+    assert fresh_k is not None and fresh_v is not None
+    fresh = {"k": fresh_k[0].transpose(0, 1), "v": fresh_v[0].transpose(0, 1)}
+    old = {"k": cached[0], "v": cached[1]}
+    args = [t for p in planes for t in (fresh[p], old[p].to(fresh[p].dtype))]
+    return kv_deviation(*args)
 
 
 def _to_dynamic_cache(model: PreTrainedModel, kv: _RowsCache) -> DynamicCache:
