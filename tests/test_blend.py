@@ -347,3 +347,26 @@ def test_segment_entries_say_so_on_disk_in_inspect_and_after_an_index_rebuild(mo
     (tmp_path / "store" / "disk" / "index" / "data.mdb").unlink()
     fsck(cfg, repair=True)
     assert sum(e["keying"] == "segment" for e in inspect(cfg)["entries"]) == 8
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_other_llama_family_decoders_blend_exactly_at_the_ends(family):
+    """Qwen2 (biased Q/K/V) and Mistral built from configs: recomputing everything is
+    their own prefill, recomputing nothing keeps the cached K/V."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    cls = {"qwen2": Qwen2Config, "mistral": MistralConfig}[family]
+    torch.manual_seed(0)
+    cfg = cls(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    tokens, spans = rag()
+    logits, exact = full_prefill(m, tokens)
+    kv = apart_kv(m, tokens, spans)
+    full = _blend(m, tokens, spans, DeviationTopK(check_layer=1), 1.0, kv)
+    assert torch.allclose(full.logits, logits, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(cache_to_canonical(full.cache, 0, len(tokens)), exact, atol=1e-4)
+    none = _blend(m, tokens, spans, FullReuse(), 0.0, kv)
+    got = cache_to_canonical(none.cache, 0, len(tokens))
+    for s, e in spans:
+        assert torch.equal(got[:, :, s:e], kv[:, :, s:e])
