@@ -173,9 +173,9 @@ def blend_prefill(model: PreTrainedModel, input_ids: torch.Tensor, plan: BlendPl
                   cached_layer: CachedLayer, policy: BlendPolicy, ratio: float
                   ) -> BlendOutput:
     """Prefill ``input_ids`` (int64 ``[T]``) reusing the cached tokens of ``plan`` (module
-    docstring). cached_layer(i): layer ``i``'s cached K/V (``CachedLayer``), asked once per
-    layer in order; policy and ratio: which cached tokens to recompute
-    (``blend_policy``)."""
+    docstring). cached_layer(i): layer ``i``'s cached K/V (``CachedLayer``), asked once for
+    each layer from the check layer on (from layer 0 for a policy without one), in order;
+    policy and ratio: which cached tokens to recompute (``blend_policy``)."""
     inner = _decoder(model)
     device = model.device
     n = plan.num_tokens
@@ -210,13 +210,17 @@ def blend_prefill(model: PreTrainedModel, input_ids: torch.Tensor, plan: BlendPl
     kv = _RowsCache(len(layers))
     kwarg = _cache_kwarg(layers[0])
     for i, layer in enumerate(layers):
-        layer_kv = cached_layer(i)  # [2, T, kv_heads, head_dim]
+        # Layers before the check layer compute every token and need no cached K/V: the
+        # loads may still be on their way.
+        needed = rows is not None or i == check
+        layer_kv = cached_layer(i) if needed else None  # [2, T, kv_heads, head_dim]
         kv.rows = rows
         if rows is None:  # every token: the model's own causal attention
             out = layer(hidden, attention_mask=_causal_mask(n, model, device),
                         position_ids=positions, use_cache=True, position_embeddings=(cos, sin),
                         **{kwarg: kv})
         else:  # the others keep the cached K/V of this layer
+            assert layer_kv is not None
             kv.keys[i], kv.values[i] = (
                 layer_kv[p].transpose(0, 1)[None].clone(memory_format=torch.contiguous_format)
                 for p in (0, 1))
@@ -226,6 +230,7 @@ def blend_prefill(model: PreTrainedModel, input_ids: torch.Tensor, plan: BlendPl
                             kvcache_rows=rows, **{kwarg: kv})
         hidden = out[0] if isinstance(out, tuple) else out
         if i == check:
+            assert layer_kv is not None
             dev = _deviation(kv, i, layer_kv, policy.planes)
             recomputed = policy.select(plan, budget, dev)
             rows = in_flight(recomputed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -50,43 +51,82 @@ class _SpanFailed(KVCacheError):
         self.index = index
 
 
+class PlanChangedError(KVCacheError):
+    """Loading found less than the lookup did (a chunk gone since, or of another layout):
+    the blend must run on ``plan``."""
+
+    def __init__(self, plan: BlendPlan) -> None:
+        super().__init__("the store holds less than it said a moment ago")
+        self.plan = plan
+
+
 class SegmentLoads:
     """The plan's cached spans, each a ``LayerLoader`` rotating its keys to the span's
     positions; calling it gives one layer of the whole prompt's cached K/V
-    (``blend.CachedLayer``). ``plan`` is updated with what loading found: where each
-    span's keys were rotated, and chunks that could not be loaded after all."""
+    (``blend.CachedLayer``).
 
-    def __init__(self, store: TieredStore, layout: KVLayout, plan: BlendPlan,
-                 stack: contextlib.ExitStack, *, device: torch.device,
-                 timeout_s: float | None = None) -> None:
+    The loaders are prepared (objects fetched: read from disk or the daemon, borrowed from
+    the CPU tier) on a thread of their own, so that the layers a blend computes for every
+    token before its check layer — which need no cached K/V — overlap the reads. The first
+    call waits for them. If loading finds less than the plan says, that call raises
+    ``PlanChangedError`` with what it found (source positions come with it).
+    """
+
+    def __init__(self, store: TieredStore, layout: KVLayout, plan: BlendPlan, *,
+                 device: torch.device, timeout_s: float | None = None) -> None:
         self.layout = layout
         self.device = device
         self.timeout_s = timeout_s
-        self.loaders: list[tuple[int, SegmentPlan, LayerLoader]] = []
-        for i, span in enumerate(plan.spans):
-            if not span.cached_tokens:
-                continue
-            loader = stack.enter_context(LayerLoader(
-                store, span.cached_keys, layout, device=device, partial=True,
-                rope_start=span.start))
-            got = loader.num_tokens
-            changes: dict[str, object] = {"source_start": loader.rope_starts[0] if got
-                                          else None}
-            if got < span.cached_tokens:
-                log.info("segment at %d: %d of its %d cached tokens loaded (%s)", span.start,
-                         got, span.cached_tokens, loader.shortfall)
-                changes.update(cached_tokens=got,
-                               reason=MISS_LAYOUT if loader.layout_mismatch else MISS_LOAD)
-            plan = plan.with_span(i, **changes)
-            if got:
-                self.loaders.append((i, plan.spans[i], loader))
         self.plan = plan
+        self._planned = [s.cached_tokens for s in plan.spans]
+        self.loaders: list[tuple[int, SegmentPlan, LayerLoader]] = []
         self.tiers: dict[str, int] = {}
-        for _, _, loader in self.loaders:
-            for tier in loader.tiers:
-                self.tiers[tier] = self.tiers.get(tier, 0) + 1
+        self._stack = contextlib.ExitStack()
+        self._error: BaseException | None = None
+        self._ready = False
+        self._thread = threading.Thread(target=self._prepare, args=(store,),
+                                        name="kvcache-blend-loads", daemon=True)
+        self._thread.start()
+
+    def _prepare(self, store: TieredStore) -> None:
+        try:
+            plan = self.plan
+            for i, span in enumerate(plan.spans):
+                if not span.cached_tokens:
+                    continue
+                loader = self._stack.enter_context(LayerLoader(
+                    store, span.cached_keys, self.layout, device=self.device, partial=True,
+                    rope_start=span.start))
+                got = loader.num_tokens
+                changes: dict[str, object] = {
+                    "source_start": loader.rope_starts[0] if got else None}
+                if got < span.cached_tokens:
+                    log.info("segment at %d: %d of its %d cached tokens loaded (%s)",
+                             span.start, got, span.cached_tokens, loader.shortfall)
+                    changes.update(cached_tokens=got, reason=MISS_LAYOUT
+                                   if loader.layout_mismatch else MISS_LOAD)
+                plan = plan.with_span(i, **changes)
+                if got:
+                    self.loaders.append((i, plan.spans[i], loader))
+                    for tier in loader.tiers:
+                        self.tiers[tier] = self.tiers.get(tier, 0) + 1
+            self.plan = plan
+        except BaseException as e:  # surfaced by the first call
+            self._error = e
+
+    def _wait_ready(self) -> None:
+        if self._ready:
+            return
+        self._thread.join()
+        self._ready = True
+        if self._error is not None:
+            raise KVCacheError(f"preparing the segments' loads failed: {self._error}"
+                               ) from self._error
+        if [s.cached_tokens for s in self.plan.spans] != self._planned:
+            raise PlanChangedError(self.plan)
 
     def __call__(self, layer: int) -> torch.Tensor:
+        self._wait_ready()
         shape = (2, self.plan.num_tokens, self.layout.num_kv_heads, self.layout.head_dim)
         # Rows of tokens nothing is cached for are computed (written) before any use.
         out = torch.empty(shape, dtype=self.layout.torch_dtype, device=self.device)
@@ -98,22 +138,30 @@ class SegmentLoads:
             out[:, span.start : span.start + span.cached_tokens] = kv
         return out
 
+    def close(self) -> None:
+        """Wait for the preparing thread, then let go of every loader."""
+        self._thread.join()
+        self._stack.close()
+
 
 def run_blend(model: PreTrainedModel, store: TieredStore, layout: KVLayout,
               input_ids: torch.Tensor, plan: BlendPlan, policy: BlendPolicy, ratio: float,
               *, timeout_s: float | None = None) -> tuple[BlendOutput, BlendPlan, dict[str, int]]:
-    """Load the plan's cached spans and blend; a span whose layers fail to load mid-way is
-    computed instead and the blend runs again without it (never on half-loaded KV)."""
+    """Load the plan's cached spans and blend. If loading finds less than the lookup did,
+    or a span's layers fail to load mid-way, the blend runs again on what is there (the
+    failed span computed): never on half-loaded KV."""
     while True:
-        with contextlib.ExitStack() as stack:
-            loads = SegmentLoads(store, layout, plan, stack, device=model.device,
-                                 timeout_s=timeout_s)
-            try:
-                out = blend_prefill(model, input_ids, loads.plan, loads, policy, ratio)
-                return out, loads.plan, loads.tiers
-            except _SpanFailed as e:
-                log.warning("%s; computing that segment instead", e)
-                plan = loads.plan.with_span(e.index, cached_tokens=0, reason=MISS_LOAD)
+        loads = SegmentLoads(store, layout, plan, device=model.device, timeout_s=timeout_s)
+        try:
+            out = blend_prefill(model, input_ids, plan, loads, policy, ratio)
+            return out, loads.plan, loads.tiers
+        except PlanChangedError as e:
+            plan = e.plan
+        except _SpanFailed as e:
+            log.warning("%s; computing that segment instead", e)
+            plan = loads.plan.with_span(e.index, cached_tokens=0, reason=MISS_LOAD)
+        finally:
+            loads.close()
 
 
 @torch.no_grad()

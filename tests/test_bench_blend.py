@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvcache.tools.bench_blend import RATIOS, format_table, run
+from kvcache.tools.bench_blend import RATIOS, format_table, plot, run
 
 
 @pytest.mark.slow
-def test_quick_blend_bench_reports_every_strategy_and_both_tiers():
+def test_quick_blend_bench_reports_every_strategy_and_both_tiers(tmp_path):
     result = run(quick=True)
     q = result["quality"]
     assert q["tune_prompts"] >= 1 and q["eval_prompts"] >= 1
@@ -29,3 +29,5 @@ def test_quick_blend_bench_reports_every_strategy_and_both_tiers():
         assert set(t["hits_cpu"]) == {"cpu"} and set(t["hits_disk"]) == {"disk"}
     table = format_table(result)
     assert "recovered by cacheblend" in table and "from disk" in table
+    path = plot(result, tmp_path)
+    assert path is not None and path.stat().st_size > 1000

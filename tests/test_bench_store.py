@@ -193,12 +193,14 @@ def test_cli_hands_options_to_the_benchmark(monkeypatch, capsys):
 
 def test_codecs_plot_draws_bits_against_fidelity_or_says_why_not(tmp_path):
 
-    records = [
-        {"codec": "cachegen", "level": str(i), "bits_per_element": 4.0 - i,
-         "next_token_kl": 10.0 ** -i, "top1_agreement": 1.0 - 0.01 * i}
-        for i in range(1, 4)
-    ] + [{"codec": "raw", "level": None, "bits_per_element": 16.0, "next_token_kl": 0.0,
-          "top1_agreement": 1.0}]
+    def record(codec, level, bits, kl, top1):  # the fields bench_codecs' records carry
+        return {"codec": codec, "level": level, "bits_per_element": bits,
+                "next_token_kl": kl, "top1_agreement": top1,
+                "top1_agreement_ci90": [top1 - 0.01, min(1.0, top1 + 0.01)],
+                "excl_circuit": {"next_token_kl": kl / 2, "top1_agreement": top1}}
+
+    records = [record("cachegen", str(i), 4.0 - i, 10.0 ** -i, 1.0 - 0.01 * i)
+               for i in range(1, 4)] + [record("raw", None, 16.0, 0.0, 1.0)]
     result = {"benchmark": "codecs", "date": "today", "records": records, "rows": []}
     path = bench.plot(result, tmp_path)  # dispatches to the codecs benchmark's own plot
     if path is None:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -41,7 +40,7 @@ from kvcache.connectors.hf import (
     canonical_to_cache,
     output_cache,
 )
-from kvcache.connectors.hf_blend import SegmentLoads
+from kvcache.connectors.hf_blend import SegmentLoads, PlanChangedError
 from kvcache.kvstore.layer_loader import LayerLoader
 from kvcache.kvstore.tiered_store import TieredStore
 from kvcache.tools.fidelity import exact_kv, independent_chunks_kv
@@ -169,13 +168,17 @@ def test_chunks_that_cannot_be_loaded_are_computed_and_say_why(conn, store, mode
     t2, s2 = rag((2, 1, 0))
     plan = plan_blend(store.longest_prefix, store.where, fp, t2, s2, chunk_size=CHUNK)
     store.delete(keys2[1])  # vanished between the lookup and the load
-    with contextlib.ExitStack() as stack:
-        loads = SegmentLoads(store, conn.layout, plan, stack, device=model.device)
-        by_start = {s.start: s for s in loads.plan.spans}
-        doc2, doc1 = by_start[s2[0][0]], by_start[s2[1][0]]
-        assert (doc2.cached_tokens, doc2.reason) == (CHUNK, MISS_LOAD)
-        assert (doc1.cached_tokens, doc1.reason) == (0, MISS_LAYOUT)
-        assert plan.spans[2].cached_tokens == 90  # what the lookup had said
+    loads = SegmentLoads(store, conn.layout, plan, device=model.device)
+    try:
+        with pytest.raises(PlanChangedError) as changed:
+            loads(2)  # the first layer a blend asks for
+    finally:
+        loads.close()
+    by_start = {s.start: s for s in changed.value.plan.spans}
+    doc2, doc1 = by_start[s2[0][0]], by_start[s2[1][0]]
+    assert (doc2.cached_tokens, doc2.reason) == (CHUNK, MISS_LOAD)
+    assert (doc1.cached_tokens, doc1.reason) == (0, MISS_LAYOUT)
+    assert plan.spans[2].cached_tokens == 90  # what the lookup had said
     r = conn.blend(t2, s2, store=False)
     assert r.plan.missed_tokens() == {MISS_BOUNDARY: 130 - CHUNK, MISS_LAYOUT: 90}
     logits, _ = full_prefill(model, t2)

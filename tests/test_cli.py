@@ -109,7 +109,8 @@ def test_inspect_table(store: Store, capsys: pytest.CaptureFixture[str]) -> None
     # Most recently used first; the pinned entry is marked.
     order = [line.split()[0] for line in lines[1:6]]
     assert order == [store.keys[n] for n in ("new", "hour", "other", "week", "old")]
-    assert lines[5].rstrip().endswith("yes")
+    assert lines[5].split()[-2:] == ["yes", "prefix"]  # pinned; keyed by its prefix
+    assert lines[0].rstrip().endswith("PINNED  KEYED BY")
     assert "other-model" in out
     assert "disk: 5 entries" in out
 

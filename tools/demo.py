@@ -193,15 +193,15 @@ def main(args: argparse.Namespace) -> int:
         from kvcache.tools import demo_blend
 
         result = demo_blend.run_blend_demo(where, requests=requests, config_file=config_file)
-        text = demo_blend.format_table(result)
+        table = demo_blend.format_table
     else:
         result = run_demo(where, requests=requests, config_file=config_file)
-        text = format_table(result)
+        table = format_table
     if getattr(args, "json", False):
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(text)
+        print(table(result))
     return 0
 
 

@@ -72,7 +72,7 @@ def run_blend_demo(store_dir: Path | None, *, requests: int = 8, seed: int = 0,
                 "prompt_tokens": len(ids), "reused_tokens": r.reused_tokens,
                 "recomputed_tokens": r.recomputed_tokens, "computed_tokens": r.computed_tokens,
                 "ttft_full_s": full_s, "ttft_blend_s": r.ttft_s, "store_s": r.store_s,
-                "kl": float((logp.exp() * (logp - logq)).sum()),
+                "kl": max(0.0, float((logp.exp() * (logp - logq)).sum())),  # rounding
                 "top1_agrees": bool(ref.argmax() == r.logits.argmax()),
                 "missed": r.plan.missed_tokens(), "hits_by_tier": r.hits_by_tier,
             })
