@@ -40,7 +40,7 @@ from kvcache.connectors.hf import (
     canonical_to_cache,
     output_cache,
 )
-from kvcache.connectors.hf_blend import SegmentLoads, PlanChangedError
+from kvcache.connectors.hf_blend import PlanChangedError, SegmentLoads
 from kvcache.kvstore.layer_loader import LayerLoader
 from kvcache.kvstore.tiered_store import TieredStore
 from kvcache.tools.fidelity import exact_kv, independent_chunks_kv
