@@ -142,6 +142,7 @@ class PagedWorker:
         self._failed_requests: set[str] = set()  # this step's: their saves are dropped
         self._lock = threading.Lock()
         self._pending_bytes = 0
+        self._scratch_buf: torch.Tensor | None = None  # the saver thread's (_scratch)
         self._queue: queue.Queue[_Save | None] = queue.Queue()
         self._saver = threading.Thread(target=self._save_loop, name="kvcache-saver",
                                        daemon=True)
@@ -438,12 +439,21 @@ class PagedWorker:
             planes = paged_planes(blocks, [save.staging[i]])
             if out is None:
                 shape = (self.layout.num_layers, *chunk_shape(planes, nb * b)[1:])
-                out = torch.empty(shape, dtype=planes.dtype)
+                out = self._scratch(shape, planes.dtype)
                 out5 = out.unsqueeze(1).unsqueeze(3) if planes.num_planes == 1 else out
             for p, view in enumerate(planes.views[0]):  # [nb, B, heads, head_dim]
                 out5[i, p].view(view.shape).copy_(view)
         assert out is not None and start == save.first_block * b
         return out.narrow(-3 if out.dim() == 5 else -2, 0, end - start)
+
+    def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The saver thread's conversion buffer, reused save after save (``store.put``
+        keeps no reference to what it stores): a fresh one each time would be faulted in
+        page by page, which cost about as much as the conversion itself."""
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        if self._scratch_buf is None or self._scratch_buf.numel() < nbytes:
+            self._scratch_buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch_buf[:nbytes].view(dtype).view(shape)
 
     def _release(self, save: _Save) -> None:
         with self._lock:

@@ -366,3 +366,28 @@ def test_opaque_pages_are_stored_and_loaded_as_they_are(store):
         assert torch.equal(t[dst[4:15]], t[src[4:15]])  # blocks 4..14: tokens 64..240
         assert not t[dst[15]].any() and not t[dst[3]].any()
     worker.close()
+
+
+def test_saves_queued_back_to_back_each_store_their_own_tokens(store):
+    """The saver reuses one conversion buffer: a save must be stored before the next
+    one overwrites it."""
+    layout, kv, planes = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
+    g = torch.Generator().manual_seed(3)
+    prompts, wants = [PROMPT, PROMPT[::-1]], []
+    for step, prompt in enumerate(prompts):
+        blocks = list(range(step * 19, step * 19 + 19))
+        want = torch.randn(2, 2, 300, 2, 16, generator=g)
+        for i in range(2):
+            paged_scatter(planes[i], slots_from_block_table(blocks, BLOCK, 0, 300),
+                          want[i : i + 1])
+        op = RequestOps(f"r{step}", prompt, blocks, save=(0, 300))
+        for i in range(2):
+            worker.save_layer(i, [op])
+        worker.end_step()  # queued; the next step's pages are written meanwhile
+        wants.append(want)
+    assert worker.wait_saved(10)
+    for prompt, want in zip(prompts, wants, strict=True):
+        for c in chunk_tokens(LAYOUT.fingerprint, prompt, CHUNK):
+            assert torch.equal(store.get(c.prefix_key), want[:, :, c.start : c.end])
+    worker.close()
