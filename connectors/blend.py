@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -110,9 +111,11 @@ def _causal_mask(n: int, model: PreTrainedModel, device: torch.device
 # prefill's does, instead of every query reading every key.
 _QUERY_BLOCK = 256
 _BLOCKED = "kvcache_blend"
-# The attention a model had before a blend switched it to _BLOCKED (by config id): a
-# forward that is not ours, running meanwhile, goes there.
-_inner_attention: dict[int, str] = {}
+# Per model config (by id) switched to _BLOCKED: the attention it had before, and how
+# many layer calls are inside the switch (blends in several threads may overlap). A
+# forward that is not a blend's, running meanwhile, goes to the model's own attention.
+_switched: dict[int, tuple[str, int]] = {}
+_switch_lock = threading.Lock()
 
 
 def _blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -127,7 +130,7 @@ def _blocked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if rows is None:  # another forward of this model, while a blend runs
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        impl = _inner_attention.get(id(module.config), "sdpa")
+        impl = _switched.get(id(module.config), ("sdpa", 0))[0]
         # "eager" is each model file's own function, not a registered one.
         eager = sys.modules[type(module).__module__].eager_attention_forward
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager) if impl != "eager" else eager
@@ -153,14 +156,20 @@ def _blocked_attention_on(model: PreTrainedModel) -> Iterator[None]:
 
     AttentionInterface.register(_BLOCKED, _blocked_attention)
     config = model.config
-    before = config._attn_implementation
-    _inner_attention[id(config)] = before or "sdpa"
-    config._attn_implementation = _BLOCKED
+    with _switch_lock:
+        own, users = _switched.get(id(config), (config._attn_implementation or "sdpa", 0))
+        _switched[id(config)] = (own, users + 1)
+        config._attn_implementation = _BLOCKED
     try:
         yield
     finally:
-        config._attn_implementation = before
-        _inner_attention.pop(id(config), None)
+        with _switch_lock:
+            own, users = _switched[id(config)]
+            if users == 1:  # the last one out restores the model's own
+                del _switched[id(config)]
+                config._attn_implementation = own
+            else:
+                _switched[id(config)] = (own, users - 1)
 
 
 def _cache_kwarg(layer: torch.nn.Module) -> str:

@@ -373,3 +373,38 @@ def test_other_llama_family_decoders_blend_exactly_at_the_ends(family):
     got = cache_to_canonical(none.cache, 0, len(tokens))
     for s, e in spans:
         assert torch.equal(got[:, :, s:e], kv[:, :, s:e])
+
+
+def test_the_models_own_attention_is_back_after_a_blend_and_serves_forwards_during_one(
+        model):
+    """The recomputed tokens' attention is switched in for the blend's layer calls only;
+    a forward of the same model meanwhile (another thread) runs the model's own."""
+    import threading
+
+    from kvcache.connectors import blend as blend_module
+
+    impl = model.config._attn_implementation
+    tokens, spans = rag()
+    kv = apart_kv(model, tokens, spans)
+    seen: list[torch.Tensor] = []
+    started = threading.Event()
+    real = blend_module._blocked_attention
+
+    def forward_inside(*args, **kwargs):
+        if kwargs.get("kvcache_rows") is not None and not started.is_set():
+            started.set()  # while the switch is on: an ordinary forward, another thread
+            t = threading.Thread(target=lambda: seen.append(
+                model(input_ids=torch.tensor([tokens[:50]])).logits))
+            t.start()
+            t.join()
+        return real(*args, **kwargs)
+
+    blend_module._blocked_attention = forward_inside
+    try:
+        _blend(model, tokens, spans, RandomTokens(0), 0.2, kv)
+    finally:
+        blend_module._blocked_attention = real
+    assert model.config._attn_implementation == impl
+    assert blend_module._switched == {}
+    ref = model(input_ids=torch.tensor([tokens[:50]])).logits
+    assert torch.allclose(seen[0], ref, atol=1e-5)
