@@ -191,6 +191,24 @@ class BlendPlan:
         return BlendPlan(self.num_tokens, tuple(spans))
 
 
+def plan_all_cached(tokens: Sequence[int], segments: Sequence[tuple[int, int]], *,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, fingerprint: str = "00" * 16
+                    ) -> BlendPlan:
+    """The plan ``plan_blend`` gives when the store holds every segment whole: for callers
+    that supply the segments' KV themselves (evaluations, tests)."""
+    spans: list[SegmentPlan] = []
+    at = 0
+    for start, end in check_segments(segments, len(tokens)):
+        if start > at:
+            spans.append(SegmentPlan(at, start))
+        chunks = tuple(segment_chunks(fingerprint, list(tokens[start:end]), chunk_size))
+        spans.append(SegmentPlan(start, end, chunks, end - start))
+        at = end
+    if at < len(tokens):
+        spans.append(SegmentPlan(at, len(tokens)))
+    return BlendPlan(len(tokens), tuple(spans))
+
+
 # How many leading keys a store holds (``TieredStore.longest_prefix``) and which tier
 # holds a key (``TieredStore.where``).
 Lookup = Callable[..., int]

@@ -179,6 +179,3 @@ def _check_planes(planes: str) -> None:
     if planes not in ("k", "v", "kv"):
         raise ConfigError(f"planes must be 'k', 'v' or 'kv', got {planes!r}")
 
-
-POLICIES: dict[str, type] = {p.name: p for p in (DeviationTopK, FirstTokens, ChunkReuse,
-                                                   RandomTokens, FullReuse, FullPrefill)}

@@ -18,8 +18,8 @@ from kvcache.connectors.blend_plan import (
     MISS_TOO_SHORT,
     BlendPlan,
     SegmentError,
-    SegmentPlan,
     check_segments,
+    plan_all_cached,
     plan_blend,
     segment_chunks,
     segments_by_separator,
@@ -43,7 +43,7 @@ from kvcache.connectors.hf import (
 from kvcache.connectors.hf_blend import PlanChangedError, SegmentLoads
 from kvcache.kvstore.layer_loader import LayerLoader
 from kvcache.kvstore.tiered_store import TieredStore
-from kvcache.tools.fidelity import exact_kv, independent_chunks_kv
+from kvcache.tools.fidelity import independent_chunks_kv, segments_apart_kv
 from kvcache.tools.refmodel import load_reference_model
 
 CHUNK = 64
@@ -85,26 +85,7 @@ def rag(order: tuple[int, ...] = (0, 1, 2), preamble: list[int] = PRE
 
 def whole_plan(tokens: list[int], spans: list[tuple[int, int]]) -> BlendPlan:
     """A plan whose every segment is cached (what the store would say if it held them)."""
-    out, at = [], 0
-    for s, e in spans:
-        if s > at:
-            out.append(SegmentPlan(at, s))
-        out.append(SegmentPlan(s, e, tuple(segment_chunks("00" * 16, tokens[s:e], CHUNK)),
-                               e - s))
-        at = e
-    out.append(SegmentPlan(at, len(tokens)))
-    return BlendPlan(len(tokens), tuple(out))
-
-
-def apart_kv(model, tokens, spans) -> torch.Tensor:
-    """Canonical KV of the prompt with each segment prefilled alone at its positions (what
-    a store of independently computed segments supplies) and zeros elsewhere."""
-    kv = exact_kv(model, tokens) * 0
-    for s, e in spans:
-        out = model(input_ids=torch.tensor([tokens[s:e]]), use_cache=True,
-                    position_ids=torch.arange(s, e)[None])
-        kv[:, :, s:e] = cache_to_canonical(output_cache(out), 0, e - s)
-    return kv
+    return plan_all_cached(tokens, spans, chunk_size=CHUNK)
 
 
 def full_prefill(model, tokens):
@@ -221,7 +202,7 @@ def test_ratios_outside_0_1_are_refused():
 
 # -- the blended prefill ------------------------------------------------------------------------
 def _blend(model, tokens, spans, policy, ratio, kv=None):
-    kv = apart_kv(model, tokens, spans) if kv is None else kv
+    kv = segments_apart_kv(model, tokens, spans) if kv is None else kv
     plan = whole_plan(tokens, spans)
     return blend_prefill(model, torch.tensor(tokens), plan, lambda i: kv[i], policy, ratio)
 
@@ -238,7 +219,7 @@ def test_recomputing_everything_is_the_full_prefill(model, policy):
 
 def test_recomputing_nothing_is_the_cached_chunks_concatenated(model):
     tokens, spans = rag(preamble=[])  # cached documents first, then the question
-    kv = apart_kv(model, tokens, spans)
+    kv = segments_apart_kv(model, tokens, spans)
     out = _blend(model, tokens, spans, FullReuse(), 0.0, kv)
     n = spans[-1][1]
     got = cache_to_canonical(out.cache, 0, len(tokens))
@@ -255,7 +236,7 @@ def test_a_recomputed_token_sees_earlier_kv_and_never_later_kv(model):
     """The mask: spoiling the cached KV of the last document changes nothing computed
     before it; spoiling the first document's changes what comes after it."""
     tokens, spans = rag()
-    kv = apart_kv(model, tokens, spans)
+    kv = segments_apart_kv(model, tokens, spans)
     base = _blend(model, tokens, spans, RandomTokens(1), 0.3, kv)
     later = kv.clone()
     s, e = spans[2]
@@ -275,7 +256,7 @@ def test_a_recomputed_token_sees_earlier_kv_and_never_later_kv(model):
 
 def test_sdpa_and_eager_attention_blend_alike(model):
     tokens, spans = rag()
-    kv = apart_kv(model, tokens, spans)
+    kv = segments_apart_kv(model, tokens, spans)
     sdpa = _blend(model, tokens, spans, DeviationTopK(), 0.15, kv)
     impl = model.config._attn_implementation
     model.config._attn_implementation = "eager"
@@ -365,7 +346,7 @@ def test_other_llama_family_decoders_blend_exactly_at_the_ends(family):
     m = AutoModelForCausalLM.from_config(cfg).eval()
     tokens, spans = rag()
     logits, exact = full_prefill(m, tokens)
-    kv = apart_kv(m, tokens, spans)
+    kv = segments_apart_kv(m, tokens, spans)
     full = _blend(m, tokens, spans, DeviationTopK(check_layer=1), 1.0, kv)
     assert torch.allclose(full.logits, logits, atol=1e-4, rtol=1e-4)
     assert torch.allclose(cache_to_canonical(full.cache, 0, len(tokens)), exact, atol=1e-4)
@@ -385,7 +366,7 @@ def test_the_models_own_attention_is_back_after_a_blend_and_serves_forwards_duri
 
     impl = model.config._attn_implementation
     tokens, spans = rag()
-    kv = apart_kv(model, tokens, spans)
+    kv = segments_apart_kv(model, tokens, spans)
     seen: list[torch.Tensor] = []
     started = threading.Event()
     real = blend_module._blocked_attention

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from kvcache.connectors.blend import blend_prefill
-from kvcache.connectors.blend_plan import BlendPlan, SegmentPlan, segment_chunks
+from kvcache.connectors.blend_plan import plan_all_cached
 from kvcache.connectors.blend_policy import (
     BlendPolicy,
     ChunkReuse,
@@ -42,13 +42,14 @@ from kvcache.connectors.blend_policy import (
     FullReuse,
     RandomTokens,
 )
-from kvcache.connectors.hf import HFConnector, cache_to_canonical, output_cache
+from kvcache.connectors.hf import HFConnector
 from kvcache.tools.fidelity import (
     FidelityResult,
     bootstrap_interval,
     continuation_logits,
     exact_kv,
     measure_fidelity,
+    segments_apart_kv,
 )
 
 RATIOS = (0.05, 0.10, 0.15, 0.20, 0.30)
@@ -59,38 +60,6 @@ TUNE_GRID = [(layer, planes) for layer in (0, 1, 2) for planes in ("k", "v", "kv
 
 
 # -- quality ------------------------------------------------------------------------------------
-def _plan(context: Sequence[int], segments: Sequence[tuple[int, int]]) -> BlendPlan:
-    """A plan holding every segment (each as the store would after storing it)."""
-    spans, at = [], 0
-    for s, e in segments:
-        if s > at:
-            spans.append(SegmentPlan(at, s))
-        spans.append(SegmentPlan(s, e, tuple(segment_chunks("00" * 16, context[s:e])),
-                                 e - s))
-        at = e
-    if at < len(context):
-        spans.append(SegmentPlan(at, len(context)))
-    return BlendPlan(len(context), tuple(spans))
-
-
-@torch.no_grad()
-def _apart_kv(model: Any, context: Sequence[int], segments: Sequence[tuple[int, int]]
-              ) -> torch.Tensor:
-    """``[layers, 2, T, kv_heads, head_dim]``: each segment's KV computed alone at its
-    positions (zeros elsewhere: computed by every strategy)."""
-    kv: torch.Tensor | None = None
-    for s, e in segments:
-        out = model(input_ids=torch.tensor([list(context[s:e])]), use_cache=True,
-                    position_ids=torch.arange(s, e)[None])
-        part = cache_to_canonical(output_cache(out), 0, e - s)
-        if kv is None:
-            kv = torch.zeros((*part.shape[:2], len(context), *part.shape[3:]),
-                             dtype=part.dtype)
-        kv[:, :, s:e] = part
-    assert kv is not None
-    return kv
-
-
 class _Prompt:
     """One prompt's exact figures and its segments' KV, computed once for all strategies."""
 
@@ -99,11 +68,11 @@ class _Prompt:
         self.ids = torch.tensor(p.context)
         self.exact = exact_kv(model, p.context)
         self.exact_logits = continuation_logits(model, self.exact, p.continuation)
-        self.kv = _apart_kv(model, p.context, p.segments)
-        self.plan = _plan(p.context, p.segments)
+        self.kv = segments_apart_kv(model, p.context, p.segments).to(model.dtype)
+        self.plan = plan_all_cached(p.context, p.segments)
 
     def score(self, policy: BlendPolicy, ratio: float) -> FidelityResult:
-        kv = self.kv.to(self.model.dtype)
+        kv = self.kv
         out = blend_prefill(self.model, self.ids, self.plan, lambda i: kv[i], policy, ratio)
         return measure_fidelity(self.model, self.p.context, self.p.continuation, out.cache,
                                 exact=self.exact, exact_logits=self.exact_logits)
@@ -148,10 +117,6 @@ def _strategies(tuned: dict[str, tuple[int, str]]) -> dict[str, BlendPolicy]:
             "random": RandomTokens(0)}
 
 
-def ref_dtype(model: Any) -> torch.dtype:
-    return torch.float32 if model.dtype is None else model.dtype
-
-
 def quality(model: Any, quick: bool) -> dict[str, Any]:
     from kvcache.tools.refmodel.blend_set import build_blend_prompts
 
@@ -193,7 +158,7 @@ def quality(model: Any, quick: bool) -> dict[str, Any]:
     # TTFT of every strategy on the reference model (KV already in memory: the blended
     # forward pass alone), beside a full prefill, on the first eval prompt.
     first = evals[0]
-    kv = first.kv.to(ref_dtype(model))
+    kv = first.kv
     full = _median_s(lambda: model(input_ids=first.ids[None], logits_to_keep=1), 5)
     policies: dict[str, BlendPolicy] = {"full prefill": FullPrefill(),
                                         "full reuse": FullReuse(), **_strategies(tuned)}

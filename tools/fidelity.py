@@ -115,6 +115,26 @@ def independent_chunks_kv(
 
 
 @torch.no_grad()
+def segments_apart_kv(
+    model: PreTrainedModel, context: Sequence[int], segments: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """``[layers, 2, T, kv_heads, head_dim]`` of ``context``: each ``(start, end)`` segment's
+    KV computed alone at its positions in the context (what a store of independently
+    prefilled segments supplies to a blend), zeros elsewhere."""
+    kv: torch.Tensor | None = None
+    for s, e in segments:
+        out = model(input_ids=torch.tensor([list(context[s:e])], device=model.device),
+                    use_cache=True, position_ids=torch.arange(s, e, device=model.device)[None])
+        part = cache_to_canonical(output_cache(out), 0, e - s)
+        if kv is None:
+            kv = part.new_zeros((*part.shape[:2], len(context), *part.shape[3:]))
+        kv[:, :, s:e] = part
+    if kv is None:
+        raise ValueError("no segments")
+    return kv
+
+
+@torch.no_grad()
 def continuation_logits(
     model: PreTrainedModel, kv: torch.Tensor, continuation_ids: torch.Tensor | Sequence[int]
 ) -> torch.Tensor:

@@ -59,6 +59,16 @@ def assert_reused(out: Outputs, *, at_least: float = 0.9) -> None:
         assert cached >= at_least * full_chunk_tokens(p), (cached, len(p))
 
 
+def corrupt_every_other_chunk(store_dir: Path) -> None:
+    """Flip a byte in every other stored chunk: some prompts fail at once, some later."""
+    blobs = sorted(store_dir.rglob("*.kvo"))
+    assert blobs
+    for blob in blobs[::2]:
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+
+
 def run(spec: Spec) -> tuple[Outputs, dict]:
     """One engine in this process: its outputs and its worker's load/save totals."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
@@ -118,12 +128,7 @@ def test_corrupt_stored_kv_is_recomputed(models, tmp_path):
     store = {"store.dir": str(tmp_path / "store")}
     ref, _ = run(Spec(models["float32"], kvcache=False))
     run(Spec(models["float32"], options=store))
-    blobs = sorted((tmp_path / "store").rglob("*.kvo"))
-    assert blobs
-    for blob in blobs[::2]:  # every other chunk: some prompts fail at once, some later
-        data = bytearray(blob.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        blob.write_bytes(bytes(data))
+    corrupt_every_other_chunk(tmp_path / "store")
     out, totals = run(Spec(models["float32"], options=store))
     assert_same(out, ref, "float32")
     assert totals["failed_loads"] > 0
@@ -142,11 +147,7 @@ def test_async_loads_generate_the_same_tokens_and_recompute_corrupt_chunks(model
     assert loaded["load_tokens"] >= 0.9 * sum(full_chunk_tokens(p) for p in PROMPTS)
     assert loaded["failed_loads"] == 0
     assert loaded["async_loads"] == loaded["load_requests"] == len(PROMPTS)
-    blobs = sorted((tmp_path / "store").rglob("*.kvo"))
-    for blob in blobs[::2]:
-        data = bytearray(blob.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        blob.write_bytes(bytes(data))
+    corrupt_every_other_chunk(tmp_path / "store")
     out, totals = run(Spec(models["float32"], options=store))
     assert_same(out, ref, "float32")
     assert totals["failed_loads"] > 0
