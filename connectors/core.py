@@ -3,9 +3,9 @@
 The adapters (``hf`` now; vLLM and SGLang next) differ in how they move KV between the
 engine and canonical chunks. They must not differ in *which* tokens they reuse:
 
-- a prompt's chunks are keyed by ``kvstore.keys.chunk_tokens`` under the engine's
-  ``KVLayout``, whose fingerprint includes the tensor-parallel rank and world size — each
-  rank stores and finds its own shard;
+- a prompt's chunks are keyed by ``kvstore.keys.chunk_tokens`` (``store.key_scheme``)
+  under the engine's ``KVLayout``, whose fingerprint includes the tensor-parallel rank
+  and world size — each rank stores and finds its own shard;
 - ``agreed_prefix``: all ranks of a request reuse the same prefix, the shortest any rank
   holds, so a rank that misses makes the request recompute from there rather than mix
   cached and recomputed KV across ranks;
@@ -52,6 +52,7 @@ def agreed_prefix(
     tokens: Sequence[int],
     layouts: Sequence[KVLayout],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    key_scheme: str = "kvcache",
 ) -> tuple[int, list[list[Chunk]]]:
     """(tokens in the leading chunks every rank's store holds, each rank's chunks).
 
@@ -59,7 +60,8 @@ def agreed_prefix(
     daemon's ``CacheClient.lookup_prefix``). Ranks are asked in order and the search stops
     at the first rank that holds nothing.
     """
-    per_rank = [chunk_tokens(layout.fingerprint, tokens, chunk_size) for layout in layouts]
+    per_rank = [chunk_tokens(layout.fingerprint, tokens, chunk_size, key_scheme)
+                for layout in layouts]
     found: int | None = None
     for chunks in per_rank:
         limit = len(chunks) if found is None else found

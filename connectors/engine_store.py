@@ -16,12 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 from kvcache.kvstore.config import KVCacheConfig
 from kvcache.kvstore.tiered_store import TieredStore, open_remote_tier
 
 _lock = threading.Lock()
 _stores: dict[str, tuple[TieredStore, int]] = {}
+
+
+def connector_config(extra: Mapping[str, Any]) -> KVCacheConfig:
+    """Our config from an engine's connector options: kvcache config keys, as nested tables
+    or dotted keys, over ``$KVCACHE_CONFIG`` and ``KVCACHE_*`` variables; ``"config": PATH``
+    names a config file instead of ``$KVCACHE_CONFIG``. Unknown keys are refused with the
+    nearest known one (``ConfigError``)."""
+    extra = dict(extra)
+    path = extra.pop("config", None)
+    return KVCacheConfig.load(path).with_overrides(extra)
 
 
 def open_engine_store(config: KVCacheConfig) -> TieredStore:

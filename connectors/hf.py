@@ -302,7 +302,8 @@ class HFConnector:
 
     ``model_id`` names the weights in every key. By default it is the checkpoint the model
     was loaded from (name and revision); a model built from a config in code has none, so
-    its id is a hash of its config and weights (see ``weights_model_id``).
+    its id is a hash of its config and weights (see ``weights_model_id``). ``key_scheme``:
+    ``store.key_scheme`` (``"sglang"`` to share chunks with SGLang engines).
     """
 
     def __init__(
@@ -312,6 +313,7 @@ class HFConnector:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         model_id: str | None = None,
+        key_scheme: str = "kvcache",
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -321,6 +323,7 @@ class HFConnector:
         self._cache_kwarg = cache_kwarg(model)
         self.store = store
         self.chunk_size = chunk_size
+        self.key_scheme = key_scheme
         self.dtype: torch.dtype = model.dtype
         self.device: torch.device = model.device
         self.layout = layout_from_hf_config(model.config, self.dtype, model_id)
@@ -328,7 +331,8 @@ class HFConnector:
 
     def chunks(self, input_ids: torch.Tensor | Sequence[int]) -> list[Chunk]:
         """The prompt's chunks and their keys. input_ids: ``[T]`` or ``[1, T]``."""
-        return chunk_tokens(self.layout.fingerprint, token_list(input_ids), self.chunk_size)
+        return chunk_tokens(self.layout.fingerprint, token_list(input_ids), self.chunk_size,
+                            self.key_scheme)
 
     def store_kv(
         self,
@@ -341,7 +345,8 @@ class HFConnector:
 
         input_ids: ``[T]`` or ``[1, T]``; cache: per layer ``[1, kv_heads, S, head_dim]``
         with ``S >= T`` holding (at least) the prompt's KV. A partial last chunk is stored
-        too. Returns how many tokens were newly stored.
+        too (not under the "sglang" key scheme: it keys whole chunks only). Returns how
+        many tokens were newly stored.
         """
         chunks = self.chunks(input_ids)
         if not chunks:
@@ -366,24 +371,25 @@ class HFConnector:
         return sum(c.num_tokens for c in todo)
 
     def _load(
-        self, chunks: Sequence[Chunk], stack: contextlib.ExitStack
+        self, chunks: Sequence[Chunk], num_prompt_tokens: int, stack: contextlib.ExitStack
     ) -> tuple[DynamicCache | None, int, dict[str, int]]:
         """The cached prefix, its length and hits per tier. A layer-wise load stays open in
         ``stack`` so its later layers can arrive during the forward pass."""
         if isinstance(self.store, TieredStore):
-            return self._load_layerwise(self.store, chunks, stack)
+            return self._load_layerwise(self.store, chunks, num_prompt_tokens, stack)
         tensors, hits = cached_prefix(self.store, chunks, self.layout)
         if not tensors:
             return None, 0, hits
         kv = torch.cat(tensors, dim=2)  # [layers, 2, P, kv_heads, head_dim]
-        reuse = reusable_tokens(kv.shape[2], chunks[-1].end)
+        reuse = reusable_tokens(kv.shape[2], num_prompt_tokens)
         if reuse <= 0:
             return None, 0, hits
         cache = canonical_to_cache(kv[:, :, :reuse], self.model.config, self.device, self.dtype)
         return cache, reuse, hits
 
     def _load_layerwise(
-        self, store: TieredStore, chunks: Sequence[Chunk], stack: contextlib.ExitStack
+        self, store: TieredStore, chunks: Sequence[Chunk], num_prompt_tokens: int,
+        stack: contextlib.ExitStack,
     ) -> tuple[DynamicCache | None, int, dict[str, int]]:
         """The cached prefix as a ``LayerwiseCache``: layer 0 is loaded now, the others
         while the model computes the layers before them."""
@@ -404,7 +410,7 @@ class HFConnector:
         hits: dict[str, int] = {}
         for tier in loader.tiers:
             hits[tier] = hits.get(tier, 0) + 1
-        reuse = reusable_tokens(loader.num_tokens, chunks[-1].end)
+        reuse = reusable_tokens(loader.num_tokens, num_prompt_tokens)
         if reuse <= 0:
             return None, 0, hits
         try:
@@ -424,7 +430,8 @@ class HFConnector:
         on a miss.
         """
         with contextlib.ExitStack() as stack:
-            cache, reuse, _ = self._load(self.chunks(input_ids), stack)
+            tokens = token_list(input_ids)
+            cache, reuse, _ = self._load(self.chunks(tokens), len(tokens), stack)
             if isinstance(cache, LayerwiseCache):
                 try:
                     cache.fill_all()  # the caller uses it outside our forward pass
@@ -459,10 +466,10 @@ class HFConnector:
         tokens = token_list(input_ids)
         if not tokens:
             raise ValueError("prefill needs at least one token")
-        chunks = chunk_tokens(self.layout.fingerprint, tokens, self.chunk_size)
+        chunks = self.chunks(tokens)
         t0 = time.perf_counter()
         with torch.inference_mode(), contextlib.ExitStack() as stack:
-            cache, reuse, hits = self._load(chunks, stack)
+            cache, reuse, hits = self._load(chunks, len(tokens), stack)
             try:
                 out = self._forward(tokens, cache, reuse)
             except LayerLoadError as e:

@@ -77,12 +77,13 @@ class PagedPlanner:
     layout: rank 0's layout (its ``tp_size`` says how many ranks must hold a chunk);
     lookup: asks the store how many leading prefix keys it holds; chunk_size: the store's;
     block_size: the engine's, which must divide ``chunk_size``; load / save: whether to
-    reuse stored KV and store new KV at all; load_mode: ``connector.load_mode``.
+    reuse stored KV and store new KV at all; load_mode: ``connector.load_mode``;
+    key_scheme: ``store.key_scheme``.
     """
 
     def __init__(self, layout: KVLayout, lookup: PrefixLookup, *, chunk_size: int,
                  block_size: int, load: bool = True, save: bool = True,
-                 load_mode: str = "sync") -> None:
+                 load_mode: str = "sync", key_scheme: str = "kvcache") -> None:
         if block_size <= 0 or chunk_size % block_size:
             raise ConfigError(
                 f"store.chunk_size ({chunk_size}) must be a multiple of the engine's block "
@@ -90,6 +91,7 @@ class PagedPlanner:
         self.layouts = rank_layouts(layout)
         self.lookup = lookup
         self.chunk_size = chunk_size
+        self.key_scheme = key_scheme
         self.block_size = block_size
         self.load_enabled = load
         self.save_enabled = save
@@ -106,7 +108,8 @@ class PagedPlanner:
         if req is None or req.prompt != list(prompt):
             req = self._requests[req_id] = _Request(list(prompt))
         req.local_tokens, req.load = local_tokens, None
-        stored, _ = agreed_prefix(self.lookup, req.prompt, self.layouts, self.chunk_size)
+        stored, _ = agreed_prefix(self.lookup, req.prompt, self.layouts, self.chunk_size,
+                                  self.key_scheme)
         req.stored_tokens = stored
         req.saved_to = max(req.saved_to, stored)
         if not self.load_enabled:

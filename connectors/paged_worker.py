@@ -110,13 +110,14 @@ class PagedWorker:
     """One worker's (one tensor-parallel rank's) loads and saves.
 
     layout: this rank's ``KVLayout``; pages: the page layout of one layer (``num_layers``
-    1) and layer_pages its tensor for each layer; chunk_size as the planner's (the block
-    size is the page layout's).
+    1) and layer_pages its tensor for each layer; chunk_size and key_scheme as the
+    planner's (the block size is the page layout's).
     """
 
     def __init__(self, store: TieredStore, layout: KVLayout, pages: BlockPages,
                  layer_pages: Sequence[torch.Tensor], *, chunk_size: int,
-                 load_timeout: float = 10.0, max_pending_saves: int = 1 << 30) -> None:
+                 load_timeout: float = 10.0, max_pending_saves: int = 1 << 30,
+                 key_scheme: str = "kvcache") -> None:
         if len(layer_pages) != layout.num_layers or pages.num_layers != 1:
             raise KVCacheError(f"{len(layer_pages)} layers of pages for a layout of "
                                f"{layout.num_layers} layers")
@@ -131,6 +132,7 @@ class PagedWorker:
             raise KVCacheError("opaque pages need whole blocks along a layer tensor's "
                                "first dim and chunks of whole blocks")
         self.chunk_size = chunk_size
+        self.key_scheme = key_scheme
         self.block_size = pages.block_size
         self.load_timeout = load_timeout
         self.max_pending_saves = max_pending_saves
@@ -484,5 +486,6 @@ class PagedWorker:
         """The chunks that overlap tokens ``[start, end)``, each whole (a chunk is keyed by
         all its tokens: one ending past ``end`` is read whole and used in part)."""
         whole = -(-end // self.chunk_size) * self.chunk_size
-        chunks = chunk_tokens(self.layout.fingerprint, token_ids[:whole], self.chunk_size)
+        chunks = chunk_tokens(self.layout.fingerprint, token_ids[:whole], self.chunk_size,
+                              self.key_scheme)
         return [c for c in chunks if c.end > start and c.start < end]

@@ -148,13 +148,6 @@ class KVCachePromMetrics(KVConnectorPromMetrics):
                     self._by_tier.labels(*values, tier).inc(n)
 
 
-def connector_config(extra: dict[str, Any]) -> KVCacheConfig:
-    """Our config from vLLM's ``kv_connector_extra_config`` (see the module docstring)."""
-    extra = dict(extra)
-    path = extra.pop("config", None)
-    return KVCacheConfig.load(path).with_overrides(extra)
-
-
 def vllm_layout(vllm_config: VllmConfig, config: KVCacheConfig, tp_rank: int) -> KVLayout:
     """The ``KVLayout`` of rank ``tp_rank``'s KV: the model's, as the transformers
     connector derives it (so that both key the same tokens alike), with this rank's
@@ -226,7 +219,8 @@ class KVCacheConnector(KVConnectorBase_V1):
                  kv_cache_config: VllmKVCacheConfig | None = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role,
                          kv_cache_config=kv_cache_config)
-        self.config = connector_config(self._kv_transfer_config.kv_connector_extra_config)
+        self.config = engine_store.connector_config(
+            self._kv_transfer_config.kv_connector_extra_config)
         self.block_size = vllm_config.cache_config.block_size
         self.chunk_size = self.config.store.chunk_size
         self.planner: PagedPlanner | None = None
@@ -264,7 +258,7 @@ class KVCacheConnector(KVConnectorBase_V1):
                 # kv_role "kv_producer" only saves, "kv_consumer" only loads
                 load=c.load and self._kv_transfer_config.is_kv_consumer,
                 save=c.save and self._kv_transfer_config.is_kv_producer,
-                load_mode=c.load_mode)
+                load_mode=c.load_mode, key_scheme=self.config.store.key_scheme)
         log.info("kvcache %s connector: model %s, layout %s (rank %d of %d), store %s",
                  role.name.lower(), self.layout.model_id, self.layout.fingerprint, tp_rank,
                  self.layout.tp_size, self.config.connector.server or self.config.store.dir)
@@ -292,7 +286,8 @@ class KVCacheConnector(KVConnectorBase_V1):
         c = self.config.connector
         self.worker = PagedWorker(self.store, self.layout, pages, layers,
                                   chunk_size=self.chunk_size, load_timeout=c.load_timeout,
-                                  max_pending_saves=c.max_pending_saves)
+                                  max_pending_saves=c.max_pending_saves,
+                                  key_scheme=self.config.store.key_scheme)
 
     def _ops(self) -> list[RequestOps]:
         meta = self._get_connector_metadata()

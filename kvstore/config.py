@@ -317,6 +317,10 @@ class StoreConfig(_Section):
 
     dir: Path = field(default_factory=default_store_dir)
     chunk_size: int = 256
+    # How prefix keys chain (kvstore/keys.py). "sglang": SGLang's page-hash chain over
+    # pages of chunk_size tokens, so that vLLM and transformers share entries with an
+    # SGLang engine (--page-size = chunk_size) using kvcache as its HiCache backend.
+    key_scheme: str = _choice("kvcache", ("kvcache", "sglang"))
     write_mode: str = _choice("write-through", ("write-through", "write-back"))
     # Entries stored longer ago than this are misses (and removed); None: until evicted.
     ttl: float | None = field(default=None, metadata={"unit": "duration"})

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from functools import cache
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvcache.kvstore.errors import LayoutMismatchError
@@ -240,9 +240,10 @@ class KVLayout:
         except TypeError as e:
             raise LayoutMismatchError(f"not a KVLayout: {e}") from e
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Stable 16-byte hex digest of every field: equal across processes and machines."""
+        """Stable 16-byte hex digest of every field: equal across processes and machines.
+        Computed once per instance (the instance is frozen): keys fold it in per chunk."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
 

@@ -252,7 +252,7 @@ def test_direct_construction_validates_too() -> None:
         (
             {"store": {"chunksize": 1}},
             r"unknown config key 'store\.chunksize' in section 'store'.*"
-            r"known keys: chunk_size, cpu, dir, disk, readonly, remote, ttl, write_mode",
+            r"known keys: chunk_size, cpu, dir, disk, key_scheme, readonly, remote, ttl, write_mode",
         ),
         (
             {"store": {"cpu": {"size": "1GiB"}}},
@@ -377,7 +377,7 @@ def test_env_map_is_derived_from_the_fields() -> None:
     assert m["KVCACHE_SERVER_TOKEN"] == ("server", "token")
     assert m["KVCACHE_CONNECTOR_SERVER"] == ("connector", "server")
     # store scalars + cpu + disk + remote + server + connector + log_level
-    leaves = 5 + 4 + 6 + 8 + 13 + 8 + 1
+    leaves = 6 + 4 + 6 + 8 + 13 + 8 + 1
     assert len(m) == leaves
 
 
