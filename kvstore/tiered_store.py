@@ -469,13 +469,15 @@ class TieredStore:
         return self.ttl_s is not None and time.time() - header.created_at > self.ttl_s
 
     def get_objects(
-        self, keys: Sequence[str], *, from_tier: int = 0
+        self, keys: Sequence[str], *, from_tier: int = 0, promote: bool = True
     ) -> list[StoredObject | None]:
         """Stored objects from the fastest tier holding each key, in order (None: miss).
 
         Each tier is asked once for all keys still missing, so a slow tier reads them
-        concurrently; hits in a lower tier are promoted to the top tier. ``from_tier``
-        skips the tiers above it (a caller that already asked them).
+        concurrently; hits in a lower tier are promoted to the top tier (if the store
+        promotes and ``promote``: a caller whose engine caches what it reads itself may
+        skip the copy). ``from_tier`` skips the tiers above it (a caller that already
+        asked them).
         """
         for key in keys:
             check_key(key)
@@ -506,7 +508,7 @@ class TieredStore:
                     self.delete(keys[j], force=True, cause="ttl")
                 else:
                     out[j] = obj
-                    if i > 0 and self.promote:
+                    if i > 0 and self.promote and promote:
                         self._promote(keys[j], obj)
             pending = still if i + 1 < len(self.tiers) else []
         hits = sum(o is not None for o in out)
@@ -515,10 +517,12 @@ class TieredStore:
         self.counters.read_misses += len(keys) - hits
         return out
 
-    def lend(self, keys: Sequence[str]) -> list[Loan | None]:
+    def lend(self, keys: Sequence[str], *, below: bool = True) -> list[Loan | None]:
         """The top tier's entries of ``keys``, lent in place (None: a miss). Keys held only
-        below are promoted first. The top tier must be a ``CpuTier``; every loan must go
-        back through ``self.tiers[0].release``. What a daemon serves without a copy."""
+        below are promoted first, or left as None with ``below=False`` (for the caller to
+        read with ``get_objects(from_tier=1)``). The top tier must be a ``CpuTier``; every
+        loan must go back through ``self.tiers[0].release``. What a daemon serves without
+        a copy."""
         top = self.tiers[0]
         if not isinstance(top, CpuTier):
             raise ConfigError("lending needs a CPU tier on top")
@@ -536,7 +540,7 @@ class TieredStore:
         missing = [i for i, loan in enumerate(loans) if loan is None]
         self.counters.reads += len(keys) - len(missing)
         self.counters.read_hits += len(keys) - len(missing)
-        if missing:  # counted by get_objects
+        if missing and below:  # counted by get_objects
             got = self.get_objects([keys[i] for i in missing], from_tier=1)
             for i, obj in zip(missing, got, strict=True):
                 if obj is not None:  # promoted (unless the top tier had no room)
