@@ -557,6 +557,19 @@ def test_bench_options_reach_only_the_benchmark_that_takes_them(tmp_path: Path) 
         bench.run("transfer", quick=True, store=tmp_path)
 
 
+def test_bench_sglang_without_sglang_says_how_to_install_it() -> None:
+    from kvcache.tools import bench
+
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("sglang is installed here")
+    with pytest.raises(KVCacheError, match="pip install --no-deps sglang=="):
+        bench.run("sglang", quick=True)
+
+
 def test_help_and_index_reading_commands_do_not_import_torch(store: Store) -> None:
     """They must start in well under a second: importing torch alone takes 1-6 s."""
     key = store.keys["new"]

@@ -252,7 +252,8 @@ def test_direct_construction_validates_too() -> None:
         (
             {"store": {"chunksize": 1}},
             r"unknown config key 'store\.chunksize' in section 'store'.*"
-            r"known keys: chunk_size, cpu, dir, disk, key_scheme, readonly, remote, ttl, write_mode",
+            r"known keys: chunk_size, cpu, dir, disk, key_scheme, readonly, remote, ttl, "
+            r"write_mode",
         ),
         (
             {"store": {"cpu": {"size": "1GiB"}}},

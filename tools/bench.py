@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "remote": "kvcache.tools.bench_remote",
     "e2e": "kvcache.tools.bench_e2e",
     "blend": "kvcache.tools.bench_blend",
+    "sglang": "kvcache.tools.bench_sglang",
 }
 
 
@@ -60,6 +61,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "remote": {"--duration": "duration"},
     "e2e": {},
     "blend": {},
+    "sglang": {},
 }
 
 

