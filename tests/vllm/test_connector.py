@@ -225,9 +225,11 @@ def test_the_readmes_flag_runs_as_written(models, tmp_path):
     assert_reused(warm)
 
 
-def test_vllm_and_transformers_serve_each_other(models, tmp_path):
+@pytest.mark.parametrize("key_scheme", ["kvcache", "sglang"])
+def test_vllm_and_transformers_serve_each_other(models, tmp_path, key_scheme):
     """The same tokens of the same checkpoint get the same keys in both connectors: what
-    vLLM stored, transformers reuses, and the other way round."""
+    vLLM stored, transformers reuses, and the other way round; also under the key scheme
+    SGLang's pages are stored with (tested against SGLang in tests/sglang)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -236,12 +238,12 @@ def test_vllm_and_transformers_serve_each_other(models, tmp_path):
     from kvcache.kvstore.tiered_store import TieredStore
 
     store_dir = tmp_path / "store"
-    options = {"store.dir": str(store_dir)}
+    options = {"store.dir": str(store_dir), "store.key_scheme": key_scheme}
     run(Spec(models["float32"], options=options))  # vLLM stores PROMPTS
     model = AutoModelForCausalLM.from_pretrained(models["float32"], dtype=torch.float32).eval()
     extra = prompts(1, (333,), seed=7)[0]
     with TieredStore.open(StoreConfig(dir=store_dir, chunk_size=CHUNK)) as store:
-        hf = HFConnector(model, store, chunk_size=CHUNK)
+        hf = HFConnector(model, store, chunk_size=CHUNK, key_scheme=key_scheme)
         for p in PROMPTS:
             got = hf.prefill(p)
             assert got.reused_tokens >= 0.9 * full_chunk_tokens(p)
