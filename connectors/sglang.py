@@ -300,7 +300,8 @@ class KVCacheHiCacheStorage(HiCacheStorage):
     def _place(self, obj: Any, target: torch.Tensor, layout: KVLayout) -> bool:
         """Write ``obj``'s chunk into ``target``; False (a miss) if it is not one page of
         this layout or cannot be decoded."""
-        if obj.header.layout != layout or obj.header.num_tokens != target.shape[layout.token_dim]:
+        if ((obj.header.layout is not layout and obj.header.layout != layout)
+                or obj.header.num_tokens != target.shape[layout.token_dim]):
             self._warn_once("shape", "kvcache: an object under an SGLang page key holds %d "
                             "tokens of layout %s, not one page of %s; treated as a miss",
                             obj.header.num_tokens, obj.header.layout.fingerprint,

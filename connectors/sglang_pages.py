@@ -25,6 +25,7 @@ flattened form is the "flat data page" of SGLang's non-zero-copy calls), and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -113,7 +114,7 @@ class HostPages:
             return s[1] if self.layout == "layer_first" else s[0]
         return s[2] if self.layout == "layer_first" else s[1]
 
-    @property
+    @cached_property
     def page_shape(self) -> tuple[int, ...]:
         """The shape of ``page(start)``: SGLang's flat data page unflattened."""
         L, P, H, D = self.num_layers, self.page_size, self.num_heads, self.head_dim
@@ -123,7 +124,7 @@ class HostPages:
         return {"layer_first": (2, L, P, H, D), "page_first": (2, P, L, H, D),
                 "page_first_direct": (2, 1, L, P, H, D)}[self.layout]
 
-    @property
+    @cached_property
     def page_bytes(self) -> int:
         n = 1
         for d in self.page_shape:
