@@ -94,15 +94,17 @@ def _paired(op: Callable[[], Any], base: Callable[[], Any], rounds: int,
             op_before: Callable[[], Any] | None = None,
             base_before: Callable[[], Any] | None = None) -> tuple[list[float], list[float]]:
     """Seconds of ``op()`` and of ``base()``, alternating round by round so that a shared
-    machine's drift hits both (``*_before()`` untimed before each)."""
+    machine's drift hits both (``*_before()`` untimed before each), after one untimed
+    round of each (first touches, allocator warm-up)."""
     times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(rounds):
+    for r in range(rounds + 1):
         for fn, before, out in ((op, op_before, times[0]), (base, base_before, times[1])):
             if before is not None:
                 before()
             t0 = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - t0)
+            if r:
+                out.append(time.perf_counter() - t0)
     return times
 
 
