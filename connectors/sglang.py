@@ -79,6 +79,8 @@ _SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1",
                 "prefetch_threshold", "prefetch_timeout_base", "prefetch_timeout_per_ki_token",
                 "hicache_storage_pass_prefix_keys", "tp_lcm_size")
 T = TypeVar("T")
+# Pages smaller than this (tokens) are mostly per-object cost (kvcache bench sglang).
+SMALL_PAGE = 16
 
 
 @dataclasses.dataclass
@@ -173,6 +175,11 @@ class KVCacheHiCacheStorage(HiCacheStorage):
                                mem_pool_host.page_size, self.storage_config.is_mla_model)
         self.layout = sglang_layout(self.storage_config, self.pages, mem_pool_host.dtype,
                                     self.config, self.model_path)
+        if self.pages.page_size < SMALL_PAGE:
+            _log_once(logging.WARNING, "kvcache stores each SGLang page as one object, and "
+                      "pages of %d tokens cost more in bookkeeping than in copying; run "
+                      "SGLang with --page-size 64 (or at least %d)", self.pages.page_size,
+                      SMALL_PAGE)
         log.info("kvcache HiCache backend: model %s, layout %s (rank %d of %d), %s pages of "
                  "%d tokens, store %s", self.layout.model_id, self.layout.fingerprint,
                  self.layout.tp_rank, self.layout.tp_size, self.pages.layout,
@@ -326,16 +333,26 @@ class KVCacheHiCacheStorage(HiCacheStorage):
         if extra_info is not None and extra_info.prefix_keys is not None:
             first = len(extra_info.prefix_keys) * pages.page_size
         out = [False] * len(keys)
+        ckeys = self._keys(keys)
+        starts = [None if first is None else first + i * pages.page_size
+                  for i in range(len(keys))]
         # A daemon that cannot take a put fails open (counted, not raised): compare counts.
         top = self.store.tiers[0]
         errors = top.stats().errors
-        for i, (key, chunk) in enumerate(zip(self._keys(keys), chunks, strict=True)):
-            try:
-                rope_start = None if first is None else first + i * pages.page_size
-                self.store.put(key, chunk, layout, rope_start=rope_start)
-                out[i] = True
+        if len(self.store.tiers) == 1 and not isinstance(top, CpuTier):
+            try:  # the node's daemon: pages go in a few requests, not one each
+                self.store.put_many(list(zip(ckeys, chunks, strict=True)), layout,
+                                    rope_starts=starts)
+                out = [True] * len(keys)
             except KVCacheError as e:
-                log.warning("kvcache could not store an SGLang page: %s", e)
+                log.warning("kvcache could not store %d SGLang pages: %s", len(keys), e)
+        else:
+            for i, (key, chunk) in enumerate(zip(ckeys, chunks, strict=True)):
+                try:
+                    self.store.put(key, chunk, layout, rope_start=starts[i])
+                    out[i] = True
+                except KVCacheError as e:
+                    log.warning("kvcache could not store an SGLang page: %s", e)
         if top.stats().errors != errors:
             out = [False] * len(keys)
         stored = sum(out)

@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WRITE_MODES = ("write-through", "write-back")
+# The most bytes put_many sends to a remote tier in one request (a daemon refuses bodies
+# over its server.max_body, 1GiB by default).
+_PUT_BATCH_BYTES = 64 << 20
 _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -350,6 +353,11 @@ class TieredStore:
         ``KVCacheError`` and stores nothing on bad input (``InvalidKeyError``,
         ``LayoutMismatchError``, ``ObjectTooLargeError``, ``UnencodableChunkError`` from the
         codec)."""
+        self._place(self._encode(key, chunk, layout, rope_start, keying))
+
+    def _encode(self, key: str, chunk: torch.Tensor, layout: KVLayout, rope_start: int | None,
+                keying: str) -> StoredObject:
+        """``chunk`` as the top tier's object (``put``'s checks first)."""
         check_key(key)
         if not isinstance(layout, KVLayout):
             raise LayoutMismatchError(
@@ -372,11 +380,11 @@ class TieredStore:
             )
         codec = get_codec(codec_for(layout, self.codecs[0]))
         tensors, params = codec.encode(chunk, layout, rope_start=rope_start)
-        self._place(StoredObject(
+        return StoredObject(
             ObjectHeader(key, layout, num_tokens, codec.name, params, rope_start, self._stamp(),
                          keying),
             tensors,
-        ))
+        )
 
     def put_object(self, obj: StoredObject) -> None:
         """Store an already encoded object under its header's key (what a cache daemon
@@ -452,7 +460,9 @@ class TieredStore:
         *,
         rope_starts: Sequence[int | None] | None = None,
     ) -> None:
-        """Validate every item first so a bad one stores nothing; then put each."""
+        """Validate every item first so a bad one stores nothing; then put each. A store
+        that is one remote tier (an engine on the node's daemon) sends them in requests of
+        up to ``_PUT_BATCH_BYTES``, not one request each."""
         if not isinstance(layout, KVLayout):
             raise LayoutMismatchError(f"layout must be a KVLayout, got {type(layout).__name__}")
         if rope_starts is not None and len(rope_starts) != len(items):
@@ -461,8 +471,23 @@ class TieredStore:
         for key, chunk in items:
             check_key(key)
             layout.check_chunk(chunk)
-        for i, (key, chunk) in enumerate(items):
-            self.put(key, chunk, layout, rope_start=0 if rope_starts is None else rope_starts[i])
+        starts = [0] * len(items) if rope_starts is None else list(rope_starts)
+        top = self.tiers[0]
+        if len(self.tiers) > 1 or not hasattr(top, "put_many"):
+            for (key, chunk), start in zip(items, starts, strict=True):
+                self.put(key, chunk, layout, rope_start=start)
+            return
+        group: list[tuple[str, StoredObject]] = []
+        size = 0
+        for (key, chunk), start in zip(items, starts, strict=True):
+            obj = self._encode(key, chunk, layout, start, "prefix")
+            group.append((key, obj))
+            size += obj.nbytes
+            if size >= _PUT_BATCH_BYTES:
+                top.put_many(group)
+                group, size = [], 0
+        if group:
+            top.put_many(group)
 
     def expired(self, header: ObjectHeader) -> bool:
         """True when ``header``'s object is older than the store's TTL."""

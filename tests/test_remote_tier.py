@@ -98,6 +98,25 @@ def test_header_info_scan_delete(daemon):
     assert remote.header(make_key(0)) is None
 
 
+def test_put_many_to_a_store_on_the_daemon_sends_one_request(daemon, monkeypatch):
+    remote = RemoteTier(daemon.url, token=TOKEN)
+    store = TieredStore([remote])
+    batches: list[int] = []
+    real = remote.client.put_objects
+
+    def counted(objs, *args, **kw):  # the real call, counted
+        batches.append(len(objs))
+        return real(objs, *args, **kw)
+    monkeypatch.setattr(remote.client, "put_objects", counted)
+    items = [(make_key(i), make_chunk(LAYOUT, 16, seed=i)) for i in range(10)]
+    store.put_many(items, LAYOUT, rope_starts=[16 * i for i in range(10)])
+    assert batches == [10]
+    for key, chunk in items:
+        assert torch.equal(store.get(key), chunk)
+    assert store.get_object(make_key(3)).header.rope_start == 48
+    store.close()
+
+
 def _dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
