@@ -14,6 +14,8 @@ measured in the same run:
 - page size: the same get at SGLang page sizes of 16, 64 and 256 tokens. kvcache stores
   each SGLang page as one object (``connectors/sglang.py`` says why), so small pages pay
   per-object costs; this shows how much.
+- daemon: the same calls through a ``kvcache serve`` daemon on a Unix socket (its CPU
+  tier), beside ``copy_``: what engines sharing one node's cache pay.
 - disk: ``batch_get_v1`` from kvcache's disk tier, cold (the store reopened, so its CPU
   tier is empty, and its files evicted from the page cache) and warm (files in the page
   cache), beside SGLang's own ``file`` backend (``HiCacheFile``) on the same disk, cold
@@ -135,13 +137,14 @@ class _Bench:
         return types.SimpleNamespace(kv_buffer=pages.kv_buffer, layout=layout,
                                      page_size=page_size, dtype=torch.bfloat16, pages=pages)
 
-    def backend(self, pool: Any, store_dir: Path, *, disk: bool) -> Any:
+    def backend(self, pool: Any, store_dir: Path, *, disk: bool, server: str | None = None
+                ) -> Any:
         from kvcache.connectors.sglang import KVCacheHiCacheStorage
 
         batch = self.cfg.batch_pages * self.cfg.page_bytes(pool.page_size)
         extra = {"store.dir": str(store_dir), "store.disk.enabled": disk,
                  "store.cpu.capacity": 2 * batch + (64 << 20),
-                 "connector.model_id": "bench-llama-8b"}
+                 "connector.model_id": "bench-llama-8b", "connector.server": server}
         b = KVCacheHiCacheStorage(self.storage_config(extra), {})
         b.register_mem_pool_host(pool)
         return b
@@ -225,6 +228,38 @@ class _Bench:
             b.close()
             shutil.rmtree(d, ignore_errors=True)
 
+    def daemon(self) -> None:
+        """Through ``kvcache serve`` on a Unix socket (CPU tier), as engines on one node
+        share it: puts in a few requests, gets read from the daemon's shared memory."""
+        from kvcache.tools.serve_process import serve_process
+
+        c = self.cfg
+        pool = self.pool("page_first", c.page_size)
+        nbytes = c.batch_pages * c.page_bytes()
+        d = Path(tempfile.mkdtemp(dir=self.workdir))
+        with serve_process(d, 4 * nbytes + (256 << 20)) as (_, _, unix):
+            b = self.backend(pool, d / "client", disk=False, server=unix)
+            try:
+                copy = self.copier(nbytes)
+                keys: list[str] = []
+
+                def fresh() -> None:
+                    for k in b._keys(keys):
+                        b.store.delete(k)
+                    keys[:] = self.keys()
+
+                def put() -> None:
+                    assert all(b.batch_set_v1(keys, self.slots(pool, False)))
+
+                def get() -> None:
+                    assert all(b.batch_get_v1(keys, self.slots(pool, True)))
+                self.row("set", c.shape(), "daemon page_first", nbytes,
+                         _paired(put, copy, c.rounds, fresh), "copy_", None)
+                self.row("get", c.shape(), "daemon page_first", nbytes,
+                         _paired(get, copy, c.rounds), "copy_", None)
+            finally:
+                b.close()
+
     def disk(self) -> None:
         from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
@@ -304,6 +339,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             bench.cpu(layout, cfg.page_size, ("set", "get"))
         for p in cfg.page_sizes:
             bench.cpu("page_first", p, ("get",))
+        bench.daemon()
         bench.disk()
         machine = _machine(workdir)
     finally:

@@ -22,7 +22,8 @@ def test_every_figure_is_measured_beside_its_baseline():
     variants = [(r["figure"], r["variant"]) for r in result["rows"]]
     for layout in LAYOUTS:
         assert ("set", f"cpu {layout}") in variants and ("get", f"cpu {layout}") in variants
-    assert {("get", "disk cold"), ("get", "disk warm"), ("set", "disk page_first")} <= \
+    assert {("get", "disk cold"), ("get", "disk warm"), ("set", "disk page_first"),
+            ("get", "daemon page_first"), ("set", "daemon page_first")} <= \
         set(variants)
     for r in result["rows"]:
         assert r["value"] > 0 and r["baseline_value"] > 0 and r["ratio"] > 0
