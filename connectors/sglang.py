@@ -435,9 +435,16 @@ class KVCacheHiCacheStorage(HiCacheStorage):
         return self.batch_exists([key]) == 1
 
     def clear(self) -> None:
-        """SGLang's "clear storage": kvcache's store is shared with other engines and
-        outlives this one, so it is left as it is (``kvcache evict`` empties it)."""
-        log.info("kvcache keeps its store on SGLang's clear; use kvcache evict to empty it")
+        """SGLang's "clear storage": removes this model's entries (its ``model_id``) from
+        every tier, those other engines stored for the same model included (they share
+        them); other models' entries stay. ``kvcache evict`` removes more selectively."""
+        def run() -> None:
+            _, layout = self._ready()
+            keys = {e.key for e in self.store.scan() if e.model_id == layout.model_id}
+            removed = sum(self.store.delete(k, force=True, cause="admin") for k in keys)
+            log.info("kvcache removed %d entries of %s on SGLang's clear", removed,
+                     layout.model_id)
+        self._guard("clear", 0, None, run)
 
     # -- observability ------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from kvcache.connectors.hf import HFConnector, cache_to_canonical
 from kvcache.connectors.sglang import KVCacheHiCacheStorage
 from kvcache.kvstore.config import StoreConfig
 from kvcache.kvstore.errors import ConfigError
+from kvcache.kvstore.keys import page_chain_key
 from kvcache.kvstore.tiered_store import TieredStore
 from tests.daemon import daemon
 from tests.sglang.pools import LAYOUTS, HostPool
@@ -170,6 +172,21 @@ def test_prefix_keys_record_where_pages_sit(tmp_path, backends):
     assert b.batch_set_v1(keys[2:], pool.slots([0, 1]), info) == [True, True]
     obj = b.store.get_object(b._keys([keys[3]])[0])
     assert obj.header.rope_start == 3 * P
+
+
+def test_clear_removes_this_models_entries_only(tmp_path, backends):
+    pool = HostPool("page_first")
+    b = backend(tmp_path, pool)
+    backends.append(b)
+    keys = page_hashes(tokens(3 * P))
+    b.batch_set_v1(keys, pool.slots([0, 1, 2]))
+    other = dataclasses.replace(b.layout, model_id="another-model")
+    kept = page_chain_key(other.fingerprint, keys[0])
+    b.store.put(kept, torch.zeros(other.chunk_shape(P)), other)
+    b.store.flush()
+    b.clear()
+    assert b.batch_exists(keys) == 0
+    assert b.store.contains(kept)
 
 
 # -- tensor parallelism and MLA ------------------------------------------------------------
