@@ -97,7 +97,8 @@ _WITHOUT_TRITON = textwrap.dedent(
                 importlib.import_module(mod.name)
             except ModuleNotFoundError as e:
                 # an engine's adapter needs that engine (its own venv in CI), nothing else
-                if (mod.name, e.name) != ("kvcache.connectors.vllm", "vllm"):
+                if (mod.name, e.name) not in (("kvcache.connectors.vllm", "vllm"),
+                                              ("kvcache.connectors.sglang", "sglang")):
                     raise
 
     from kvcache.kernels.dispatch import use_triton
