@@ -10,6 +10,8 @@ elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import time
 from pathlib import Path
 
@@ -95,6 +97,24 @@ def test_the_factory_creates_the_backend_from_the_dynamic_extra_config(tmp_path,
     backends.append(b)
     assert b.layout.tp_size == 1 and b.pages.page_size == P
     assert b.store.tiers[0].name == "cpu"
+
+
+def test_the_readmes_extra_config_creates_the_backend(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    m = re.search(r"--hicache-storage-backend-extra-config '(\{.*?\})'", readme, re.S)
+    extra = json.loads(m.group(1))
+    assert extra["class_name"] == "KVCacheHiCacheStorage" and extra["interface_v1"] == 1
+    # this machine's memory and disk, not the example's
+    extra |= {"store.dir": str(tmp_path), "store.cpu.capacity": "16MiB",
+              "store.disk.capacity": "1GiB"}
+    sc = storage_config({}, model=None)
+    sc.extra_config = extra
+    b = StorageBackendFactory.create_backend("dynamic", sc, None)
+    try:
+        assert isinstance(b, KVCacheHiCacheStorage)
+        assert b.model_path == "meta-llama/Llama-3.1-8B-Instruct"
+    finally:
+        b.close()
 
 
 def test_unknown_extra_config_keys_are_refused_with_the_nearest_one(tmp_path):
