@@ -110,8 +110,12 @@ def sglang_layout(storage_config: HiCacheStorageConfig, pages: HostPages,
     and vLLM connectors derive it from ``model_path``'s config (so that all three key the
     same tokens alike), with this rank's share of the KV heads. MLA: rank-replicated latent
     vectors. ``LayoutMismatchError`` when the pool and the model disagree."""
-    if storage_config.pp_size > 1:
-        raise LayoutMismatchError("kvcache does not store pipeline-parallel SGLang pages yet")
+    # Each of these ranks holds a slice of every page that the layout could not name.
+    for name in ("pp_size", "attn_cp_size", "dcp_size"):
+        if getattr(storage_config, name, 1) > 1:
+            raise LayoutMismatchError(
+                f"kvcache does not store SGLang pages split by {name} > 1 yet "
+                "(pipeline, attention context or decode context parallelism)")
     model_id = config.connector.model_id or model_path or storage_config.model_name
     if not model_id:
         raise ConfigError("name the model: set model_path or connector.model_id in "

@@ -123,6 +123,19 @@ def test_unknown_extra_config_keys_are_refused_with_the_nearest_one(tmp_path):
         StorageBackendFactory.create_backend("dynamic", sc, HostPool("page_first"))
 
 
+@pytest.mark.parametrize("split", ["pp_size", "attn_cp_size"])
+def test_pages_split_across_ranks_it_cannot_name_are_refused(tmp_path, split):
+    sc = storage_config({"store.dir": str(tmp_path)})
+    setattr(sc, split, 2)
+    pool = HostPool("page_first")
+    b = StorageBackendFactory.create_backend("dynamic", sc, pool)
+    try:
+        with pytest.raises(Exception, match=split):
+            b.register_mem_pool_host(pool)
+    finally:
+        b.close()
+
+
 def test_a_host_layout_kvcache_cannot_read_is_refused(tmp_path):
     pool = HostPool("page_first")
     pool.layout = "page_head"
