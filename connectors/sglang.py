@@ -63,6 +63,7 @@ from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import ConfigError, KVCacheError, LayoutMismatchError
 from kvcache.kvstore.keys import page_chain_key
 from kvcache.kvstore.layout import AttentionKind, KVLayout, dtype_names
+from kvcache.kvstore.remote_tier import RemoteTier
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -96,6 +97,7 @@ class SGLangStats:
     get_bytes: int = 0
     get_seconds: float = 0.0
     set_pages: int = 0
+    set_skipped_pages: int = 0  # already stored (by this engine or another): not rewritten
     set_bytes: int = 0
     set_seconds: float = 0.0
     failed_gets: int = 0
@@ -121,7 +123,9 @@ def sglang_layout(storage_config: HiCacheStorageConfig, pages: HostPages,
         raise ConfigError("name the model: set model_path or connector.model_id in "
                           "--hicache-storage-backend-extra-config")
     if dtype not in dtype_names():
-        raise LayoutMismatchError(f"kvcache does not store {dtype} KV caches yet")
+        raise LayoutMismatchError(
+            f"kvcache does not store SGLang's {dtype} KV pools yet (fp8 and fp4 KV caches "
+            "are kept as bytes); run SGLang with --kv-cache-dtype auto")
     if pages.is_mla:
         return KVLayout(model_id=model_id, num_layers=pages.num_layers, num_kv_heads=1,
                         head_dim=pages.head_dim, dtype=dtype_names()[dtype],
@@ -144,7 +148,8 @@ def sglang_layout(storage_config: HiCacheStorageConfig, pages: HostPages,
         raise LayoutMismatchError(
             f"SGLang's host pool holds {pages.num_layers} layers of {pages.num_heads} heads "
             f"x {pages.head_dim}, the config of {model_path} {layout.num_layers} layers of "
-            f"{heads} heads x {layout.head_dim} per rank of {tp}")
+            f"{heads} heads x {layout.head_dim} per rank of {tp} (a speculative decoding "
+            "draft's layers in the same pool are not supported yet)")
     return dataclasses.replace(layout, num_kv_heads=heads, tp_rank=storage_config.tp_rank,
                                tp_size=tp)
 
@@ -175,10 +180,21 @@ class KVCacheHiCacheStorage(HiCacheStorage):
     # -- set-up -------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
+        if not isinstance(mem_pool_host.kv_buffer, torch.Tensor):
+            raise LayoutMismatchError(
+                f"kvcache reads SGLang host pools with one K/V buffer; "
+                f"{type(mem_pool_host).__name__} keeps K and V apart (K and V of different "
+                "head sizes): not supported yet")
         self.pages = HostPages(mem_pool_host.kv_buffer, mem_pool_host.layout,
                                mem_pool_host.page_size, self.storage_config.is_mla_model)
         self.layout = sglang_layout(self.storage_config, self.pages, mem_pool_host.dtype,
                                     self.config, self.model_path)
+        if (self.pages.is_mla and self.storage_config.tp_size > 1
+                and self.config.connector.server is None):
+            _log_once(logging.WARNING, "kvcache: MLA pages are stored by rank 0 only; with an "
+                      "embedded store the other ranks (other processes) see them once they "
+                      "reach the disk tier, and SGLang uses the smallest rank's hits. Set "
+                      "connector.server (the node's kvcache serve) to share one cache")
         if self.pages.page_size < SMALL_PAGE:
             _log_once(logging.WARNING, "kvcache stores each SGLang page as one object, and "
                       "pages of %d tokens cost more in bookkeeping than in copying; run "
@@ -188,6 +204,18 @@ class KVCacheHiCacheStorage(HiCacheStorage):
                  "%d tokens, store %s", self.layout.model_id, self.layout.fingerprint,
                  self.layout.tp_rank, self.layout.tp_size, self.pages.layout,
                  self.pages.page_size, self.config.connector.server or self.config.store.dir)
+
+    def on_host_pools_registered(self) -> None:
+        """Refuse models with pools besides KV (Mamba or sliding-window state, DSA
+        indexers, a speculative draft's KV): kvcache cannot hold their pages, so every
+        prefix would miss while its KV pages were written for nothing."""
+        others = sorted(str(name) for name in getattr(self, "registered_pools", {})
+                        if str(name) != str(PoolName.KV))
+        if others:
+            raise ConfigError(
+                f"kvcache stores SGLang's KV pool only; this model also has the pools "
+                f"{', '.join(others)}, whose pages kvcache cannot hold: use another "
+                "--hicache-storage-backend for it")
 
     def close(self) -> None:
         """Release the store (SGLang calls this when it detaches the backend)."""
@@ -336,36 +364,40 @@ class KVCacheHiCacheStorage(HiCacheStorage):
         first = None
         if extra_info is not None and extra_info.prefix_keys is not None:
             first = len(extra_info.prefix_keys) * pages.page_size
-        out = [False] * len(keys)
         ckeys = self._keys(keys)
         starts = [None if first is None else first + i * pages.page_size
                   for i in range(len(keys))]
-        # A daemon that cannot take a put fails open (counted, not raised): compare counts.
+        # Pages already stored (by this engine or another) are not written again.
+        out = self.store.contains_many(ckeys)
+        todo = [i for i, held in enumerate(out) if not held]
         top = self.store.tiers[0]
-        errors = top.stats().errors
-        if len(self.store.tiers) == 1 and not isinstance(top, CpuTier):
-            try:  # the node's daemon: pages go in a few requests, not one each
-                self.store.put_many(list(zip(ckeys, chunks, strict=True)), layout,
-                                    rope_starts=starts)
-                out = [True] * len(keys)
+        if len(self.store.tiers) == 1 and isinstance(top, RemoteTier):
+            # The node's daemon: pages go in a few requests, not one each. A daemon that
+            # cannot take them fails open (counted, not raised): compare the count.
+            errors = top.failed_requests
+            try:
+                self.store.put_many([(ckeys[i], chunks[i]) for i in todo], layout,
+                                    rope_starts=[starts[i] for i in todo])
+                if top.failed_requests == errors:
+                    for i in todo:
+                        out[i] = True
             except KVCacheError as e:
-                log.warning("kvcache could not store %d SGLang pages: %s", len(keys), e)
+                log.warning("kvcache could not store %d SGLang pages: %s", len(todo), e)
         else:
-            for i, (key, chunk) in enumerate(zip(ckeys, chunks, strict=True)):
+            for i in todo:
                 try:
-                    self.store.put(key, chunk, layout, rope_start=starts[i])
+                    self.store.put(ckeys[i], chunks[i], layout, rope_start=starts[i])
                     out[i] = True
                 except KVCacheError as e:
                     log.warning("kvcache could not store an SGLang page: %s", e)
-        if top.stats().errors != errors:
-            out = [False] * len(keys)
-        stored = sum(out)
+        stored = sum(out[i] for i in todo)
         with self._lock:
             c = self.counters
             c.set_pages += stored
+            c.set_skipped_pages += len(keys) - len(todo)
             c.set_bytes += stored * pages.page_bytes
             c.set_seconds += time.perf_counter() - t0
-            c.failed_sets += len(keys) - stored
+            c.failed_sets += len(todo) - stored
         return out
 
     # -- the multi-pool API (v2): kvcache stores the KV pool ----------------------------
@@ -459,29 +491,39 @@ class KVCacheHiCacheStorage(HiCacheStorage):
         return out
 
     def get_stats(self) -> Any:
-        """SGLang's ``StorageMetrics`` (pages and GB/s of the calls since the last time),
-        carrying ``kvcache``: ``stats()``. None where SGLang's metrics do not import."""
+        """SGLang's ``StorageMetrics``: pages and GB/s of the reads and writes since the
+        last call. SGLang asks on every scheduler step, so this reads the backend's own
+        counters only (no tier, no daemon); ``stats()`` has the tiers' figures. None
+        where SGLang's metrics do not import (or on any error)."""
         try:
             from sglang.srt.observability.metrics_collector import StorageMetrics
-        except ImportError:
+
+            metrics = StorageMetrics()
+            pages_read, pages_written, read_bw, write_bw = self.metrics_since_last()
+            metrics.prefetch_pgs.extend(pages_read)
+            metrics.backup_pgs.extend(pages_written)
+            metrics.prefetch_bandwidth.extend(read_bw)
+            metrics.backup_bandwidth.extend(write_bw)
+            return metrics
+        except Exception:  # metrics must never fail SGLang's step
             return None
+
+    def metrics_since_last(self) -> tuple[list[int], list[int], list[float], list[float]]:
+        """(pages read, pages written, read GB/s, write GB/s) since the last call, each a
+        list of one figure or empty when nothing moved, as ``StorageMetrics`` holds them."""
         with self._lock:
             c, last = dataclasses.replace(self.counters), self._reported
             self._reported = c
-        metrics = StorageMetrics()
-        gets, sets = c.get_hit_pages - last.get_hit_pages, c.set_pages - last.set_pages
-        if gets:
-            metrics.prefetch_pgs.append(gets)
-            dt = c.get_seconds - last.get_seconds
-            metrics.prefetch_bandwidth.append((c.get_bytes - last.get_bytes) / dt / 1e9
-                                              if dt > 0 else 0.0)
-        if sets:
-            metrics.backup_pgs.append(sets)
-            dt = c.set_seconds - last.set_seconds
-            metrics.backup_bandwidth.append((c.set_bytes - last.set_bytes) / dt / 1e9
-                                            if dt > 0 else 0.0)
-        metrics.kvcache = self.stats()
-        return metrics
+        out: tuple[list[int], list[int], list[float], list[float]] = ([], [], [], [])
+        for pages, nbytes, secs, pg_out, bw_out in (
+                (c.get_hit_pages - last.get_hit_pages, c.get_bytes - last.get_bytes,
+                 c.get_seconds - last.get_seconds, out[0], out[2]),
+                (c.set_pages - last.set_pages, c.set_bytes - last.set_bytes,
+                 c.set_seconds - last.set_seconds, out[1], out[3])):
+            if pages:
+                pg_out.append(pages)
+                bw_out.append(nbytes / secs / 1e9 if secs > 0 else 0.0)
+        return out
 
     def _warn_once(self, what: str, msg: str, *args: Any) -> None:
         if what not in self._warned:

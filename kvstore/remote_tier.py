@@ -196,6 +196,13 @@ class RemoteTier(Tier):
     def used_bytes(self) -> int:
         return int(self._remote_tier_stats().get("used_bytes", 0))
 
+    @property
+    def failed_requests(self) -> int:
+        """Requests that failed open so far (``stats().errors``, without asking the
+        daemon anything): a caller compares it before and after its own requests."""
+        with self._lock:
+            return self._stats.errors
+
     def close(self) -> None:
         with self._lock:
             leases, self._leases = list(self._leases.values()), {}

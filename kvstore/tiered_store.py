@@ -648,6 +648,21 @@ class TieredStore:
                 tier.count_misses(missed, missed_tokens)
         return n
 
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which of ``keys`` some tier holds, asking each tier once about the keys the
+        tiers above it lack. Not counted as lookups."""
+        for key in keys:
+            check_key(key)
+        present = [False] * len(keys)
+        for tier in self.tiers:
+            missing = [i for i, held in enumerate(present) if not held]
+            if not missing:
+                break
+            for i, held in zip(missing, tier.contains_many([keys[i] for i in missing]),
+                               strict=True):
+                present[i] = held
+        return present
+
     def _present_prefix(self, keys: Sequence[str]) -> int:
         """How many leading ``keys`` some tier holds, asking each tier once about the keys
         the tiers above it lack (one round trip to a remote tier, not one per key)."""

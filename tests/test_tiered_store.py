@@ -93,6 +93,7 @@ def test_longest_prefix_across_tiers(tmp_path, layout):
         assert {store.where(k) for k in keys[:3]} == {"cpu", "disk"}
         assert store.longest_prefix(keys) == 3
         assert store.longest_prefix(keys[3:]) == 0
+        assert store.contains_many(keys) == [True, True, True, False, True]
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def test_unknown_extra_config_keys_are_refused_with_the_nearest_one(tmp_path):
         StorageBackendFactory.create_backend("dynamic", sc, HostPool("page_first"))
 
 
-@pytest.mark.parametrize("split", ["pp_size", "attn_cp_size"])
+@pytest.mark.parametrize("split", ["pp_size", "attn_cp_size", "dcp_size"])
 def test_pages_split_across_ranks_it_cannot_name_are_refused(tmp_path, split):
     sc = storage_config({"store.dir": str(tmp_path)})
     setattr(sc, split, 2)
@@ -131,6 +131,34 @@ def test_pages_split_across_ranks_it_cannot_name_are_refused(tmp_path, split):
     b = StorageBackendFactory.create_backend("dynamic", sc, pool)
     try:
         with pytest.raises(Exception, match=split):
+            b.register_mem_pool_host(pool)
+    finally:
+        b.close()
+
+
+def test_pools_kvcache_cannot_hold_are_refused_at_attach(tmp_path, backends):
+    pool = HostPool("page_first")
+    b = backend(tmp_path, pool)
+    backends.append(b)
+    b.register_mem_host_pool_v2(pool, PoolName.KV)
+    b.on_host_pools_registered()  # the KV pool alone: fine
+    b.register_mem_host_pool_v2(HostPool("page_first"), PoolName.MAMBA)
+    with pytest.raises(ConfigError, match="mamba"):
+        b.on_host_pools_registered()
+
+
+@pytest.mark.parametrize("what", ["split K and V buffers", "fp8 bytes"])
+def test_host_pools_of_other_kinds_are_refused_with_the_reason(tmp_path, what):
+    pool = HostPool("page_first")
+    if what == "fp8 bytes":
+        pool.kv_buffer, pool.dtype = pool.kv_buffer.view(torch.uint8), torch.uint8
+        reason = "fp8"
+    else:
+        pool.kv_buffer, reason = (pool.kv_buffer[0], pool.kv_buffer[1]), "K and V apart"
+    sc = storage_config({"store.dir": str(tmp_path)})
+    b = StorageBackendFactory.create_backend("dynamic", sc, pool)
+    try:
+        with pytest.raises(Exception, match=reason):
             b.register_mem_pool_host(pool)
     finally:
         b.close()
@@ -377,9 +405,24 @@ def test_stats_count_pages_and_tiers(tmp_path, backends):
     assert s["set_pages"] == 3 and s["get_pages"] == 4 and s["get_hit_pages"] == 3
     assert s["set_bytes"] == 3 * b.pages.page_bytes
     assert s["tiers"]["cpu"]["entries"] == 3
-    metrics = b.get_stats()  # SGLang's StorageMetrics where SGLang's metrics import
-    if metrics is not None:
-        assert metrics.prefetch_pgs == [3] and metrics.backup_pgs == [3]
+    # What get_stats hands SGLang's StorageMetrics (which needs torchvision to import)
+    read, written, read_bw, write_bw = b.metrics_since_last()
+    assert read == [3] and written == [3] and read_bw[0] > 0 and write_bw[0] > 0
+    assert b.metrics_since_last() == ([], [], [], [])  # nothing moved since
+    b.batch_get_v1(keys[:1], pool.slots([7]))
+    assert b.metrics_since_last()[0] == [1]
+
+
+def test_pages_already_stored_are_not_written_again(tmp_path, backends):
+    pool = HostPool("page_first")
+    b = backend(tmp_path, pool)
+    backends.append(b)
+    keys = page_hashes(tokens(4 * P))
+    assert b.batch_set_v1(keys[:2], pool.slots([0, 1])) == [True, True]
+    puts = b.store.stats()["cpu"].puts
+    assert b.batch_set_v1(keys, pool.slots([0, 1, 2, 3])) == [True] * 4
+    assert b.store.stats()["cpu"].puts == puts + 2
+    assert b.counters.set_skipped_pages == 2 and b.counters.set_pages == 4
 
 
 # -- keys shared with the transformers connector --------------------------------------------
