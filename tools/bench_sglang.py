@@ -193,6 +193,34 @@ class _Bench:
             "goal": goal})
 
     # -- figures ---------------------------------------------------------------------------
+    def set_get(self, b: Any, pool: Any, variant: str, baselines: list[tuple[Any, ...]],
+                figures: tuple[str, ...] = ("set", "get")) -> None:
+        """Rows for ``batch_set_v1`` (new keys each round) and ``batch_get_v1`` (into the
+        pool's other half) of one batch, beside each of ``baselines`` (name, copy, goal)."""
+        c, p = self.cfg, pool.page_size
+        nbytes = c.batch_pages * c.page_bytes(p)
+        keys: list[str] = []
+
+        def fresh() -> None:
+            for k in b._keys(keys):
+                b.store.delete(k)
+            keys[:] = self.keys()
+
+        def put() -> None:
+            assert all(b.batch_set_v1(keys, self.slots(pool, False)))
+
+        def get() -> None:
+            assert all(b.batch_get_v1(keys, self.slots(pool, True)))
+        if "set" in figures:
+            for name, copy, goal in baselines:
+                self.row("set", c.shape(p), variant, nbytes,
+                         _paired(put, copy, c.rounds, fresh), name, goal)
+        fresh()
+        put()
+        for name, copy, goal in baselines:
+            self.row("get", c.shape(p), variant, nbytes, _paired(get, copy, c.rounds), name,
+                     goal)
+
     def cpu(self, layout: str, page_size: int, figures: tuple[str, ...]) -> None:
         c = self.cfg
         pool = self.pool(layout, page_size)
@@ -200,30 +228,10 @@ class _Bench:
         d = Path(tempfile.mkdtemp(dir=self.workdir))
         b = self.backend(pool, d, disk=False)
         try:
-            baselines = (("copy_", self.copier(nbytes), GOAL_CPU),
-                         ("copy_ per page", self.page_copier(c.page_bytes(page_size)), None))
-            if "set" in figures:
-                keys: list[str] = []
-
-                def fresh() -> None:
-                    for k in b._keys(keys):
-                        b.store.delete(k)
-                    keys[:] = self.keys()
-
-                def put() -> None:
-                    assert all(b.batch_set_v1(keys, self.slots(pool, False)))
-                for name, copy, goal in baselines:
-                    self.row("set", c.shape(page_size), f"cpu {layout}", nbytes,
-                             _paired(put, copy, c.rounds, fresh), name, goal)
-            keys = self.keys()
-            assert all(b.batch_set_v1(keys, self.slots(pool, False)))
-
-            def get() -> None:
-                assert all(b.batch_get_v1(keys, self.slots(pool, True)))
+            baselines = [("copy_", self.copier(nbytes), GOAL_CPU),
+                         ("copy_ per page", self.page_copier(c.page_bytes(page_size)), None)]
             variant = f"cpu {layout}" if "set" in figures else f"cpu {layout}, page size"
-            for name, copy, goal in baselines:
-                self.row("get", c.shape(page_size), variant, nbytes,
-                         _paired(get, copy, c.rounds), name, goal)
+            self.set_get(b, pool, variant, baselines, figures)
         finally:
             b.close()
             shutil.rmtree(d, ignore_errors=True)
@@ -240,23 +248,8 @@ class _Bench:
         with serve_process(d, 4 * nbytes + (256 << 20)) as (_, _, unix):
             b = self.backend(pool, d / "client", disk=False, server=unix)
             try:
-                copy = self.copier(nbytes)
-                keys: list[str] = []
-
-                def fresh() -> None:
-                    for k in b._keys(keys):
-                        b.store.delete(k)
-                    keys[:] = self.keys()
-
-                def put() -> None:
-                    assert all(b.batch_set_v1(keys, self.slots(pool, False)))
-
-                def get() -> None:
-                    assert all(b.batch_get_v1(keys, self.slots(pool, True)))
-                self.row("set", c.shape(), "daemon page_first", nbytes,
-                         _paired(put, copy, c.rounds, fresh), "copy_", None)
-                self.row("get", c.shape(), "daemon page_first", nbytes,
-                         _paired(get, copy, c.rounds), "copy_", None)
+                self.set_get(b, pool, "daemon page_first",
+                             [("copy_", self.copier(nbytes), None)])
             finally:
                 b.close()
 

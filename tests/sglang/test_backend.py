@@ -68,6 +68,17 @@ def backend(tmp_path: Path, pool: HostPool, *, extra: dict | None = None, **cfg
     return b
 
 
+def assert_refused_at_registration(sc: HiCacheStorageConfig, pool: HostPool, match: str
+                                   ) -> None:
+    """SGLang creates the backend from ``sc``; registering ``pool`` fails, saying ``match``."""
+    b = StorageBackendFactory.create_backend("dynamic", sc, pool)
+    try:
+        with pytest.raises(Exception, match=match):
+            b.register_mem_pool_host(pool)
+    finally:
+        b.close()
+
+
 @pytest.fixture
 def backends():
     made: list[KVCacheHiCacheStorage] = []
@@ -128,12 +139,7 @@ def test_pages_split_across_ranks_it_cannot_name_are_refused(tmp_path, split):
     sc = storage_config({"store.dir": str(tmp_path)})
     setattr(sc, split, 2)
     pool = HostPool("page_first")
-    b = StorageBackendFactory.create_backend("dynamic", sc, pool)
-    try:
-        with pytest.raises(Exception, match=split):
-            b.register_mem_pool_host(pool)
-    finally:
-        b.close()
+    assert_refused_at_registration(sc, pool, split)
 
 
 def test_pools_kvcache_cannot_hold_are_refused_at_attach(tmp_path, backends):
@@ -156,24 +162,14 @@ def test_host_pools_of_other_kinds_are_refused_with_the_reason(tmp_path, what):
     else:
         pool.kv_buffer, reason = (pool.kv_buffer[0], pool.kv_buffer[1]), "K and V apart"
     sc = storage_config({"store.dir": str(tmp_path)})
-    b = StorageBackendFactory.create_backend("dynamic", sc, pool)
-    try:
-        with pytest.raises(Exception, match=reason):
-            b.register_mem_pool_host(pool)
-    finally:
-        b.close()
+    assert_refused_at_registration(sc, pool, reason)
 
 
 def test_a_host_layout_kvcache_cannot_read_is_refused(tmp_path):
     pool = HostPool("page_first")
     pool.layout = "page_head"
     sc = storage_config({"store.dir": str(tmp_path)})
-    b = StorageBackendFactory.create_backend("dynamic", sc, pool)
-    try:
-        with pytest.raises(Exception, match="page_first"):
-            b.register_mem_pool_host(pool)
-    finally:
-        b.close()
+    assert_refused_at_registration(sc, pool, "page_first")
 
 
 # -- v1 zero-copy pages ----------------------------------------------------------------------
@@ -494,9 +490,4 @@ def test_a_model_path_that_disagrees_with_the_pool_is_refused(tmp_path, tiny_mod
     _, path = tiny_model
     pool = HostPool("page_first", layers=3, heads=2, head_dim=16)
     sc = storage_config({"store.dir": str(tmp_path), "model_path": path})
-    b = StorageBackendFactory.create_backend("dynamic", sc, pool)
-    try:
-        with pytest.raises(Exception, match="3 layers"):
-            b.register_mem_pool_host(pool)
-    finally:
-        b.close()
+    assert_refused_at_registration(sc, pool, "3 layers")
