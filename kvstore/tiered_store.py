@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvcache.codecs.raw import canonical_view
 from kvcache.codecs.registry import get_codec
 from kvcache.kvstore.container import KEYINGS, ObjectHeader, StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier, Loan
@@ -403,13 +404,11 @@ class TieredStore:
             raise LayoutMismatchError(f"rope_start must be >= 0 or None, got {header.rope_start}")
         get_codec(header.codec)  # an unknown codec is refused, not stored undecodable
         if header.codec == "raw":
-            tensor = obj.tensors.get("kv")
-            if tensor is None or len(obj.tensors) != 1:
-                raise LayoutMismatchError("a raw object holds exactly one tensor, 'kv'")
-            if header.layout.check_chunk(tensor) != header.num_tokens:
-                raise LayoutMismatchError(
-                    f"the object says {header.num_tokens} tokens, its tensor holds "
-                    f"{tensor.shape}")
+            try:
+                canonical_view(obj.tensors, header.layout, header.num_tokens)
+            except CorruptObjectError as e:
+                raise LayoutMismatchError(f"the object says {header.num_tokens} tokens: {e}") \
+                    from None
         largest = _largest_object(self.tiers)
         if obj.nbytes > largest:
             raise ObjectTooLargeError(

@@ -189,6 +189,24 @@ def test_v1_pages_round_trip_between_pools(tmp_path, backends, layout, mla):
     assert same_pages(untouched, [0, 1, 2, 3], dst, [0, 1, 2, 3])
 
 
+@pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
+@pytest.mark.parametrize(("written", "read"), [("page_first", "layer_first"),
+                                               ("layer_first", "page_first"),
+                                               ("page_first", "page_first_direct")])
+def test_pages_move_between_host_layouts(tmp_path, backends, written, read, mla):
+    """kvcache stores page_first pages by token (one copy each way for that layout) and the
+    others layer by layer; a pool of any layout reads either."""
+    src, dst = HostPool(written, mla=mla, seed=1), HostPool(read, mla=mla, seed=2)
+    writer, reader = backend(tmp_path, src), backend(tmp_path, dst)
+    backends += [writer, reader]
+    keys = page_hashes(tokens(3 * P))
+    assert writer.batch_set_v1(keys, src.slots([2, 0, 5])) == [True] * 3
+    stored = writer.store.tiers[0].get(writer._keys(keys[:1])[0])
+    assert list(stored.tensors) == ["kv_by_token" if written == "page_first" else "kv"]
+    assert reader.batch_get_v1(keys, dst.slots([7, 1, 3])) == [True] * 3
+    assert same_pages(src, [2, 0, 5], dst, [7, 1, 3])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_flat_page_calls_round_trip(tmp_path, backends, layout):
     """Without interface_v1, SGLang moves flat data pages (get_data_page / batch_get)."""
@@ -460,9 +478,10 @@ def test_sglang_loads_what_transformers_stored(tmp_path, backends, tiny_model, l
         assert torch.equal(got, want[:, :, i * P : (i + 1) * P])
 
 
-def test_transformers_reuses_what_sglang_stored(tmp_path, backends, tiny_model):
+@pytest.mark.parametrize("layout", ["page_first", "page_first_direct"])
+def test_transformers_reuses_what_sglang_stored(tmp_path, backends, tiny_model, layout):
     model, path = tiny_model
-    pool = hf_pool("page_first_direct")
+    pool = hf_pool(layout)
     b = backend(tmp_path, pool, extra={"model_path": path, "connector.model_id": "tiny-llama"})
     backends.append(b)
     prompt = tokens(6 * P + 3)
