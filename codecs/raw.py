@@ -30,7 +30,7 @@ from kvcache.kvstore.layout import KVLayout
 CANONICAL, BY_TOKEN = "kv", "kv_by_token"
 
 
-def by_token_shape(layout: KVLayout, num_tokens: int) -> tuple[int, ...]:
+def _by_token_shape(layout: KVLayout, num_tokens: int) -> tuple[int, ...]:
     """The shape of ``"kv_by_token"`` for a chunk of ``num_tokens`` tokens."""
     s = layout.chunk_shape(num_tokens)
     return (s[1], s[0], s[2]) if layout.is_mla else (s[1], s[2], s[0], s[3], s[4])
@@ -47,7 +47,7 @@ def _to_canonical(by_token: torch.Tensor, mla: bool) -> torch.Tensor:
     return by_token.transpose(0, 1) if mla else by_token.permute(2, 0, 1, 3, 4)
 
 
-def stored_tensor(chunk: torch.Tensor, layout: KVLayout) -> tuple[str, torch.Tensor]:
+def _stored_tensor(chunk: torch.Tensor, layout: KVLayout) -> tuple[str, torch.Tensor]:
     """How ``raw`` stores ``chunk`` (canonical, of ``layout``): (name, view). By token
     when the chunk's memory runs token by token (each K/V plane of it), else canonical.
     Engine-specific page formats are stored as they come."""
@@ -66,7 +66,7 @@ class RawCodec(Codec):
     def encode(
         self, chunk: torch.Tensor, layout: KVLayout, *, rope_start: int | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        name, tensor = stored_tensor(chunk, layout)
+        name, tensor = _stored_tensor(chunk, layout)
         return {name: tensor}, {}
 
     def decode_layers(
@@ -86,7 +86,7 @@ def canonical_view(tensors: Mapping[str, torch.Tensor], layout: KVLayout, num_to
     unless the object holds exactly one tensor of its layout's shape and dtype."""
     name = BY_TOKEN if BY_TOKEN in tensors else CANONICAL
     kv = tensors.get(name)
-    expected = (by_token_shape(layout, num_tokens) if name == BY_TOKEN
+    expected = (_by_token_shape(layout, num_tokens) if name == BY_TOKEN
                 else layout.chunk_shape(num_tokens))
     if (kv is None or len(tensors) != 1 or tuple(kv.shape) != expected
             or kv.dtype != layout.torch_dtype):
