@@ -209,7 +209,8 @@ class TieredStore:
         config = config or KVCacheConfig.load().store
         tiers: list[Tier] = [
             CpuTier(config.cpu.capacity, policy=config.cpu.policy,
-                    pin_memory=config.cpu.pin_memory, shared=shared_cpu)
+                    pin_memory=config.cpu.pin_memory, shared=shared_cpu,
+                    populate=config.cpu.populate)
         ]
         codecs = [config.cpu.codec]
         if config.disk.enabled:
