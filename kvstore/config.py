@@ -237,10 +237,6 @@ class CpuTierConfig(_Section):
     policy: str = _choice("lru", policy_names)
     # None: pin the pool when CUDA is available (pinning without CUDA only costs memory).
     pin_memory: bool | None = None
-    # Commit an unpinned pool's memory from the start, on a background thread, so that
-    # storing chunks never pays page faults (pinning commits it anyway). false: memory is
-    # committed as objects arrive.
-    populate: bool = True
 
     def _validate(self) -> None:
         if self.capacity < MIN_TIER_CAPACITY:

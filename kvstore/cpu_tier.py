@@ -34,7 +34,6 @@ from kvcache.kvstore.errors import (
     StoreFullError,
 )
 from kvcache.kvstore.eviction import make_policy
-from kvcache.kvstore.populate import Populator
 from kvcache.kvstore.shm_index import SharedIndex, describe, lock_free_reads_supported, slots_for
 from kvcache.kvstore.tier import DELETE_CAUSES, EntryInfo, Tier, TierStats, check_object_key
 
@@ -114,10 +113,7 @@ class CpuTier(Tier):
         pin_memory: bool | None = None,
         busy_wait_s: float = 2.0,
         shared: bool = False,
-        populate: bool = False,
     ) -> None:
-        """populate: commit the pool's pages on a background thread from the start
-        (``kvstore/populate.py``), so that storing objects does not fault them in."""
         super().__init__()
         check_memory_capacity(capacity_bytes)
         if pin_memory is None:
@@ -129,7 +125,7 @@ class CpuTier(Tier):
         # Shared pools on machines where it is safe: the lock-free index of their entries.
         self.index: SharedIndex | None = None
         # torch.empty (and a fresh memfd) do not touch the pages: memory is committed as
-        # objects arrive, unless ``populate`` commits it ahead of them.
+        # objects arrive.
         try:
             if shared:
                 self.pool_fd = os.memfd_create("kvcache-cpu-pool", os.MFD_CLOEXEC)
@@ -147,9 +143,6 @@ class CpuTier(Tier):
                 f"cannot allocate the CPU tier's {capacity_bytes} bytes ({e}); lower "
                 "store.cpu.capacity"
             ) from None
-        self._populator = (Populator(self._pool.data_ptr(), self.capacity_bytes,
-                                     "kvcache-cpu-populate")
-                           if populate and not pin_memory else None)
         self._policy = make_policy(policy)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
@@ -422,8 +415,6 @@ class CpuTier(Tier):
             return s
 
     def close(self) -> None:
-        if self._populator is not None:
-            self._populator.stop()  # before the pool goes: it writes into the mapping
         with self._lock:
             self._entries.clear()
             self._pool = torch.empty(0, dtype=torch.uint8)

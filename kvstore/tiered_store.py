@@ -209,8 +209,7 @@ class TieredStore:
         config = config or KVCacheConfig.load().store
         tiers: list[Tier] = [
             CpuTier(config.cpu.capacity, policy=config.cpu.policy,
-                    pin_memory=config.cpu.pin_memory, shared=shared_cpu,
-                    populate=config.cpu.populate)
+                    pin_memory=config.cpu.pin_memory, shared=shared_cpu)
         ]
         codecs = [config.cpu.codec]
         if config.disk.enabled:

@@ -135,7 +135,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert cfg.store.write_mode == "write-through"
     assert cfg.store.ttl is None
     assert cfg.store.cpu == CpuTierConfig(
-        capacity=4 * GiB, codec="raw", policy="lru", pin_memory=None, populate=True
+        capacity=4 * GiB, codec="raw", policy="lru", pin_memory=None
     )
     assert cfg.store.disk.enabled is True
     assert cfg.store.disk.capacity == 64 * GiB
@@ -378,7 +378,7 @@ def test_env_map_is_derived_from_the_fields() -> None:
     assert m["KVCACHE_SERVER_TOKEN"] == ("server", "token")
     assert m["KVCACHE_CONNECTOR_SERVER"] == ("connector", "server")
     # store scalars + cpu + disk + remote + server + connector + log_level
-    leaves = 6 + 5 + 6 + 8 + 13 + 8 + 1
+    leaves = 6 + 4 + 6 + 8 + 13 + 8 + 1
     assert len(m) == leaves
 
 
