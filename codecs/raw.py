@@ -8,7 +8,7 @@ The chunk is stored as one tensor, in the order its memory already has:
   layers, kv_heads, head_dim]`` (MLA ``[tokens, layers, latent_dim]``), for chunks that
   are views of token-major memory such as SGLang's ``page_first`` host pool. Storing them
   canonically would make both the write and a read back into such memory a transposition
-  that moves a head's few hundred bytes at a time (on a 2-core x86 VM it ran at ~0.6x a
+  that moves a head's few hundred bytes at a time (on a 2-core x86 VM it ran at ~0.7x a
   plain copy, against ~1x for the same bytes in order).
 
 Decoding returns a canonical view of either, so every reader (any engine, any layout,

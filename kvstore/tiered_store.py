@@ -403,6 +403,8 @@ class TieredStore:
         if header.rope_start is not None and header.rope_start < 0:
             raise LayoutMismatchError(f"rope_start must be >= 0 or None, got {header.rope_start}")
         get_codec(header.codec)  # an unknown codec is refused, not stored undecodable
+        if not isinstance(header.num_tokens, int) or header.num_tokens <= 0:
+            raise LayoutMismatchError(f"an object holds > 0 tokens, not {header.num_tokens!r}")
         if header.codec == "raw":
             try:
                 canonical_view(obj.tensors, header.layout, header.num_tokens)

@@ -103,6 +103,7 @@ def test_put_object_checks_by_token_objects(tmp_path):
             StoredObject(ObjectHeader(make_key(3), MHA, TOKENS),
                          {BY_TOKEN: memory, CANONICAL: chunk.contiguous()}),
             StoredObject(ObjectHeader(make_key(4), MHA, TOKENS), {BY_TOKEN: chunk}),
+            StoredObject(ObjectHeader(make_key(5), MHA, 0), {BY_TOKEN: memory[:, :0]}),
         ]
         for obj in bad:
             with pytest.raises(LayoutMismatchError):
