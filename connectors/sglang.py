@@ -57,7 +57,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from kvcache.connectors import engine_store
 from kvcache.connectors.hf import layout_from_hf_config
-from kvcache.connectors.sglang_pages import HostPages
+from kvcache.connectors.sglang_pages import HostPages, copy_pages
 from kvcache.kvstore.config import KVCacheConfig
 from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import ConfigError, KVCacheError, LayoutMismatchError
@@ -311,9 +311,12 @@ class KVCacheHiCacheStorage(HiCacheStorage):
             # is the cache above kvcache, a second copy here would only cost a copy.
             loans = self.store.lend(ckeys, below=False)
             try:
-                for i, loan in enumerate(loans):
-                    if loan is not None:
-                        done[i] = self._place(top.lent_object(loan), targets[i], layout)
+                lent = [(i, self._chunk(top.lent_object(loan), targets[i], layout))
+                        for i, loan in enumerate(loans) if loan is not None]
+                placed = [(i, chunk) for i, chunk in lent if chunk is not None]
+                copy_pages([targets[i] for i, _ in placed], [chunk for _, chunk in placed])
+                for i, _ in placed:
+                    done[i] = True
             finally:
                 for loan in loans:
                     if loan is not None:
@@ -337,7 +340,15 @@ class KVCacheHiCacheStorage(HiCacheStorage):
         return done
 
     def _place(self, obj: Any, target: torch.Tensor, layout: KVLayout) -> bool:
-        """Write ``obj``'s chunk into ``target``; False (a miss) if it is not one page of
+        """Write ``obj``'s chunk into ``target``; False (a miss) if ``_chunk`` finds none."""
+        chunk = self._chunk(obj, target, layout)
+        if chunk is None:
+            return False
+        target.copy_(chunk)
+        return True
+
+    def _chunk(self, obj: Any, target: torch.Tensor, layout: KVLayout) -> torch.Tensor | None:
+        """``obj``'s chunk (a view, for ``raw``), or None (a miss) if it is not one page of
         this layout or cannot be decoded."""
         if ((obj.header.layout is not layout and obj.header.layout != layout)
                 or obj.header.num_tokens != target.shape[layout.token_dim]):
@@ -345,12 +356,8 @@ class KVCacheHiCacheStorage(HiCacheStorage):
                             "tokens of layout %s, not one page of %s; treated as a miss",
                             obj.header.num_tokens, obj.header.layout.fingerprint,
                             layout.fingerprint)
-            return False
-        chunk = self.store.decode(obj)
-        if chunk is None:
-            return False
-        target.copy_(chunk)
-        return True
+            return None
+        return self.store.decode(obj)
 
     def _put(self, chunks: Sequence[torch.Tensor], keys: Sequence[str],
              extra_info: HiCacheStorageExtraInfo | None) -> list[bool]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache.connectors.sglang_pages import HOST_LAYOUTS, HostPages
+from kvcache.connectors.sglang_pages import HOST_LAYOUTS, HostPages, copy_pages
 from kvcache.kvstore.errors import LayoutMismatchError
 
 L, H, D, P, PAGES = 3, 2, 4, 8, 5
@@ -97,3 +97,39 @@ def test_bad_pools_and_slots_are_refused():
     for bad in (3, -P, PAGES * P):
         with pytest.raises(LayoutMismatchError, match="does not start a page"):
             pages.page(bad)
+
+
+
+def stored_batch(like: torch.Tensor, n: int, mla: bool, by_token: bool) -> list[torch.Tensor]:
+    """``n`` chunks shaped as ``like``, back to back in one buffer (objects the store wrote
+    in one batch), each canonical or, as ``raw`` stores page_first pages, by token."""
+    if not by_token:
+        return list(torch.randn(n, *like.shape).unbind(0))
+    order = (1, 0, 2) if mla else (1, 2, 0, 3, 4)  # canonical -> by token
+    back = [order.index(i) for i in range(len(order))]
+    buf = torch.randn(n, *[like.shape[i] for i in order])
+    return [buf[i].permute(*back) for i in range(n)]
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
+@pytest.mark.parametrize("layout", HOST_LAYOUTS)
+@pytest.mark.parametrize("by_token", [False, True], ids=["canonical", "by-token"])
+@pytest.mark.parametrize(("host", "objects", "calls"), [
+    ([0, 1, 2, 4, 3], [0, 1, 2, 3, 4], 3),  # a run of three, then a gap, then backwards
+    ([0, 1, 2], [0, 2, 4], 1),  # one step on each side, not the same step
+    ([1, 2, 3], [0, 2, 3], 2),  # the objects' step changes
+])
+def test_copy_pages_merges_runs_and_equals_a_copy_per_page(layout, mla, by_token, host,
+                                                           objects, calls, monkeypatch):
+    got, want = pool(layout, mla), pool(layout, mla)
+    chunks = stored_batch(got.chunk_view(0), 5, mla, by_token)
+    for p, o in zip(host, objects, strict=True):
+        want.chunk_view(p * P).copy_(chunks[o])
+    made = []
+    copy_ = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_",
+                        lambda self, src, *a, **k: made.append(1) or copy_(self, src, *a, **k))
+    copy_pages([got.chunk_view(p * P) for p in host], [chunks[o] for o in objects])
+    monkeypatch.undo()
+    assert len(made) == calls
+    assert torch.equal(got.kv_buffer, want.kv_buffer)
