@@ -11,6 +11,9 @@ measured in the same run:
   between two contiguous tensors (memcpy: no strided pages, no bookkeeping; goal ≥ 0.8x),
   and beside ``copy_`` page by page between contiguous tensors (what any per-page
   transfer pays on top of memcpy: a call per page), which leaves kvcache's own cost.
+  The batch is stored at once and read into slots allocated at once, so kvcache copies
+  runs of pages in one strided copy; *scattered pages* reads into the same slots in a
+  random page order (a fragmented host pool), where it copies page by page.
 - page size: the same get at SGLang page sizes of 16, 64 and 256 tokens. kvcache stores
   each SGLang page as one object (``connectors/sglang.py`` says why), so small pages pay
   per-object costs; this shows how much.
@@ -155,10 +158,16 @@ class _Bench:
         tokens = [(self._seed * 7919 + i) % 50000 for i in range(self.cfg.batch_pages)]
         return sglang_page_hashes(tokens, 1)
 
-    def slots(self, pool: Any, second: bool) -> torch.Tensor:
+    def slots(self, pool: Any, second: bool, scattered: bool = False) -> torch.Tensor:
+        """One batch's token slots: the pool's first or second half, page by page in
+        order, or (``scattered``) its pages in a random order, as a fragmented host pool
+        hands them out: no run of pages for kvcache to copy at once."""
         n, p = self.cfg.batch_pages, pool.page_size
-        start = n * p if second else 0
-        return torch.arange(start, start + n * p, dtype=torch.int64)
+        first = n if second else 0
+        pages = torch.arange(first, first + n, dtype=torch.int64)
+        if scattered:
+            pages = pages[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+        return (pages[:, None] * p + torch.arange(p, dtype=torch.int64)).reshape(-1)
 
     def copier(self, nbytes: int) -> Callable[[], Any]:
         """A plain ``copy_`` of ``nbytes`` between two contiguous tensors."""
@@ -194,9 +203,10 @@ class _Bench:
 
     # -- figures ---------------------------------------------------------------------------
     def set_get(self, b: Any, pool: Any, variant: str, baselines: list[tuple[Any, ...]],
-                figures: tuple[str, ...] = ("set", "get")) -> None:
+                figures: tuple[str, ...] = ("set", "get"), scattered: bool = False) -> None:
         """Rows for ``batch_set_v1`` (new keys each round) and ``batch_get_v1`` (into the
-        pool's other half) of one batch, beside each of ``baselines`` (name, copy, goal)."""
+        pool's other half, ``scattered`` or in order) of one batch, beside each of
+        ``baselines`` (name, copy, goal)."""
         c, p = self.cfg, pool.page_size
         nbytes = c.batch_pages * c.page_bytes(p)
         keys: list[str] = []
@@ -210,7 +220,7 @@ class _Bench:
             assert all(b.batch_set_v1(keys, self.slots(pool, False)))
 
         def get() -> None:
-            assert all(b.batch_get_v1(keys, self.slots(pool, True)))
+            assert all(b.batch_get_v1(keys, self.slots(pool, True, scattered)))
         if "set" in figures:
             for name, copy, goal in baselines:
                 self.row("set", c.shape(p), variant, nbytes,
@@ -221,7 +231,8 @@ class _Bench:
             self.row("get", c.shape(p), variant, nbytes, _paired(get, copy, c.rounds), name,
                      goal)
 
-    def cpu(self, layout: str, page_size: int, figures: tuple[str, ...]) -> None:
+    def cpu(self, layout: str, page_size: int, figures: tuple[str, ...],
+            scattered: bool = False) -> None:
         c = self.cfg
         pool = self.pool(layout, page_size)
         nbytes = c.batch_pages * c.page_bytes(page_size)
@@ -230,8 +241,9 @@ class _Bench:
         try:
             baselines = [("copy_", self.copier(nbytes), GOAL_CPU),
                          ("copy_ per page", self.page_copier(c.page_bytes(page_size)), None)]
-            variant = f"cpu {layout}" if "set" in figures else f"cpu {layout}, page size"
-            self.set_get(b, pool, variant, baselines, figures)
+            variant = (f"cpu {layout}, scattered pages" if scattered else f"cpu {layout}"
+                       if "set" in figures else f"cpu {layout}, page size")
+            self.set_get(b, pool, variant, baselines, figures, scattered)
         finally:
             b.close()
             shutil.rmtree(d, ignore_errors=True)
@@ -330,6 +342,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         bench = _Bench(cfg, workdir)
         for layout in LAYOUTS:
             bench.cpu(layout, cfg.page_size, ("set", "get"))
+        for layout in LAYOUTS:
+            bench.cpu(layout, cfg.page_size, ("get",), scattered=True)
         for p in cfg.page_sizes:
             bench.cpu("page_first", p, ("get",))
         bench.daemon()
