@@ -206,14 +206,12 @@ def copy_pages(targets: Sequence[torch.Tensor], chunks: Sequence[torch.Tensor]) 
     while i < len(targets):
         j, steps = i + 1, None
         while j < len(targets):
-            pair = (_step(targets[j - 1], targets[j]), _step(chunks[j - 1], chunks[j]))
-            if None in pair or (steps is not None and pair != steps):
+            dst, src = _step(targets[j - 1], targets[j]), _step(chunks[j - 1], chunks[j])
+            if dst is None or src is None or (steps is not None and (dst, src) != steps):
                 break
-            steps, j = pair, j + 1
+            steps, j = (dst, src), j + 1
         if steps is None:
             targets[i].copy_(chunks[i])
         else:
-            dst_step, src_step = steps
-            assert dst_step is not None and src_step is not None
-            _stacked(targets[i], j - i, dst_step).copy_(_stacked(chunks[i], j - i, src_step))
+            _stacked(targets[i], j - i, steps[0]).copy_(_stacked(chunks[i], j - i, steps[1]))
         i = j

@@ -14,6 +14,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,6 +69,14 @@ def backend(tmp_path: Path, pool: HostPool, *, extra: dict | None = None, **cfg
     return b
 
 
+def open_backend(backends: list[KVCacheHiCacheStorage], tmp_path: Path, pool: HostPool,
+                 **kw: Any) -> KVCacheHiCacheStorage:
+    """``backend(tmp_path, pool, **kw)``, closed by the ``backends`` fixture after the test."""
+    b = backend(tmp_path, pool, **kw)
+    backends.append(b)
+    return b
+
+
 def assert_refused_at_registration(sc: HiCacheStorageConfig, pool: HostPool, match: str
                                    ) -> None:
     """SGLang creates the backend from ``sc``; registering ``pool`` fails, saying ``match``."""
@@ -104,8 +113,7 @@ def same_pages(a: HostPool, a_pages: list[int], b: HostPool, b_pages: list[int])
 
 # -- creation and config -------------------------------------------------------------------
 def test_the_factory_creates_the_backend_from_the_dynamic_extra_config(tmp_path, backends):
-    b = backend(tmp_path, HostPool("page_first"))
-    backends.append(b)
+    b = open_backend(backends, tmp_path, HostPool("page_first"))
     assert b.layout.tp_size == 1 and b.pages.page_size == P
     assert b.store.tiers[0].name == "cpu"
 
@@ -144,8 +152,7 @@ def test_pages_split_across_ranks_it_cannot_name_are_refused(tmp_path, split):
 
 def test_pools_kvcache_cannot_hold_are_refused_at_attach(tmp_path, backends):
     pool = HostPool("page_first")
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     b.register_mem_host_pool_v2(pool, PoolName.KV)
     b.on_host_pools_registered()  # the KV pool alone: fine
     b.register_mem_host_pool_v2(HostPool("page_first"), PoolName.MAMBA)
@@ -211,8 +218,7 @@ def test_pages_move_between_host_layouts(tmp_path, backends, written, read, mla)
 def test_flat_page_calls_round_trip(tmp_path, backends, layout):
     """Without interface_v1, SGLang moves flat data pages (get_data_page / batch_get)."""
     src, dst = HostPool(layout, seed=1), HostPool(layout, seed=2)
-    b = backend(tmp_path, src)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, src)
     keys = page_hashes(tokens(3 * P))
     assert b.batch_set(keys, [src.get_data_page(i * P) for i in (2, 4, 6)])
     assert b.exists(keys[1]) and not b.exists(page_hashes(tokens(P, seed=9))[0])
@@ -226,8 +232,7 @@ def test_flat_page_calls_round_trip(tmp_path, backends, layout):
 
 def test_batch_exists_answers_the_stored_prefix(tmp_path, backends):
     pool = HostPool("page_first")
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     keys = page_hashes(tokens(8 * P))
     b.batch_set_v1(keys[:5], pool.slots(range(5)))
     assert b.batch_exists(keys) == 5
@@ -240,8 +245,7 @@ def test_batch_exists_answers_the_stored_prefix(tmp_path, backends):
 
 def test_prefix_keys_record_where_pages_sit(tmp_path, backends):
     pool = HostPool("page_first")
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     keys = page_hashes(tokens(4 * P))
     info = HiCacheStorageExtraInfo(prefix_keys=keys[:2])
     assert b.batch_set_v1(keys[2:], pool.slots([0, 1]), info) == [True, True]
@@ -251,8 +255,7 @@ def test_prefix_keys_record_where_pages_sit(tmp_path, backends):
 
 def test_clear_removes_this_models_entries_only(tmp_path, backends):
     pool = HostPool("page_first")
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     keys = page_hashes(tokens(3 * P))
     b.batch_set_v1(keys, pool.slots([0, 1, 2]))
     other = dataclasses.replace(b.layout, model_id="another-model")
@@ -275,8 +278,7 @@ def test_mha_ranks_store_and_find_their_own_pages(tmp_path, backends):
     assert ranks[1].batch_exists(keys) == 0  # rank 1's heads are not rank 0's
     ranks[1].batch_set_v1(keys, pools[1].slots([0, 1]))
     out = HostPool("page_first", seed=5)
-    reader = backend(tmp_path, out, tp_rank=1, tp_size=2)
-    backends.append(reader)
+    reader = open_backend(backends, tmp_path, out, tp_rank=1, tp_size=2)
     assert reader.batch_get_v1(keys, out.slots([2, 3])) == [True, True]
     assert same_pages(pools[1], [0, 1], out, [2, 3])
 
@@ -299,8 +301,7 @@ def test_mla_pages_are_stored_once_and_read_by_every_rank(tmp_path, backends):
 # -- v2 (multi-pool) calls -----------------------------------------------------------------
 def test_v2_calls_move_the_kv_pool_and_miss_the_others(tmp_path, backends):
     pool, before = HostPool("page_first", seed=1), HostPool("page_first", seed=1)
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     keys = page_hashes(tokens(2 * P))
     kv = PoolTransfer(name=PoolName.KV, host_indices=pool.slots([0, 1]), keys=keys)
     mamba = PoolTransfer(name=PoolName.MAMBA, host_indices=torch.arange(2), keys=keys[1:])
@@ -316,8 +317,7 @@ def test_v2_calls_move_the_kv_pool_and_miss_the_others(tmp_path, backends):
 # -- failures: misses, never exceptions ----------------------------------------------------
 def test_bad_calls_are_misses_and_store_nothing(tmp_path, backends):
     pool = HostPool("page_first")
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     keys = page_hashes(tokens(3 * P))
     assert b.batch_set_v1(keys, pool.slots([0, 1])) == [False] * 3  # too few slots
     assert b.batch_set_v1(keys, pool.slots([0, 1, 99])) == [False] * 3  # past the pool
@@ -354,8 +354,7 @@ def test_a_corrupt_page_on_disk_is_a_miss(tmp_path, backends):
         data = bytearray(blob.read_bytes())
         data[len(data) // 2] ^= 0xFF
         blob.write_bytes(bytes(data))
-    b = backend(tmp_path, out, extra=extra)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, out, extra=extra)
     got = b.batch_get_v1(keys, out.slots([0, 1]))
     assert got == [False, False]
     assert same_pages(HostPool("page_first", seed=2), [0, 1], out, [0, 1])
@@ -363,8 +362,7 @@ def test_a_corrupt_page_on_disk_is_a_miss(tmp_path, backends):
 
 def test_another_objects_bytes_under_a_page_key_are_a_miss(tmp_path, backends):
     pool = HostPool("page_first")
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     key = page_hashes(tokens(P))
     wrong = torch.zeros(b.layout.chunk_shape(2 * P))  # two pages' worth under one key
     b.store.put(b._keys(key)[0], wrong, b.layout)
@@ -418,8 +416,7 @@ def test_two_instances_share_pages_through_the_daemon(tmp_path, backends):
 # -- stats ---------------------------------------------------------------------------------
 def test_stats_count_pages_and_tiers(tmp_path, backends):
     pool = HostPool("page_first")
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     keys = page_hashes(tokens(3 * P))
     b.batch_set_v1(keys, pool.slots([0, 1, 2]))
     b.batch_get_v1(keys + page_hashes(tokens(P, seed=4)), pool.slots([3, 4, 5, 6]))
@@ -437,8 +434,7 @@ def test_stats_count_pages_and_tiers(tmp_path, backends):
 
 def test_pages_already_stored_are_not_written_again(tmp_path, backends):
     pool = HostPool("page_first")
-    b = backend(tmp_path, pool)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool)
     keys = page_hashes(tokens(4 * P))
     assert b.batch_set_v1(keys[:2], pool.slots([0, 1])) == [True, True]
     puts = b.store.stats()["cpu"].puts
@@ -470,8 +466,7 @@ def test_sglang_loads_what_transformers_stored(tmp_path, backends, tiny_model, l
     model, path = tiny_model
     extra = {"model_path": path, "connector.model_id": "tiny-llama"}
     pool = hf_pool(layout)
-    b = backend(tmp_path, pool, extra=extra)
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool, extra=extra)
     hf = HFConnector(model, b.store, chunk_size=P, model_id="tiny-llama",
                      key_scheme="sglang")
     assert hf.layout.fingerprint == b.layout.fingerprint
@@ -490,8 +485,8 @@ def test_sglang_loads_what_transformers_stored(tmp_path, backends, tiny_model, l
 def test_transformers_reuses_what_sglang_stored(tmp_path, backends, tiny_model, layout):
     model, path = tiny_model
     pool = hf_pool(layout)
-    b = backend(tmp_path, pool, extra={"model_path": path, "connector.model_id": "tiny-llama"})
-    backends.append(b)
+    b = open_backend(backends, tmp_path, pool,
+                     extra={"model_path": path, "connector.model_id": "tiny-llama"})
     prompt = tokens(6 * P + 3)
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prompt]))
