@@ -91,10 +91,7 @@ def transcode(obj: StoredObject, codec_name: str) -> StoredObject:
     chunk = get_codec(h.codec).decode(obj.tensors, h.codec_params, h.layout, h.num_tokens)
     codec = get_codec(codec_name)
     tensors, params = codec.encode(chunk, h.layout, rope_start=h.rope_start)
-    header = ObjectHeader(
-        h.key, h.layout, h.num_tokens, codec_name, params, h.rope_start, h.created_at
-    )
-    return StoredObject(header, tensors)
+    return StoredObject(dataclasses.replace(h, codec=codec_name, codec_params=params), tensors)
 
 
 def _decode(obj: StoredObject) -> torch.Tensor:

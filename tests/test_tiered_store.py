@@ -403,3 +403,16 @@ def test_flush_keys_writes_down_only_those_keys(tmp_path, layout):
     assert got is not None and torch.equal(s.decode(got), make_chunk(layout, TOKENS, seed=1))
     s.flush_keys([make_key(1), make_key(7)])  # already down / never stored: no-ops
     s.close()
+
+
+def test_transcoding_into_a_lower_tier_keeps_the_header(tmp_path, layout):
+    cpu, disk = CpuTier(8 * 1024), DiskTier(tmp_path / "disk", 1 << 20)
+    with TieredStore([cpu, disk], codecs=["raw", "zstd"]) as store:
+        store.put(make_key(0), make_chunk(layout, TOKENS), layout, rope_start=32,
+                  keying="segment")
+        store.flush()
+        cpu_header, disk_header = cpu.header(make_key(0)), disk.header(make_key(0))
+    assert (disk_header.codec, cpu_header.codec) == ("zstd", "raw")
+    for field in ("key", "num_tokens", "rope_start", "created_at", "keying"):
+        assert getattr(disk_header, field) == getattr(cpu_header, field), field
+    assert disk_header.keying == "segment"
