@@ -57,13 +57,19 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from kvcache.connectors import engine_store
 from kvcache.connectors.hf import layout_from_hf_config
-from kvcache.connectors.sglang_pages import HostPages, copy_pages
+from kvcache.connectors.sglang_pages import HostPages
 from kvcache.kvstore.config import KVCacheConfig
 from kvcache.kvstore.cpu_tier import CpuTier
-from kvcache.kvstore.errors import ConfigError, KVCacheError, LayoutMismatchError
+from kvcache.kvstore.errors import (
+    ConfigError,
+    KVCacheError,
+    LayoutMismatchError,
+    StoreUnavailableError,
+)
 from kvcache.kvstore.keys import page_chain_key
 from kvcache.kvstore.layout import AttentionKind, KVLayout, dtype_names
 from kvcache.kvstore.remote_tier import RemoteTier
+from kvcache.kvstore.strided_copy import copy_many
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -314,7 +320,7 @@ class KVCacheHiCacheStorage(HiCacheStorage):
                 lent = [(i, self._chunk(top.lent_object(loan), targets[i], layout))
                         for i, loan in enumerate(loans) if loan is not None]
                 placed = [(i, chunk) for i, chunk in lent if chunk is not None]
-                copy_pages([targets[i] for i, _ in placed], [chunk for _, chunk in placed])
+                copy_many([targets[i] for i, _ in placed], [chunk for _, chunk in placed])
                 for i, _ in placed:
                     done[i] = True
             finally:
@@ -377,26 +383,25 @@ class KVCacheHiCacheStorage(HiCacheStorage):
         # Pages already stored (by this engine or another) are not written again.
         out = self.store.contains_many(ckeys)
         todo = [i for i, held in enumerate(out) if not held]
+        # One batch: the CPU tier takes it under one lock, runs of pages in one strided
+        # copy; a daemon in a few requests. A daemon that cannot take them fails open
+        # (counted, not reported per page): compare the count.
         top = self.store.tiers[0]
-        if len(self.store.tiers) == 1 and isinstance(top, RemoteTier):
-            # The node's daemon: pages go in a few requests, not one each. A daemon that
-            # cannot take them fails open (counted, not raised): compare the count.
-            errors = top.failed_requests
-            try:
-                self.store.put_many([(ckeys[i], chunks[i]) for i in todo], layout,
-                                    rope_starts=[starts[i] for i in todo])
-                if top.failed_requests == errors:
-                    for i in todo:
-                        out[i] = True
-            except KVCacheError as e:
-                log.warning("kvcache could not store %d SGLang pages: %s", len(todo), e)
-        else:
-            for i in todo:
-                try:
-                    self.store.put(ckeys[i], chunks[i], layout, rope_start=starts[i])
-                    out[i] = True
-                except KVCacheError as e:
-                    log.warning("kvcache could not store an SGLang page: %s", e)
+        remote = top if isinstance(top, RemoteTier) else None
+        errors_before = remote.failed_requests if remote is not None else 0
+        try:
+            errors = self.store.put_many([(ckeys[i], chunks[i]) for i in todo], layout,
+                                         rope_starts=[starts[i] for i in todo])
+        except KVCacheError as e:  # bad input: nothing stored
+            errors = [e] * len(todo)
+        if remote is not None and remote.failed_requests != errors_before:
+            errors = [err or StoreUnavailableError("the daemon did not answer")
+                      for err in errors]
+        for i, err in zip(todo, errors, strict=True):
+            out[i] = err is None
+        if any(errors):
+            log.warning("kvcache could not store %d of %d SGLang pages: %s",
+                        sum(map(bool, errors)), len(todo), next(e for e in errors if e))
         stored = sum(out[i] for i in todo)
         with self._lock:
             c = self.counters

@@ -24,7 +24,6 @@ flattened form is the "flat data page" of SGLang's non-zero-copy calls), and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -179,39 +178,3 @@ class HostPages:
                 f"a flat SGLang page is 1-D with {self.page_bytes} bytes, got "
                 f"{tuple(flat.shape)} of {flat.dtype}")
         return self.canonical(flat.view(self.kv_buffer.dtype).view(self.page_shape))
-
-
-def _step(a: torch.Tensor, b: torch.Tensor) -> int | None:
-    """How many elements past ``a`` the view ``b`` starts, when ``b`` is ``a``'s like (same
-    storage, shape, strides, dtype) further on; else None."""
-    if (a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype
-            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
-        return None
-    step = int(b.storage_offset() - a.storage_offset())
-    return step if step > 0 else None
-
-
-def _stacked(t: torch.Tensor, n: int, step: int) -> torch.Tensor:
-    """``n`` views like ``t``, ``step`` elements apart, as one: ``[n, *t.shape]``."""
-    return t.as_strided((n, *t.shape), (step, *t.stride()), t.storage_offset())
-
-
-def copy_pages(targets: Sequence[torch.Tensor], chunks: Sequence[torch.Tensor]) -> None:
-    """``targets[i].copy_(chunks[i])`` for every page. Consecutive pages that lie one step
-    apart in both the host pool and the store (a batch SGLang allocated in one piece, read
-    from objects stored in one batch) go in one strided copy: each ``copy_`` call costs
-    a fork and join of torch's threads, ~10% of a 2 MiB page's copy on two cores.
-    Distinct targets must not overlap (distinct pages never do)."""
-    i = 0
-    while i < len(targets):
-        j, steps = i + 1, None
-        while j < len(targets):
-            dst, src = _step(targets[j - 1], targets[j]), _step(chunks[j - 1], chunks[j])
-            if dst is None or src is None or (steps is not None and (dst, src) != steps):
-                break
-            steps, j = (dst, src), j + 1
-        if steps is None:
-            targets[i].copy_(chunks[i])
-        else:
-            _stacked(targets[i], j - i, steps[0]).copy_(_stacked(chunks[i], j - i, steps[1]))
-        i = j

@@ -18,7 +18,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +30,13 @@ from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.errors import (
     ConfigError,
     EntryPinnedError,
+    KVCacheError,
     ObjectTooLargeError,
     StoreFullError,
 )
 from kvcache.kvstore.eviction import make_policy
 from kvcache.kvstore.shm_index import SharedIndex, describe, lock_free_reads_supported, slots_for
+from kvcache.kvstore.strided_copy import copy_many
 from kvcache.kvstore.tier import DELETE_CAUSES, EntryInfo, Tier, TierStats, check_object_key
 
 
@@ -307,45 +309,92 @@ class CpuTier(Tier):
             return StoredObject(e.header, tensors)
 
     def put(self, key: str, obj: StoredObject) -> None:
-        check_object_key(key, obj.header)
+        err = self.put_many([(key, obj)])[0]
+        if err is not None:
+            raise err
+
+    def put_many(self, items: Sequence[tuple[str, StoredObject]]) -> list[KVCacheError | None]:
+        """Store each object under its key, replacing what the key held; returns what kept
+        each one out (None: stored). Room for a batch is made under one hold of the lock,
+        its bytes copied outside it (tensors one step apart on both sides, such as pages
+        of one host pool going into one run of the pool, in one strided copy:
+        ``copy_many``), then the batch is published. Batches are at most a quarter of the
+        pool, so a put larger than the tier still evicts its own first objects, as
+        one-by-one puts would."""
+        out: list[KVCacheError | None] = [None] * len(items)
+        batch: list[tuple[int, str, StoredObject, _Entry, bytes]] = []
+        size = 0
+        for i, (key, obj) in enumerate(items):
+            try:
+                check_object_key(key, obj.header)
+                entry, desc = self._planned(obj)
+            except KVCacheError as e:
+                out[i] = e
+                continue
+            if batch and size + entry.size + entry.desc_size > self.capacity_bytes // 4:
+                self._put_batch(batch, out)
+                batch, size = [], 0
+            batch.append((i, key, obj, entry, desc))
+            size += entry.size + entry.desc_size
+        if batch:
+            self._put_batch(batch, out)
+        return out
+
+    def _planned(self, obj: StoredObject) -> tuple[_Entry, bytes]:
+        """``obj``'s entry, not yet placed (``offset`` -1), and its descriptor's bytes."""
         slots, size = _plan(obj)
         desc = b"" if self.index is None else describe(obj.header.to_json(), slot_rows(slots))
-        size_tensors, size = size, align_up(size) + len(desc) if desc else size
-        if align_up(size) > self.capacity_bytes:
+        total = align_up(size) + len(desc) if desc else size
+        if align_up(total) > self.capacity_bytes:
             raise ObjectTooLargeError(
-                f"object of {size} bytes exceeds the CPU tier's capacity of "
+                f"object of {total} bytes exceeds the CPU tier's capacity of "
                 f"{self.capacity_bytes} bytes; raise store.cpu.capacity"
             )
+        # refs=1: reserved but unpublished, not in the policy, so nobody evicts it mid-copy
+        return _Entry(obj.header, -1, size, slots, refs=1, desc_size=total - size), desc
+
+    def _put_batch(self, batch: list[tuple[int, str, StoredObject, _Entry, bytes]],
+                   out: list[KVCacheError | None]) -> None:
+        placed = []
         with self._lock:
-            offset = self._make_room(size, protect=key)
-            # Reserved but unpublished: not in the policy, so nobody can evict it mid-copy.
-            e = _Entry(obj.header, offset, size_tensors, slots, refs=1,
-                       desc_size=size - size_tensors)
+            for i, key, obj, e, desc in batch:
+                try:
+                    e.offset = self._make_room(e.size + e.desc_size, protect=key)
+                except StoreFullError as err:
+                    out[i] = err
+                    continue
+                placed.append((key, obj, e, desc))
         try:
-            views = self._views(e)
-            for s in slots:
-                views[s.name].copy_(obj.tensors[s.name])
-            if desc:
-                at = offset + size - len(desc)
-                self._pool[at : at + len(desc)].copy_(torch.frombuffer(bytearray(desc),
-                                                                       dtype=torch.uint8))
+            dsts, srcs = [], []
+            for _, obj, e, _ in placed:
+                views = self._views(e)
+                dsts += [views[s.name] for s in e.slots]
+                srcs += [obj.tensors[s.name] for s in e.slots]
+            copy_many(dsts, srcs)
+            for _, _, e, desc in placed:
+                if desc:
+                    end = e.offset + e.size + e.desc_size
+                    self._pool[end - len(desc) : end].copy_(
+                        torch.frombuffer(bytearray(desc), dtype=torch.uint8))
         except BaseException:
             with self._lock:
-                self._arena.free(offset, size)
+                for _, _, e, _ in placed:
+                    self._arena.free(e.offset, e.size + e.desc_size)
             raise
         with self._lock:
-            old = self._entries.get(key)
-            if old is not None:
-                e.pinned = old.pinned
-                self._drop(key, old)
-            e.refs = 0
-            self._entries[key] = e
-            self._policy.on_insert(key)
-            self._stats.puts += 1
-            self._stats.bytes_written += size_tensors
-            if self.index is not None:  # the bytes are in place: now readers may see them
-                self.index.publish(key, offset, size_tensors, offset + size - len(desc),
-                                   len(desc))
+            for key, _, e, desc in placed:
+                old = self._entries.get(key)
+                if old is not None:
+                    e.pinned = old.pinned
+                    self._drop(key, old)
+                e.refs = 0
+                self._entries[key] = e
+                self._policy.on_insert(key)
+                self._stats.puts += 1
+                self._stats.bytes_written += e.size
+                if self.index is not None:  # the bytes are in place: now readers may see them
+                    end = e.offset + e.size + e.desc_size
+                    self.index.publish(key, e.offset, e.size, end - len(desc), len(desc))
 
     def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
         counter = DELETE_CAUSES[cause]

@@ -41,7 +41,12 @@ from kvcache.kvstore.container import (
     encode_parts,
     read_header_unverified,
 )
-from kvcache.kvstore.errors import ConfigError, CorruptObjectError, ObjectTooLargeError
+from kvcache.kvstore.errors import (
+    ConfigError,
+    CorruptObjectError,
+    KVCacheError,
+    ObjectTooLargeError,
+)
 from kvcache.kvstore.fail_open import (
     CircuitBreaker,
     Deadline,
@@ -412,15 +417,19 @@ class RedisTier(Tier):
         return out
 
     def put(self, key: str, obj: StoredObject) -> None:
-        self.put_many([(key, obj)])
+        err = self.put_many([(key, obj)])[0]
+        if err is not None:
+            raise err
 
-    def put_many(self, items: Sequence[tuple[str, StoredObject]]) -> None:
-        """Store every object, one pipeline per server. ``ObjectTooLargeError`` (nothing
-        sent) if one is over the servers' limit; a failure skips the writes (counted)."""
+    def put_many(self, items: Sequence[tuple[str, StoredObject]]) -> list[KVCacheError | None]:
+        """Store every object, one pipeline per server. ``ObjectTooLargeError`` for each
+        (nothing sent) if one is over the servers' limit; a failure skips the writes
+        (counted, failing open: they report None)."""
         for key, obj in items:
             check_object_key(key, obj.header)
+        out: list[KVCacheError | None] = [None] * len(items)
         if not items:
-            return
+            return out
         rkeys = [self._rkey(key) for key, _ in items]
         # A redis-py without the packer hook gets joined bytes (one copy more, still right).
         values: list[_Value | bytes] = [
@@ -443,9 +452,11 @@ class RedisTier(Tier):
 
         try:
             replies = self._request("put", send)
+        except ObjectTooLargeError as e:
+            return [e] * len(items)
         except self._fails as e:
             self._failed("put", e)
-            return
+            return out
         refused = [r[0] for r in replies if isinstance(r[0], Exception)]
         with self._lock:
             self._stats.errors += len(refused)
@@ -455,6 +466,7 @@ class RedisTier(Tier):
                 if not isinstance(r[0], Exception))
         if refused:
             log.warning("%s tier: %d writes refused: %s", self.name, len(refused), refused[0])
+        return out
 
     def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
         counter = DELETE_CAUSES[cause]

@@ -34,6 +34,9 @@ T = TypeVar("T")
 # Failures of the other side: each becomes a counted miss or skipped write.
 _FAIL_OPEN = (RemoteUnavailableError, RemoteAuthError, RemoteRequestError)
 _STATS_MAX_AGE_S = 1.0
+# The most bytes put_many sends in one request (a daemon refuses bodies over its
+# server.max_body, 1GiB by default).
+PUT_REQUEST_BYTES = 64 << 20
 
 
 class RemoteTier(Tier):
@@ -120,20 +123,35 @@ class RemoteTier(Tier):
         return got
 
     def put(self, key: str, obj: StoredObject) -> None:
-        self.put_many([(key, obj)])
+        err = self.put_many([(key, obj)])[0]
+        if err is not None:
+            raise err
 
-    def put_many(self, items: Sequence[tuple[str, StoredObject]]) -> None:
-        """Store every item in one request; skipped (counted) if the daemon cannot take it."""
+    def put_many(self, items: Sequence[tuple[str, StoredObject]]) -> list[KVCacheError | None]:
+        """Store the objects in requests of up to ``PUT_REQUEST_BYTES``. A request the
+        daemon cannot take is skipped and counted (``failed_requests``: failing open, its
+        objects report None); one it refuses as too large reports ``ObjectTooLargeError``
+        for each of its objects."""
         for key, obj in items:
             if obj.header.key != key:
                 raise KVCacheError(f"the object of {obj.header.key} cannot be stored as {key}")
-        try:
-            stored = self._try("put", lambda: self.client.put_objects([o for _, o in items]), 0)
-        except ObjectTooLargeError:
-            raise
-        with self._lock:
-            self._stats.puts += stored
-            self._stats.bytes_written += sum(o.nbytes for _, o in items) if stored else 0
+        out: list[KVCacheError | None] = [None] * len(items)
+        start, size = 0, 0
+        for end, (_, obj) in enumerate(items, 1):
+            size += obj.nbytes
+            if size < PUT_REQUEST_BYTES and end < len(items):
+                continue
+            send = partial(self.client.put_objects, [o for _, o in items[start:end]])
+            try:
+                stored = self._try("put", send, 0)
+            except ObjectTooLargeError as e:
+                out[start:end] = [e] * (end - start)
+                stored = 0
+            with self._lock:
+                self._stats.puts += stored
+                self._stats.bytes_written += size if stored else 0
+            start, size = end, 0
+        return out
 
     def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
         found = bool(self._try("delete", lambda: self.client.delete([key], force=force), 0))

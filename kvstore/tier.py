@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvcache.kvstore.errors import CorruptObjectError
+from kvcache.kvstore.errors import CorruptObjectError, KVCacheError
 
 if TYPE_CHECKING:  # the container imports torch; admin commands read tiers without it
     from kvcache.kvstore.container import ObjectHeader, StoredObject
@@ -145,6 +145,18 @@ class Tier(abc.ABC):
         ``StoreFullError`` if pinned or in-use entries leave no room. On error nothing
         already stored is lost (victims were handed to the evict handler first).
         """
+
+    def put_many(self, items: Sequence[tuple[str, StoredObject]]) -> list[KVCacheError | None]:
+        """``put`` of each item; what kept each out (None: stored). Tiers override this to
+        take a batch at once (one lock and few copies, one request)."""
+        out: list[KVCacheError | None] = []
+        for key, obj in items:
+            try:
+                self.put(key, obj)
+                out.append(None)
+            except KVCacheError as e:
+                out.append(e)
+        return out
 
     @abc.abstractmethod
     def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:

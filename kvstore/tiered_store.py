@@ -59,9 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WRITE_MODES = ("write-through", "write-back")
-# The most bytes put_many sends to a remote tier in one request (a daemon refuses bodies
-# over its server.max_body, 1GiB by default).
-_PUT_BATCH_BYTES = 64 << 20
 _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -233,10 +230,26 @@ class TieredStore:
 
     # -- moving objects between tiers ----------------------------------------------------
     def _put_in(self, i: int, key: str, obj: StoredObject) -> None:
+        err = self._put_many_in(i, [obj])[0]
+        if err is not None:
+            raise err
+
+    def _put_many_in(self, i: int, objs: Sequence[StoredObject]) -> list[KVCacheError | None]:
+        """Put each object into tier ``i`` in its codec; what kept each out (None: in)."""
         tier = self.tiers[i]
-        tier.put(key, transcode(obj, self.codecs[i]))
-        if key in self._pinned:
-            tier.set_pinned(key, True)
+        out: list[KVCacheError | None] = [None] * len(objs)
+        ready: list[tuple[int, StoredObject]] = []
+        for j, obj in enumerate(objs):
+            try:
+                ready.append((j, transcode(obj, self.codecs[i])))
+            except KVCacheError as e:
+                out[j] = e
+        results = tier.put_many([(o.header.key, o) for _, o in ready])
+        for (j, o), err in zip(ready, results, strict=True):
+            out[j] = err
+            if err is None and o.header.key in self._pinned:
+                tier.set_pinned(o.header.key, True)
+        return out
 
     def _stamp(self) -> float:
         """A creation time, strictly increasing within this store: it names the version
@@ -414,42 +427,62 @@ class TieredStore:
                 f"an object of {obj.nbytes} bytes is larger than any tier ({largest} bytes)")
 
     def _place(self, obj: StoredObject) -> None:
-        """Put ``obj`` into the top tier that takes it and queue its copy down."""
-        key, stamp = obj.header.key, obj.header.created_at
+        err = self._place_many([obj])[0]
+        if err is not None:
+            raise err
+
+    def _place_many(self, objs: Sequence[StoredObject]) -> list[KVCacheError | None]:
+        """Put each object into the top tier that takes it and queue its copy down;
+        returns what kept each out (None: stored). Keys are distinct."""
+        keys = [o.header.key for o in objs]
         marked = len(self.tiers) > 1 and _writable(self.tiers[1])
         with self._lock:
-            # Marked before it lands: an eviction of it must already know to copy it down.
-            before = self._dirty.get(key)
+            # Marked before they land: an eviction of one must already know to copy it down.
+            before = [self._dirty.get(key) for key in keys]
             if marked:
-                self._dirty[key] = stamp
-        landed = None
+                for key, obj in zip(keys, objs, strict=True):
+                    self._dirty[key] = obj.header.created_at
+        out: list[KVCacheError | None] = [None] * len(objs)
+        landed: list[int | None] = [None] * len(objs)
         try:
+            pending = list(range(len(objs)))
             for i, tier in enumerate(self.tiers):
+                if not pending:
+                    break
                 if not _writable(tier):
                     continue
-                try:
-                    self._put_in(i, key, obj)
-                    landed = i
-                    break
-                except StoreFullError as e:
-                    # A top tier full of pinned entries (or too small for this object) must
-                    # not lose the write: the tier below takes it directly.
-                    if i == len(self.tiers) - 1:
-                        raise
-                    log.debug("%s tier cannot take %s (%s); writing it to the next tier",
-                              tier.name, key, e)
+                errors = self._put_many_in(i, [objs[j] for j in pending])
+                retry = []
+                for j, err in zip(pending, errors, strict=True):
+                    if err is None:
+                        landed[j] = i
+                    elif isinstance(err, StoreFullError) and i < len(self.tiers) - 1:
+                        # A top tier full of pinned entries (or too small for this object)
+                        # must not lose the write: the tier below takes it directly.
+                        log.debug("%s tier cannot take %s (%s); writing it to the next tier",
+                                  tier.name, keys[j], err)
+                        retry.append(j)
+                    else:
+                        out[j] = err
+                pending = retry
+            assert not pending, "the lowest tier is read-only"
         finally:
             with self._lock:
-                if marked and self._dirty.get(key) == stamp and landed != 0:
-                    if before is None or landed is not None:
-                        del self._dirty[key]
-                    else:
-                        self._dirty[key] = before  # nothing stored: the old mark stands
-        assert landed is not None
-        for tier in self.tiers[:landed]:  # an older copy above must not shadow it
-            tier.delete(key, force=True)
-        if landed == 0 and self._writer is not None:
-            self._queue.put(key)
+                for key, obj, old, at in zip(keys, objs, before, landed, strict=True):
+                    if marked and self._dirty.get(key) == obj.header.created_at and at != 0:
+                        if old is None or at is not None:
+                            del self._dirty[key]
+                        else:
+                            self._dirty[key] = old  # nothing stored: the old mark stands
+            for j, key in enumerate(keys):
+                top = landed[j]
+                if top is None:
+                    continue
+                for tier in self.tiers[:top]:  # an older copy above must not shadow it
+                    tier.delete(key, force=True)
+                if top == 0 and self._writer is not None:
+                    self._queue.put(key)
+        return out
 
     def put_many(
         self,
@@ -457,35 +490,25 @@ class TieredStore:
         layout: KVLayout,
         *,
         rope_starts: Sequence[int | None] | None = None,
-    ) -> None:
-        """Validate every item first so a bad one stores nothing; then put each. A store
-        that is one remote tier (an engine on the node's daemon) sends them in requests of
-        up to ``_PUT_BATCH_BYTES``, not one request each."""
+    ) -> list[KVCacheError | None]:
+        """Store chunks as ``put`` does, in one batch; returns what kept each out (None:
+        stored), such as a full store. Bad input (``put``'s checks, for every item) raises
+        and stores nothing. A key given twice stores its last chunk. Each tier takes its
+        part of the batch at once (``Tier.put_many``): the CPU tier in one hold of its lock
+        and few copies, a daemon in a few requests."""
         if not isinstance(layout, KVLayout):
             raise LayoutMismatchError(f"layout must be a KVLayout, got {type(layout).__name__}")
         if rope_starts is not None and len(rope_starts) != len(items):
             raise LayoutMismatchError(
                 f"{len(rope_starts)} rope_starts for {len(items)} chunks; give one per chunk")
-        for key, chunk in items:
-            check_key(key)
-            layout.check_chunk(chunk)
         starts = [0] * len(items) if rope_starts is None else list(rope_starts)
-        top = self.tiers[0]
-        if len(self.tiers) > 1 or not hasattr(top, "put_many"):
-            for (key, chunk), start in zip(items, starts, strict=True):
-                self.put(key, chunk, layout, rope_start=start)
-            return
-        group: list[tuple[str, StoredObject]] = []
-        size = 0
-        for (key, chunk), start in zip(items, starts, strict=True):
-            obj = self._encode(key, chunk, layout, start, "prefix")
-            group.append((key, obj))
-            size += obj.nbytes
-            if size >= _PUT_BATCH_BYTES:
-                top.put_many(group)
-                group, size = [], 0
-        if group:
-            top.put_many(group)
+        objs = [self._encode(key, chunk, layout, start, "prefix")
+                for (key, chunk), start in zip(items, starts, strict=True)]
+        last = {obj.header.key: j for j, obj in enumerate(objs)}
+        todo = sorted(last.values())
+        errors = self._place_many([objs[j] for j in todo])
+        done = dict(zip(todo, errors, strict=True))
+        return [done[last[obj.header.key]] for obj in objs]
 
     def expired(self, header: ObjectHeader) -> bool:
         """True when ``header``'s object is older than the store's TTL."""

@@ -6,7 +6,12 @@ import torch
 from kvcache.kvstore.arena import ALIGNMENT, Arena
 from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier
-from kvcache.kvstore.errors import EntryPinnedError, ObjectTooLargeError, StoreFullError
+from kvcache.kvstore.errors import (
+    CorruptObjectError,
+    EntryPinnedError,
+    ObjectTooLargeError,
+    StoreFullError,
+)
 from tests.helpers import make_chunk, make_key
 
 TOKENS = 8  # one object: 2*2*8*2*8 fp16 = 1 KiB
@@ -186,3 +191,58 @@ def test_put_waits_for_a_reader_instead_of_failing(layout):
     tier.put(make_key(1), obj_for(layout, 1))  # waits for the reader, then evicts key 0
     t.join()
     assert tier.contains(make_key(1)) and not tier.contains(make_key(0))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_put_many_stores_a_batch_in_one_copy_with_per_object_outcomes(layout, shared,
+                                                                     monkeypatch):
+    tier = CpuTier(1 << 20, shared=shared)
+    # Chunks one step apart in one buffer (pages of one host pool), put into an empty pool
+    buf = torch.stack([make_chunk(layout, TOKENS, i) for i in range(6)])
+    objs = [StoredObject(ObjectHeader(make_key(i), layout, TOKENS), {"kv": buf[i]})
+            for i in range(6)]
+    huge = obj_for(layout, 7, tokens=TOKENS * 2048)  # 2 MiB: more than the tier
+    copies = []
+    copy_ = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_",
+                        lambda self, src, *a, **k: copies.append(1) or copy_(self, src, *a, **k))
+    errors = tier.put_many([(make_key(i), o) for i, o in enumerate(objs)]
+                           + [(make_key(7), huge), (make_key(8), objs[0])])
+    monkeypatch.undo()
+    assert errors[:6] == [None] * 6
+    assert isinstance(errors[6], ObjectTooLargeError)
+    assert isinstance(errors[7], CorruptObjectError)  # the object of another key
+    # one strided copy for the six objects, plus each descriptor of a shared pool
+    assert len(copies) == 1 + 6 * shared
+    for i in range(6):
+        assert torch.equal(tier.get(make_key(i)).tensors["kv"], buf[i])
+    assert not tier.contains(make_key(7)) and not tier.contains(make_key(8))
+    assert tier.stats().puts == 6
+    if tier.index is not None:  # same-node readers see every object of the batch
+        for i in range(6):
+            found = tier.index.find(make_key(i))
+            assert found is not None
+    tier.close()
+
+
+def test_put_many_into_a_tier_full_of_pinned_entries_changes_nothing(layout):
+    tier = CpuTier(4 * 1024)
+    for i in range(4):
+        tier.put(make_key(i), obj_for(layout, i))
+        tier.set_pinned(make_key(i), True)
+    errors = tier.put_many([(make_key(i), obj_for(layout, i)) for i in (0, 9)])
+    assert all(isinstance(e, StoreFullError) for e in errors)
+    assert sorted(e.key for e in tier.scan()) == sorted(keys(0, 1, 2, 3))
+    assert torch.equal(tier.get(make_key(0)).tensors["kv"], obj_for(layout, 0).tensors["kv"])
+
+
+def test_put_many_larger_than_the_tier_keeps_what_one_by_one_puts_keep(layout):
+    batch, single = CpuTier(16 * 1024), CpuTier(16 * 1024)
+    items = [(make_key(i), obj_for(layout, i)) for i in range(40)]
+    assert batch.put_many(items) == [None] * 40
+    for key, o in items:
+        single.put(key, o)
+    kept = sorted(e.key for e in batch.scan())
+    assert kept == sorted(e.key for e in single.scan()) and make_key(39) in kept
+    for key in kept:
+        assert torch.equal(batch.get(key).tensors["kv"], dict(items)[key].tensors["kv"])

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from kvcache.kvstore import remote_tier
 from kvcache.kvstore.config import RemoteTierConfig, StoreConfig
 from kvcache.kvstore.container import ObjectHeader, StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier
@@ -109,11 +110,16 @@ def test_put_many_to_a_store_on_the_daemon_sends_one_request(daemon, monkeypatch
         return real(objs, *args, **kw)
     monkeypatch.setattr(remote.client, "put_objects", counted)
     items = [(make_key(i), make_chunk(LAYOUT, 16, seed=i)) for i in range(10)]
-    store.put_many(items, LAYOUT, rope_starts=[16 * i for i in range(10)])
+    assert store.put_many(items, LAYOUT, rope_starts=[16 * i for i in range(10)]) == [None] * 10
     assert batches == [10]
     for key, chunk in items:
         assert torch.equal(store.get(key), chunk)
     assert store.get_object(make_key(3)).header.rope_start == 48
+    # requests stay under a size: 16 KiB objects, 40 KiB a request
+    monkeypatch.setattr(remote_tier, "PUT_REQUEST_BYTES", 40 << 10)
+    batches.clear()
+    assert store.put_many(items, LAYOUT) == [None] * 10
+    assert batches == [3, 3, 3, 1] and store.get_object(make_key(3)).header.rope_start == 0
     store.close()
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache.connectors.sglang_pages import HOST_LAYOUTS, HostPages, copy_pages
+from kvcache.connectors.sglang_pages import HOST_LAYOUTS, HostPages
 from kvcache.kvstore.errors import LayoutMismatchError
+from kvcache.kvstore.strided_copy import copy_many
 
 L, H, D, P, PAGES = 3, 2, 4, 8, 5
 
@@ -119,7 +120,7 @@ def stored_batch(like: torch.Tensor, n: int, mla: bool, by_token: bool) -> list[
     ([0, 1, 2], [0, 2, 4], 1),  # one step on each side, not the same step
     ([1, 2, 3], [0, 2, 3], 2),  # the objects' step changes
 ])
-def test_copy_pages_merges_runs_and_equals_a_copy_per_page(layout, mla, by_token, host,
+def test_copy_many_merges_runs_and_equals_a_copy_per_page(layout, mla, by_token, host,
                                                            objects, calls, monkeypatch):
     got, want = pool(layout, mla), pool(layout, mla)
     chunks = stored_batch(got.chunk_view(0), 5, mla, by_token)
@@ -129,7 +130,7 @@ def test_copy_pages_merges_runs_and_equals_a_copy_per_page(layout, mla, by_token
     copy_ = torch.Tensor.copy_
     monkeypatch.setattr(torch.Tensor, "copy_",
                         lambda self, src, *a, **k: made.append(1) or copy_(self, src, *a, **k))
-    copy_pages([got.chunk_view(p * P) for p in host], [chunks[o] for o in objects])
+    copy_many([got.chunk_view(p * P) for p in host], [chunks[o] for o in objects])
     monkeypatch.undo()
     assert len(made) == calls
     assert torch.equal(got.kv_buffer, want.kv_buffer)

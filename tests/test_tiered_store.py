@@ -16,6 +16,7 @@ from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import (
     KVCacheError,
     LayoutMismatchError,
+    StoreFullError,
     UnknownCodecError,
 )
 from kvcache.kvstore.layout import KVLayout
@@ -403,6 +404,33 @@ def test_flush_keys_writes_down_only_those_keys(tmp_path, layout):
     assert got is not None and torch.equal(s.decode(got), make_chunk(layout, TOKENS, seed=1))
     s.flush_keys([make_key(1), make_key(7)])  # already down / never stored: no-ops
     s.close()
+
+
+def test_put_many_reports_each_outcome_falls_through_and_writes_down(tmp_path, layout):
+    chunks = {i: make_chunk(layout, TOKENS, i) for i in range(6)}
+    with make_store(tmp_path, cpu_objects=8) as store:
+        # a key given twice stores its last chunk
+        items = [(make_key(i), chunks[i]) for i in range(3)] + [(make_key(0), chunks[5])]
+        assert store.put_many(items, layout) == [None] * 4
+        store.flush()  # each object of the batch reaches the disk tier
+        for i, want in ((0, chunks[5]), (1, chunks[1]), (2, chunks[2])):
+            assert store.where(make_key(i)) == "cpu" and store.tiers[1].contains(make_key(i))
+            assert torch.equal(store.get(make_key(i)), want)
+        store.tiers[0].delete(make_key(0))
+        assert torch.equal(store.get(make_key(0)), chunks[5])  # from disk: the last version
+    with make_store(tmp_path / "b", cpu_objects=1) as store:
+        store.put(make_key(0), chunks[0], layout)
+        store.pin(make_key(0))  # the CPU tier is full of pinned bytes: the disk takes them
+        assert store.put_many([(make_key(i), chunks[i]) for i in (3, 4)], layout) == [None] * 2
+        assert store.where(make_key(3)) == "disk" and store.where(make_key(4)) == "disk"
+        assert torch.equal(store.get(make_key(4)), chunks[4])
+    cpu_only = TieredStore([CpuTier(1024)])
+    cpu_only.put(make_key(0), chunks[0], layout)
+    cpu_only.pin(make_key(0))
+    errors = cpu_only.put_many([(make_key(i), chunks[i]) for i in (1, 2)], layout)
+    assert [type(e) for e in errors] == [StoreFullError] * 2  # reported, not raised
+    assert not cpu_only.contains(make_key(1)) and torch.equal(cpu_only.get(make_key(0)),
+                                                              chunks[0])
 
 
 def test_transcoding_into_a_lower_tier_keeps_the_header(tmp_path, layout):
