@@ -18,6 +18,7 @@ differs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,12 +52,33 @@ def _stored_tensor(chunk: torch.Tensor, layout: KVLayout) -> tuple[str, torch.Te
     """How ``raw`` stores ``chunk`` (canonical, of ``layout``): (name, view). By token
     when the chunk's memory runs token by token (each K/V plane of it), else canonical.
     Engine-specific page formats are stored as they come."""
-    if layout.page_format is None and not chunk.is_contiguous():
-        by_token = _to_by_token(chunk, layout.is_mla)
-        planes = [by_token] if layout.is_mla else [by_token[0], by_token[1]]
-        if all(p.is_contiguous() for p in planes):
-            return BY_TOKEN, by_token
+    if layout.page_format is None and _runs_by_token(tuple(chunk.shape), chunk.stride(),
+                                                     layout.is_mla):
+        return BY_TOKEN, _to_by_token(chunk, layout.is_mla)
     return CANONICAL, chunk
+
+
+@functools.lru_cache(maxsize=256)
+def _runs_by_token(shape: tuple[int, ...], stride: tuple[int, ...], mla: bool) -> bool:
+    """Whether a canonical chunk of this shape and these strides lies token by token in
+    memory (each K/V plane contiguous), not canonically. Remembered: an engine hands every
+    page of its pool with the same strides, and the tensor ops that ask cost microseconds
+    a page."""
+    if _contiguous(shape, stride):
+        return False
+    order = (1, 0, 2) if mla else (1, 2, 0, 3, 4)  # canonical -> by token
+    shape, stride = tuple(shape[i] for i in order), tuple(stride[i] for i in order)
+    return _contiguous(shape, stride) if mla else _contiguous(shape[1:], stride[1:])
+
+
+def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """``Tensor.is_contiguous`` from a shape and strides."""
+    expected = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
 
 
 class RawCodec(Codec):
