@@ -168,8 +168,23 @@ class HostPages:
         return page[:, 0].transpose(0, 1)
 
     def chunk_view(self, start: int) -> torch.Tensor:
-        """``canonical(page(start))``."""
-        return self.canonical(self.page(start))
+        """``canonical(page(start))``, made in one step: a batch asks for 128 of them."""
+        P = self.page_size
+        if start % P or not 0 <= start <= self.num_slots - P:
+            self.page(start)  # raises, saying why
+        shape, stride, first, step = self._chunk_geometry
+        return self.kv_buffer.as_strided(shape, stride, first + start // P * step)
+
+    @cached_property
+    def _chunk_geometry(self) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:
+        """The first page's canonical view (shape, strides, offset) and how many elements
+        further on each next page's starts: a page's place is linear in its first slot."""
+        first = self.canonical(self.page(0))
+        step = 0
+        if self.num_slots >= 2 * self.page_size:
+            step = self.canonical(self.page(self.page_size)).storage_offset() \
+                - first.storage_offset()
+        return tuple(first.shape), first.stride(), first.storage_offset(), step
 
     def flat_view(self, flat: torch.Tensor) -> torch.Tensor:
         """SGLang's flat data page (1-D, contiguous) as a canonical chunk view."""

@@ -50,6 +50,15 @@ class _Slot:
     rel: int
     nbytes: int
 
+    strides: tuple[int, ...] = field(init=False)  # in the pool it is contiguous
+
+    def __post_init__(self) -> None:
+        out, n = [], 1
+        for d in reversed(self.shape):
+            out.append(n)
+            n *= d
+        self.strides = tuple(reversed(out))
+
 
 @dataclass
 class _Entry:
@@ -145,6 +154,7 @@ class CpuTier(Tier):
                 f"cannot allocate the CPU tier's {capacity_bytes} bytes ({e}); lower "
                 "store.cpu.capacity"
             ) from None
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # the pool viewed as each dtype
         self._policy = make_policy(policy)
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
@@ -156,12 +166,16 @@ class CpuTier(Tier):
 
     # -- helpers -------------------------------------------------------------------------
     def _views(self, e: _Entry) -> dict[str, torch.Tensor]:
-        return {
-            s.name: self._pool[e.offset + s.rel : e.offset + s.rel + s.nbytes]
-            .view(s.dtype)
-            .view(s.shape)
-            for s in e.slots
-        }
+        """``e``'s tensors, viewing the pool: one ``as_strided`` each (a batch makes
+        hundreds) on the pool viewed as their dtype (offsets are 256-byte aligned)."""
+        views = {}
+        for s in e.slots:
+            pool = self._typed.get(s.dtype)
+            if pool is None:
+                pool = self._typed[s.dtype] = self._pool.view(s.dtype)
+            views[s.name] = pool.as_strided(s.shape, s.strides,
+                                            (e.offset + s.rel) // pool.element_size())
+        return views
 
     def _drop(self, key: str, e: _Entry) -> None:
         """Unlink ``e`` (lock held); its bytes are freed now or by the last reader."""
@@ -467,6 +481,7 @@ class CpuTier(Tier):
         with self._lock:
             self._entries.clear()
             self._pool = torch.empty(0, dtype=torch.uint8)
+            self._typed.clear()
             self._mmap = None  # unmapped once no tensor views it any more
             if self.index is not None:
                 self.index.close()

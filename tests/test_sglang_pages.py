@@ -65,6 +65,10 @@ def test_a_page_reads_as_a_canonical_chunk(layout, mla):
                 for plane in range(2):
                     assert torch.equal(chunk[layer, plane, t],
                                        element(pages, plane, layer, start + t))
+    for start in range(0, PAGES * P, P):  # every page: the same view canonical() makes
+        got, want = pages.chunk_view(start), pages.canonical(pages.page(start))
+        assert (got.shape, got.stride(), got.storage_offset()) == \
+            (want.shape, want.stride(), want.storage_offset())
 
 
 @pytest.mark.parametrize("mla", [False, True], ids=["mha", "mla"])
