@@ -172,7 +172,8 @@ class CpuTier(Tier):
         for s in e.slots:
             pool = self._typed.get(s.dtype)
             if pool is None:
-                pool = self._typed[s.dtype] = self._pool.view(s.dtype)
+                with torch.inference_mode(False):  # kept: not an inference-mode tensor
+                    pool = self._typed[s.dtype] = self._pool.view(s.dtype)
             views[s.name] = pool.as_strided(s.shape, s.strides,
                                             (e.offset + s.rel) // pool.element_size())
         return views

@@ -246,3 +246,12 @@ def test_put_many_larger_than_the_tier_keeps_what_one_by_one_puts_keep(layout):
     assert kept == sorted(e.key for e in single.scan()) and make_key(39) in kept
     for key in kept:
         assert torch.equal(batch.get(key).tensors["kv"], dict(items)[key].tensors["kv"])
+
+
+def test_a_tier_first_written_in_inference_mode_takes_writes_outside_it(layout):
+    tier = CpuTier(1 << 20)
+    with torch.inference_mode():  # an engine's forward pass
+        tier.put(make_key(0), obj_for(layout, 0))
+    tier.put(make_key(1), obj_for(layout, 1))
+    for i in (0, 1):
+        assert torch.equal(tier.get(make_key(i)).tensors["kv"], obj_for(layout, i).tensors["kv"])
