@@ -175,6 +175,9 @@ class TieredStore:
         self._lock = threading.Lock()
         # key -> created_at of its object put into the top tier and not yet copied below
         self._dirty: dict[str, float] = {}
+        # keys being copied down now (how many copies), and those deleted meanwhile
+        self._writing: dict[str, int] = {}
+        self._deleted_while_written: set[str] = set()
         self._last_stamp = 0.0
         self._write_error: BaseException | None = None
         for i, tier in enumerate(self.tiers[:-1]):
@@ -304,11 +307,29 @@ class TieredStore:
                 self._queue.task_done()
 
     def _write_down(self, key: str) -> None:
-        """Copy ``key``'s dirty top-tier object to the tiers below (replacing older copies)."""
+        """Copy ``key``'s dirty top-tier object to the tiers below (replacing older copies).
+        A ``delete`` while it copies removes the copy it made."""
         with self._lock:
             mark = self._dirty.get(key)
-        if mark is None or not _writable(self.tiers[1]):
-            return
+            if mark is None or not _writable(self.tiers[1]):
+                return
+            self._writing[key] = self._writing.get(key, 0) + 1
+        try:
+            self._copy_down(key, mark)
+        finally:
+            with self._lock:
+                self._writing[key] -= 1
+                if not self._writing[key]:
+                    del self._writing[key]
+                deleted = key in self._deleted_while_written
+                if key not in self._writing:
+                    self._deleted_while_written.discard(key)
+            if deleted:
+                for tier in self.tiers[1:]:
+                    if _writable(tier):
+                        tier.delete(key, force=True)
+
+    def _copy_down(self, key: str, mark: float) -> None:
         top = self.tiers[0]
         # Copy out first (one memcpy) so the entry is referenced only briefly: holding it
         # for the whole disk write would keep it from being evicted and skew the policy.
@@ -710,6 +731,8 @@ class TieredStore:
         with self._lock:
             self._pinned.discard(key)
             self._dirty.pop(key, None)
+            if key in self._writing:  # a copy down under way must not bring it back
+                self._deleted_while_written.add(key)
         return found
 
     def pin(self, key: str) -> bool:

@@ -444,3 +444,23 @@ def test_transcoding_into_a_lower_tier_keeps_the_header(tmp_path, layout):
     for field in ("key", "num_tokens", "rope_start", "created_at", "keying"):
         assert getattr(disk_header, field) == getattr(cpu_header, field), field
     assert disk_header.keying == "segment"
+
+
+def test_a_delete_during_the_background_copy_down_is_not_undone(tmp_path, layout):
+    with make_store(tmp_path) as store:
+        disk = store.tiers[1]
+        entered, release = threading.Event(), threading.Event()
+        real_put = disk.put
+
+        def slow_put(key, obj):  # the real write, held until the delete has run
+            entered.set()
+            assert release.wait(10)
+            real_put(key, obj)
+        disk.put = slow_put
+        store.put(make_key(0), make_chunk(layout, TOKENS), layout)
+        assert entered.wait(10)  # the writer has the object and is writing it down
+        assert store.delete(make_key(0))
+        release.set()
+        store.flush()
+        assert not store.contains(make_key(0)) and not disk.contains(make_key(0))
+        assert store.get(make_key(0)) is None
