@@ -180,11 +180,10 @@ class HostPages:
         """The first page's canonical view (shape, strides, offset) and how many elements
         further on each next page's starts: a page's place is linear in its first slot."""
         first = self.canonical(self.page(0))
-        step = 0
+        offset, step = int(first.storage_offset()), 0
         if self.num_slots >= 2 * self.page_size:
-            step = self.canonical(self.page(self.page_size)).storage_offset() \
-                - first.storage_offset()
-        return tuple(first.shape), first.stride(), first.storage_offset(), step
+            step = int(self.canonical(self.page(self.page_size)).storage_offset()) - offset
+        return tuple(first.shape), first.stride(), offset, step
 
     def flat_view(self, flat: torch.Tensor) -> torch.Tensor:
         """SGLang's flat data page (1-D, contiguous) as a canonical chunk view."""
