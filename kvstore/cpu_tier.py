@@ -371,15 +371,15 @@ class CpuTier(Tier):
     def _put_batch(self, batch: list[tuple[int, str, StoredObject, _Entry, bytes]],
                    out: list[KVCacheError | None]) -> None:
         placed = []
-        with self._lock:
-            for i, key, obj, e, desc in batch:
-                try:
-                    e.offset = self._make_room(e.size + e.desc_size, protect=key)
-                except StoreFullError as err:
-                    out[i] = err
-                    continue
-                placed.append((key, obj, e, desc))
         try:
+            with self._lock:
+                for i, key, obj, e, desc in batch:
+                    try:
+                        e.offset = self._make_room(e.size + e.desc_size, protect=key)
+                    except StoreFullError as err:
+                        out[i] = err
+                        continue
+                    placed.append((key, obj, e, desc))
             dsts, srcs = [], []
             for _, obj, e, _ in placed:
                 views = self._views(e)
@@ -391,7 +391,7 @@ class CpuTier(Tier):
                     end = e.offset + e.size + e.desc_size
                     self._pool[end - len(desc) : end].copy_(
                         torch.frombuffer(bytearray(desc), dtype=torch.uint8))
-        except BaseException:
+        except BaseException:  # e.g. an evict handler's error: what was reserved is freed
             with self._lock:
                 for _, _, e, _ in placed:
                     self._arena.free(e.offset, e.size + e.desc_size)

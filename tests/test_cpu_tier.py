@@ -255,3 +255,20 @@ def test_a_tier_first_written_in_inference_mode_takes_writes_outside_it(layout):
     tier.put(make_key(1), obj_for(layout, 1))
     for i in (0, 1):
         assert torch.equal(tier.get(make_key(i)).tensors["kv"], obj_for(layout, i).tensors["kv"])
+
+
+def test_a_batch_whose_evict_handler_fails_frees_what_it_reserved(layout):
+    tier = CpuTier(16 * 1024)  # batches of up to 4 KiB: the three objects below are one
+    for i in range(14):
+        tier.put(make_key(i), obj_for(layout, i))
+
+    def boom(k, o):
+        raise OSError("disk on fire")
+    tier.set_evict_handler(boom)
+    # two objects fit in the free 2 KiB; the third needs an eviction, which fails
+    with pytest.raises(OSError):
+        tier.put_many([(make_key(i), obj_for(layout, i)) for i in (100, 101, 102)])
+    assert sorted(e.key for e in tier.scan()) == sorted(keys(*range(14)))
+    assert tier.used_bytes == 14 * 1024  # what was reserved for 100 and 101 is free again
+    tier.set_evict_handler(None)
+    assert tier.put_many([(make_key(i), obj_for(layout, i)) for i in (100, 101)]) == [None] * 2
