@@ -132,13 +132,17 @@ class HostPages:
         return n * self.kv_buffer.element_size()
 
     # -- views -----------------------------------------------------------------------------
-    def page(self, start: int) -> torch.Tensor:
-        """The host-order view of the page whose first token slot is ``start``."""
+    def _check_start(self, start: int) -> None:
         P = self.page_size
         if start % P or not 0 <= start <= self.num_slots - P:
             raise LayoutMismatchError(
                 f"token slot {start} does not start a page of {P} slots in a pool of "
                 f"{self.num_slots}")
+
+    def page(self, start: int) -> torch.Tensor:
+        """The host-order view of the page whose first token slot is ``start``."""
+        self._check_start(start)
+        P = self.page_size
         kv = self.kv_buffer
         if self.layout == "page_first_direct":
             return kv[start // P : start // P + 1] if self.is_mla else \
@@ -169,11 +173,10 @@ class HostPages:
 
     def chunk_view(self, start: int) -> torch.Tensor:
         """``canonical(page(start))``, made in one step: a batch asks for 128 of them."""
-        P = self.page_size
-        if start % P or not 0 <= start <= self.num_slots - P:
-            self.page(start)  # raises, saying why
+        self._check_start(start)
         shape, stride, first, step = self._chunk_geometry
-        return self.kv_buffer.as_strided(shape, stride, first + start // P * step)
+        return self.kv_buffer.as_strided(shape, stride,
+                                         first + start // self.page_size * step)
 
     @cached_property
     def _chunk_geometry(self) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:

@@ -318,11 +318,11 @@ class TieredStore:
             self._copy_down(key, mark)
         finally:
             with self._lock:
-                self._writing[key] -= 1
-                if not self._writing[key]:
-                    del self._writing[key]
+                left = self._writing.pop(key) - 1
                 deleted = key in self._deleted_while_written
-                if key not in self._writing:
+                if left:
+                    self._writing[key] = left
+                else:
                     self._deleted_while_written.discard(key)
             if deleted:
                 for tier in self.tiers[1:]:
@@ -495,8 +495,7 @@ class TieredStore:
                             del self._dirty[key]
                         else:
                             self._dirty[key] = old  # nothing stored: the old mark stands
-            for j, key in enumerate(keys):
-                top = landed[j]
+            for key, top in zip(keys, landed, strict=True):
                 if top is None:
                     continue
                 for tier in self.tiers[:top]:  # an older copy above must not shadow it
