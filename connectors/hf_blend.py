@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from kvcache.connectors.blend_plan import (
 )
 from kvcache.connectors.blend_policy import BlendPolicy, DeviationTopK
 from kvcache.connectors.hf import HFConnector, cache_to_canonical, output_cache, token_list
+from kvcache.kvstore import background
 from kvcache.kvstore.errors import KVCacheError
 from kvcache.kvstore.layer_loader import LayerLoader, LayerLoadError
 from kvcache.kvstore.layout import KVLayout
@@ -84,9 +84,7 @@ class SegmentLoads:
         self._stack = contextlib.ExitStack()
         self._error: BaseException | None = None
         self._ready = False
-        self._thread = threading.Thread(target=self._prepare, args=(store,),
-                                        name="kvcache-blend-loads", daemon=True)
-        self._thread.start()
+        self._thread = background.start(self._prepare, "kvcache-blend-loads", (store,))
 
     def _prepare(self, store: TieredStore) -> None:
         try:

@@ -50,6 +50,7 @@ from kvcache.kernels.page_layout import (
     slots_from_block_table,
 )
 from kvcache.kernels.paged_copy import chunk_shape, paged_scatter
+from kvcache.kvstore import background
 from kvcache.kvstore.errors import KVCacheError
 from kvcache.kvstore.keys import Chunk, chunk_tokens
 from kvcache.kvstore.layer_loader import LayerLoader
@@ -146,15 +147,11 @@ class PagedWorker:
         self._pending_bytes = 0
         self._scratch_buf: torch.Tensor | None = None  # the saver thread's (_scratch)
         self._queue: queue.Queue[_Save | None] = queue.Queue()
-        self._saver = threading.Thread(target=self._save_loop, name="kvcache-saver",
-                                       daemon=True)
-        self._saver.start()
+        self._saver = background.start(self._save_loop, "kvcache-saver")
         self._async_loads: dict[str, _Load | None] = {}  # in flight (None: not started)
         self._loaded: set[str] = set()  # asynchronous loads done since finished_loads
         self._load_queue: queue.Queue[_Load | None] = queue.Queue()
-        self._loader = threading.Thread(target=self._async_load_loop,
-                                        name="kvcache-async-loader", daemon=True)
-        self._loader.start()
+        self._loader = background.start(self._async_load_loop, "kvcache-async-loader")
 
     # -- loads -------------------------------------------------------------------------------
     def start_loads(self, ops: Sequence[RequestOps]) -> None:

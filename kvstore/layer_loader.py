@@ -36,6 +36,7 @@ import torch
 
 from kvcache.codecs.registry import get_codec
 from kvcache.kernels.rope_shift import rope_shift
+from kvcache.kvstore.background import start as start_background
 from kvcache.kvstore.container import StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import CorruptObjectError, KVCacheError
@@ -113,9 +114,7 @@ class LayerLoader:
             self._borrows.close()
             raise
         if background and self._objects:
-            self._thread = threading.Thread(target=self._run, name="kvcache-layer-loader",
-                                            daemon=True)
-            self._thread.start()
+            self._thread = start_background(self._run, "kvcache-layer-loader")
         elif not self._objects:
             self._release()
 

@@ -37,6 +37,7 @@ import torch
 
 from kvcache.codecs.raw import canonical_view
 from kvcache.codecs.registry import get_codec
+from kvcache.kvstore import background
 from kvcache.kvstore.container import KEYINGS, ObjectHeader, StoredObject
 from kvcache.kvstore.cpu_tier import CpuTier, Loan
 from kvcache.kvstore.errors import (
@@ -185,10 +186,7 @@ class TieredStore:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         if write_mode == "write-through" and len(self.tiers) > 1:
-            self._writer = threading.Thread(
-                target=self._write_loop, name="kvcache-writer", daemon=True
-            )
-            self._writer.start()
+            self._writer = background.start(self._write_loop, "kvcache-writer")
 
     # -- construction --------------------------------------------------------------------
     @classmethod
