@@ -2,10 +2,9 @@
 
 Several users each hold a long document (random token ids) and ask questions in rounds;
 round ``r``'s prompt is the document plus every earlier question and answer plus the new
-question, so each prompt extends the user's previous one. Requests run one at a time in
-a fixed order (round by round, user by user) with ``max_tokens=1``: each request's
-latency is its TTFT. The same requests run through these engines, each in its own
-process:
+question, so each prompt extends the user's previous one. Requests run one at a time
+with ``max_tokens=1``: each request's latency is its TTFT. The same requests run through
+these engines, each in its own process:
 
 - ``no cache``: vLLM without its prefix cache, without kvcache;
 - ``vllm prefix cache``: vLLM's own prefix cache (the baseline users already have);
@@ -13,6 +12,12 @@ process:
 - ``kvcache daemon``: the same through a ``kvcache serve`` daemon (CPU tier), cold;
 - ``kvcache restart``: a new engine on the store ``kvcache`` filled — vLLM's cache is
   empty after a restart, kvcache's is not.
+
+The first four are alive at once and take turns (``_in_turns``): round by round, each
+serves the round's requests back to back, then finishes storing what it saved before the
+next one's turn. Two engines thus meet the same request within a minute of each other: a
+machine whose speed drifts over the minutes of a run (shared VMs do, by 10-20%) skews
+the ratios far less than when each engine ran its whole workload in turn.
 
 Then a *busy engine* (``connector.load_mode``): one request decodes a long answer while
 each user's first prompt, whose document the store holds, arrives in turn (after a
@@ -110,10 +115,12 @@ class Workload:
 
 
 # -- one engine, in its own process ------------------------------------------------------------
-def _engine(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run the workload through one vLLM engine (this process); per-request TTFTs."""
+def _engine(spec: dict[str, Any]) -> None:
+    """One vLLM engine (this process): serves the driving process's requests, one at a
+    time (``_Engine``); with ``spec["busy"]``, runs the busy-engine workload instead."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    # Several engines are alive at once; the workload needs a few hundred MB of pages.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
@@ -134,19 +141,40 @@ def _engine(spec: dict[str, Any]) -> dict[str, Any]:
     # A warm-up request outside the workload (kernels, allocators): not timed.
     llm.generate([TokensPrompt(prompt_token_ids=list(range(1, 300)))], sp, use_tqdm=False)
     if spec.get("busy"):
-        return {"engine_start_s": started, "busy": _busy(llm, spec), "requests": [],
-                "kvcache": _worker_totals(llm)}
-    rows = []
-    for req in spec["requests"]:
-        t = time.perf_counter()
-        (out,) = llm.generate([TokensPrompt(prompt_token_ids=req["prompt"])], sp,
-                              use_tqdm=False)
-        rows.append({"user": req["user"], "round": req["round"],
-                     "prompt_tokens": len(req["prompt"]),
-                     "ttft_s": time.perf_counter() - t,
-                     "cached_tokens": int(out.num_cached_tokens or 0)})
-    totals = _worker_totals(llm) if spec["kvcache"] is not None else {}
-    return {"engine_start_s": started, "requests": rows, "kvcache": totals}
+        _reply({"engine_start_s": started, "busy": _busy(llm, spec),
+                "kvcache": _worker_totals(llm)})
+        return
+    _reply({"engine_start_s": started})
+    # Commands from the driving process, one JSON object per line: a prompt to serve,
+    # "quiesce" (wait until kvcache has stored what the requests so far saved) or "close".
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if "prompt" in msg:
+            t = time.perf_counter()
+            (out,) = llm.generate([TokensPrompt(prompt_token_ids=msg["prompt"])], sp,
+                                  use_tqdm=False)
+            _reply({"ttft_s": time.perf_counter() - t,
+                    "cached_tokens": int(out.num_cached_tokens or 0)})
+        elif msg["cmd"] == "quiesce":
+            if spec["kvcache"] is not None:
+                _quiesce()
+            _reply({})
+        else:
+            _reply({"kvcache": _worker_totals(llm) if spec["kvcache"] is not None else {}})
+            return
+
+
+def _reply(msg: dict[str, Any]) -> None:
+    print("RESULT " + json.dumps(msg), flush=True)
+
+
+def _quiesce() -> None:
+    """Wait until kvcache has stored every save so far, write-down to disk included."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    worker = get_kv_transfer_group().worker
+    worker.wait_saved(120)
+    worker.store.flush()
 
 
 def _worker_totals(llm: Any) -> dict[str, Any]:
@@ -206,16 +234,90 @@ def _busy(llm: Any, spec: dict[str, Any]) -> list[dict[str, float]]:
     return rows
 
 
-def _run_engine(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    path = workdir / "spec.json"
-    path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "kvcache.tools.bench_e2e", str(path)],
-                          capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise KVCacheError(f"the vLLM engine failed:\n{proc.stderr[-4000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    result: dict[str, Any] = json.loads(line[len("RESULT "):])
-    return result
+class _Engine:
+    """A vLLM engine in its own process (``_engine``), driven over its stdin and stdout."""
+
+    def __init__(self, spec: dict[str, Any], workdir: Path, name: str) -> None:
+        slug = name.replace(" ", "-")
+        path = workdir / f"{slug}.json"
+        path.write_text(json.dumps(spec))
+        self._log = workdir / f"{slug}.log"
+        with open(self._log, "w") as log:  # vLLM's own log: shown if the engine fails
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "kvcache.tools.bench_e2e", str(path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.started = self._recv()
+
+    def _recv(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith("RESULT "):
+                msg: dict[str, Any] = json.loads(line[len("RESULT "):])
+                return msg
+        self._proc.wait(60)
+        raise KVCacheError(f"the vLLM engine failed:\n{self._log.read_text()[-4000:]}")
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps(msg) + "\n")
+        self._proc.stdin.flush()
+        return self._recv()
+
+    def serve(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One request: its TTFT and the tokens vLLM's own cache supplied."""
+        out = self.call({"prompt": req["prompt"]})
+        return {"user": req["user"], "round": req["round"],
+                "prompt_tokens": len(req["prompt"]), **out}
+
+    def close(self) -> dict[str, Any]:
+        """kvcache's totals for the engine's life; the engine exits."""
+        totals: dict[str, Any] = self.call({"cmd": "close"})["kvcache"]
+        self._proc.wait(120)
+        return totals
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _in_turns(engines: dict[str, _Engine], requests: list[dict[str, Any]]
+              ) -> dict[str, dict[str, Any]]:
+    """Every engine serves every request. Round by round, each engine in turn serves the
+    round's requests back to back (the order of turns rotates from round to round), then
+    stores what it saved before the next engine's turn: no engine's background work
+    runs in another's turn, and each pair of engines meets the same requests within a
+    minute of each other, whatever the machine's speed does over the run."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
+    names = list(engines)
+    rounds = sorted({r["round"] for r in requests})
+    for i, rnd in enumerate(rounds):
+        batch = [r for r in requests if r["round"] == rnd]
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            rows[name] += [engines[name].serve(r) for r in batch]
+            engines[name].call({"cmd": "quiesce"})
+    return {name: {"engine_start_s": engines[name].started["engine_start_s"],
+                   "requests": rows[name], "kvcache": engines[name].close()}
+            for name in names}
+
+
+def _run(specs: dict[str, dict[str, Any]], requests: list[dict[str, Any]], workdir: Path
+         ) -> dict[str, dict[str, Any]]:
+    """Start these engines, one after the other, and serve ``requests`` in turns."""
+    engines: dict[str, _Engine] = {}
+    try:
+        for name, spec in specs.items():
+            engines[name] = _Engine(spec, workdir, name)
+        return _in_turns(engines, requests)
+    finally:
+        for e in engines.values():
+            e.kill()
+
+
+def _run_busy(spec: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
+    engine = _Engine(spec, workdir, name)
+    engine.kill()  # it exits by itself once it has answered
+    return engine.started
 
 
 def _write_model(path: Path, w: Workload) -> None:
@@ -273,30 +375,25 @@ def run(quick: bool = False, workload: Workload | None = None) -> dict[str, Any]
         requests = w.requests()
         longest = max(len(r["prompt"]) for r in requests)
         base = {"model": str(workdir / "model"), "dtype": w.dtype, "block_size": w.block_size,
-                "max_model_len": 1 << math.ceil(math.log2(longest + 64)),
-                "requests": requests}
+                "max_model_len": 1 << math.ceil(math.log2(longest + 64))}
         store = {"store.dir": str(workdir / "store"), "store.chunk_size": w.chunk_size,
                  "store.cpu.capacity": "4GiB", "store.disk.capacity": "16GiB"}
-        results: dict[str, dict[str, Any]] = {}
-        results["no cache"] = _run_engine(base | {"prefix_cache": False, "kvcache": None},
-                                          workdir)
-        results["vllm prefix cache"] = _run_engine(base | {"prefix_cache": True,
-                                                          "kvcache": None}, workdir)
-        results["kvcache"] = _run_engine(base | {"prefix_cache": True, "kvcache": store},
-                                         workdir)
+        cached = base | {"prefix_cache": True}
         (workdir / "daemon").mkdir()
         with serve_process(workdir / "daemon", 4 * GiB) as (_, _, unix):
             daemon = {"connector.server": unix, "store.chunk_size": w.chunk_size}
-            results["kvcache daemon"] = _run_engine(
-                base | {"prefix_cache": True, "kvcache": daemon}, workdir)
-        results["kvcache restart"] = _run_engine(base | {"prefix_cache": True,
-                                                        "kvcache": store}, workdir)
+            results = _run({"no cache": base | {"prefix_cache": False, "kvcache": None},
+                            "vllm prefix cache": cached | {"kvcache": None},
+                            "kvcache": cached | {"kvcache": store},
+                            "kvcache daemon": cached | {"kvcache": daemon}},
+                           requests, workdir)
+        results |= _run({"kvcache restart": cached | {"kvcache": store}}, requests, workdir)
         readers = [r["prompt"] for r in requests if r["round"] == 0]
         busy = {}
         for mode in LOAD_MODES:
-            busy[mode] = _run_engine(
-                base | {"prefix_cache": True, "busy": readers,
-                        "kvcache": store | {"connector.load_mode": mode}}, workdir)
+            busy[mode] = _run_busy(
+                cached | {"busy": readers, "kvcache": store | {"connector.load_mode": mode}},
+                workdir, f"busy {mode}")
         machine = _machine(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -409,5 +506,4 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    print("RESULT " + json.dumps(_engine(spec)), flush=True)
+    _engine(json.loads(Path(sys.argv[1]).read_text()))

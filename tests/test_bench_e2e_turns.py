@@ -1,0 +1,52 @@
+"""``kvcache bench e2e`` serves the same requests through every engine in turns, round by
+round, each engine storing its saves before the next one's turn (``_in_turns``). The
+engines here are stand-ins that log what they are asked: the order is the point; the
+real engines run in the vLLM stage (``tests/vllm/test_bench_e2e.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvcache.tools.bench_e2e import Workload, _in_turns
+
+
+class _Logged:
+    def __init__(self, name: str, log: list[tuple[str, Any]]) -> None:
+        self.name, self.log = name, log
+        self.started = {"engine_start_s": 1.0}
+
+    def serve(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.log.append((self.name, (req["user"], req["round"])))
+        return {"user": req["user"], "round": req["round"], "ttft_s": 0.1}
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        self.log.append((self.name, msg["cmd"]))
+        return {}
+
+    def close(self) -> dict[str, Any]:
+        return {"closed": self.name}
+
+
+def test_engines_take_turns_round_by_round_and_store_their_saves_in_between() -> None:
+    w = Workload(users=2, rounds=3)
+    requests = w.requests()
+    log: list[tuple[str, Any]] = []
+    engines = {name: _Logged(name, log) for name in ("a", "b", "c")}
+    out = _in_turns(engines, requests)  # type: ignore[arg-type]
+
+    order = [(r["user"], r["round"]) for r in requests]
+    for name in engines:  # every engine served every request, in the workload's order
+        assert [(r["user"], r["round"]) for r in out[name]["requests"]] == order
+        assert out[name]["kvcache"] == {"closed": name}
+    turns = []  # (engine, requests served) per turn, split at each quiesce
+    served: list[Any] = []
+    for name, what in log:
+        if what == "quiesce":
+            turns.append((name, served))
+            served = []
+        else:
+            served.append(what)
+    assert served == []
+    assert [t[0] for t in turns] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    for i, (_, reqs) in enumerate(turns):  # a turn is one whole round, back to back
+        assert reqs == [(u, i // 3) for u in range(2)]
