@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from kvcache.kvstore import wire
+from kvcache.kvstore.background import serial_torch_ops
 from kvcache.kvstore.config import TENANT_RE, ServerConfig
 from kvcache.kvstore.container import StoredObject, decode_object, encode_parts
 from kvcache.kvstore.cpu_tier import CpuTier, Loan
@@ -92,7 +93,10 @@ class CacheServer:
         self.started_at = time.time()
         self.stopping = False
         self.web_server: web.Server | None = None  # set by the runner, for connection counts
-        self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="kvcache-io")
+        # The daemon shares the node's cores with the engines it serves: its copies run on
+        # the thread that asks for them, never on an OpenMP team (kvstore/background.py).
+        self._executor = ThreadPoolExecutor(io_threads, thread_name_prefix="kvcache-io",
+                                            initializer=serial_torch_ops)
         self._in_flight: dict[str, int] = {}
         # path -> who may call it: "open", "read" (token if read_auth = token), "write"/"admin"
         self._routes: dict[tuple[str, str], tuple[Handler, str]] = {

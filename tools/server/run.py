@@ -26,6 +26,7 @@ from pathlib import Path
 from aiohttp import web
 
 from kvcache.kvstore import wire
+from kvcache.kvstore.background import serial_torch_ops
 from kvcache.kvstore.config import KVCacheConfig, ServerConfig
 from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.errors import ConfigError
@@ -139,6 +140,7 @@ def serve(cfg: KVCacheConfig, server_cfg: ServerConfig,
     if stale:
         log.info("released %d pin(s) a previous run left behind (pins are leases of "
                  "running clients)", stale)
+    serial_torch_ops()  # the event loop's thread too (CacheServer says why)
     try:
         asyncio.run(_run(server, server_cfg, on_ready))
     finally:
