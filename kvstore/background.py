@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 import re
 import threading
 from collections.abc import Callable
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 # OpenMP runtimes torch and its libraries load: GNU, Intel, LLVM.
 _OPENMP_LIBRARY = re.compile(r"lib(gomp|iomp5|omp)[-.\w]*\.so[.\d]*$")
