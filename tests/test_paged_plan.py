@@ -392,3 +392,29 @@ def test_saves_queued_back_to_back_each_store_their_own_tokens(store):
         for c in chunk_tokens(LAYOUT.fingerprint, prompt, CHUNK):
             assert torch.equal(store.get(c.prefix_key), want[:, :, c.start : c.end])
     worker.close()
+
+
+def test_a_stored_saves_staging_is_reused_by_the_next_save(store):
+    """Staging buffers go back to the worker once stored (a fresh one would be faulted in
+    inside the forward pass): the next save copies into the same memory, and each save
+    stores its own tokens."""
+    layout, kv, planes = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
+    g = torch.Generator().manual_seed(4)
+    buffers = []
+    for step, (prompt, n) in enumerate([(PROMPT, 300), (PROMPT[::-1], 128)]):
+        blocks = list(range(step * 19, step * 19 + 19))
+        want = torch.randn(2, 2, n, 2, 16, generator=g)
+        for i in range(2):
+            paged_scatter(planes[i], slots_from_block_table(blocks, BLOCK, 0, n),
+                          want[i : i + 1])
+        op = RequestOps(f"r{step}", prompt, blocks, save=(0, n))
+        for i in range(2):
+            worker.save_layer(i, [op])
+        buffers.append(worker._saves[0].buffer)
+        worker.end_step()
+        assert worker.wait_saved(10)
+        for c in chunk_tokens(LAYOUT.fingerprint, prompt[:n], CHUNK):
+            assert torch.equal(store.get(c.prefix_key), want[:, :, c.start : c.end])
+    assert buffers[1] is buffers[0]
+    worker.close()
