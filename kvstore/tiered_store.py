@@ -721,15 +721,17 @@ class TieredStore:
     def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
         """Remove ``key`` from every tier; ``cause`` as in ``Tier.delete``."""
         check_key(key)
-        found = False
-        for tier in self.tiers:
-            if _writable(tier):
-                found = tier.delete(key, force=force, cause=cause) or found
+        # Before the tiers: a copy down that finishes between their deletes and this
+        # would otherwise bring the key back below.
         with self._lock:
             self._pinned.discard(key)
             self._dirty.pop(key, None)
             if key in self._writing:  # a copy down under way must not bring it back
                 self._deleted_while_written.add(key)
+        found = False
+        for tier in self.tiers:
+            if _writable(tier):
+                found = tier.delete(key, force=force, cause=cause) or found
         return found
 
     def pin(self, key: str) -> bool:

@@ -464,3 +464,33 @@ def test_a_delete_during_the_background_copy_down_is_not_undone(tmp_path, layout
         store.flush()
         assert not store.contains(make_key(0)) and not disk.contains(make_key(0))
         assert store.get(make_key(0)) is None
+
+
+def test_a_copy_down_that_lands_after_the_deletes_tier_calls_is_not_kept(tmp_path, layout):
+    """The delete removes the key from the disk tier first; the writer's copy lands after
+    that and the writer finishes before the delete returns: the copy is removed still."""
+    with make_store(tmp_path) as store:
+        disk = store.tiers[1]
+        deleter = threading.current_thread()
+        writing, disk_deleted = threading.Event(), threading.Event()
+        real_put, real_delete = disk.put, disk.delete
+
+        def put_after_the_delete(key, obj):
+            writing.set()  # the writer holds the object
+            assert disk_deleted.wait(10)
+            real_put(key, obj)
+
+        def delete_then_let_the_writer_finish(key, **kw):
+            found = real_delete(key, **kw)
+            if threading.current_thread() is deleter and not disk_deleted.is_set():
+                disk_deleted.set()
+                store._queue.join()  # the writer's copy landed and its write-down is over
+            return found
+
+        disk.put = put_after_the_delete
+        disk.delete = delete_then_let_the_writer_finish
+        store.put(make_key(0), make_chunk(layout, TOKENS), layout)
+        assert writing.wait(10)
+        store.delete(make_key(0))
+        store.flush()
+        assert not disk.contains(make_key(0)) and not store.contains(make_key(0))
