@@ -107,7 +107,7 @@ class _Save:
     first_block: int  # of the request's blocks, the first one staged
     block_ids: torch.Tensor  # int64 [blocks]: the engine's blocks copied out
     staging: torch.Tensor  # [layers, *one layer's pages with len(block_ids) blocks]
-    buffer: torch.Tensor  # uint8, what ``staging`` views (back to the pool once stored)
+    buffer: torch.Tensor  # uint8, what ``staging`` views (kept for reuse once stored)
     layers_done: int = 0
 
 
