@@ -341,10 +341,10 @@ class PagedWorker:
                          "stored", op.req_id, op.save, self._pending_bytes)
                 return None
             self._pending_bytes += nbytes
-            fits = [b for b in self._free_staging if b.numel() >= nbytes]
-            buffer = min(fits, key=torch.Tensor.numel) if fits else None
-            if buffer is not None:
-                self._free_staging.remove(buffer)
+            free = self._free_staging
+            fits = [i for i, b in enumerate(free) if b.numel() >= nbytes]
+            # By position: list.remove would compare tensors with ==, element by element.
+            buffer = free.pop(min(fits, key=lambda i: free[i].numel())) if fits else None
         if buffer is None:
             buffer = torch.empty(nbytes, dtype=torch.uint8, device=t.device)
         ids = torch.tensor(op.block_ids[first:last], dtype=torch.int64, device=t.device)

@@ -418,3 +418,26 @@ def test_a_stored_saves_staging_is_reused_by_the_next_save(store):
             assert torch.equal(store.get(c.prefix_key), want[:, :, c.start : c.end])
     assert buffers[1] is buffers[0]
     worker.close()
+
+
+def test_the_smallest_free_staging_buffer_that_fits_is_taken(store):
+    """With several free buffers, a save takes the smallest that holds it (by identity:
+    buffers are tensors, which ``==`` compares element by element)."""
+    layout, kv, _ = pages()
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK)
+    ops = [RequestOps("a", PROMPT, list(range(19)), save=(0, 300)),
+           RequestOps("b", PROMPT[::-1], list(range(19, 38)), save=(0, 64))]
+    for i in range(2):
+        worker.save_layer(i, ops)
+    big, small = (s.buffer for s in worker._saves)
+    worker.end_step()
+    assert worker.wait_saved(10)
+    assert sorted(b.numel() for b in worker._free_staging) == [small.numel(), big.numel()]
+    op = RequestOps("c", PROMPT[1:], list(range(19)), save=(0, 64))
+    for i in range(2):
+        worker.save_layer(i, [op])
+    assert worker._saves[0].buffer is small
+    assert [b is big for b in worker._free_staging] == [True]
+    worker.end_step()
+    assert worker.wait_saved(10)
+    worker.close()
