@@ -477,15 +477,11 @@ class PagedWorker:
     def _release(self, save: _Save) -> None:
         with self._lock:
             self._pending_bytes -= save.staging.numel() * save.staging.element_size()
-            self._free_staging.append(save.buffer)
-            # Keep the largest buffers that fit in _KEEP_STAGING bytes.
-            self._free_staging.sort(key=torch.Tensor.numel, reverse=True)
-            kept = 0
-            for i, b in enumerate(self._free_staging):
-                kept += b.numel()
-                if kept > _KEEP_STAGING:
-                    del self._free_staging[i:]
-                    break
+            free = self._free_staging
+            free.append(save.buffer)
+            free.sort(key=torch.Tensor.numel, reverse=True)
+            while sum(b.numel() for b in free) > _KEEP_STAGING:
+                free.pop()  # the smallest first
 
     def wait_saved(self, timeout_s: float | None = None) -> bool:
         """Block until every staged save is stored (tests, shutdown); False on timeout."""

@@ -315,8 +315,9 @@ def _run(specs: dict[str, dict[str, Any]], requests: list[dict[str, Any]], workd
 
 
 def _run_busy(spec: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
+    """The busy-engine workload: the engine answers once, with its result, and exits."""
     engine = _Engine(spec, workdir, name)
-    engine.kill()  # it exits by itself once it has answered
+    engine.kill()  # reaps it (or ends it, should it linger)
     return engine.started
 
 
