@@ -21,7 +21,7 @@ class _Logged:
 
     def call(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.log.append((self.name, msg["cmd"]))
-        return {}
+        return {"quiesce_s": 0.25} if msg["cmd"] == "quiesce" else {}
 
     def close(self) -> dict[str, Any]:
         return {"closed": self.name}
@@ -38,15 +38,18 @@ def test_engines_take_turns_round_by_round_and_store_their_saves_in_between() ->
     for name in engines:  # every engine served every request, in the workload's order
         assert [(r["user"], r["round"]) for r in out[name]["requests"]] == order
         assert out[name]["kvcache"] == {"closed": name}
-    turns = []  # (engine, requests served) per turn, split at each quiesce
+    # A turn: an untimed request, its saves stored, the round's requests back to back,
+    # their saves stored (that time reported, the warm-up's not).
+    turns = []  # (engine, requests served) per turn
     served: list[Any] = []
     for name, what in log:
-        if what == "quiesce":
-            turns.append((name, served))
+        served.append(what)
+        if what == "quiesce" and len(served) > 2:
+            assert served[:2] == ["wake", "quiesce"]
+            turns.append((name, served[2:-1]))
             served = []
-        else:
-            served.append(what)
     assert served == []
     assert [t[0] for t in turns] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     for i, (_, reqs) in enumerate(turns):  # a turn is one whole round, back to back
         assert reqs == [(u, i // 3) for u in range(2)]
+    assert {out[name]["stored_after_turns_s"] for name in engines} == {0.75}
