@@ -27,8 +27,8 @@ class _Logged:
         return {"closed": self.name}
 
 
-def test_engines_take_turns_round_by_round_and_store_their_saves_in_between() -> None:
-    w = Workload(users=2, rounds=3)
+def test_engines_take_turns_half_a_round_at_a_time_and_store_their_saves_in_between() -> None:
+    w = Workload(users=4, rounds=3)
     requests = w.requests()
     log: list[tuple[str, Any]] = []
     engines = {name: _Logged(name, log) for name in ("a", "b", "c")}
@@ -38,8 +38,8 @@ def test_engines_take_turns_round_by_round_and_store_their_saves_in_between() ->
     for name in engines:  # every engine served every request, in the workload's order
         assert [(r["user"], r["round"]) for r in out[name]["requests"]] == order
         assert out[name]["kvcache"] == {"closed": name}
-    # A turn: an untimed request, its saves stored, the round's requests back to back,
-    # their saves stored (that time reported, the warm-up's not).
+    # A turn: an untimed request, its saves stored, half a round's requests back to
+    # back, their saves stored (that time reported, the warm-up's not).
     turns = []  # (engine, requests served) per turn
     served: list[Any] = []
     for name, what in log:
@@ -49,7 +49,10 @@ def test_engines_take_turns_round_by_round_and_store_their_saves_in_between() ->
             turns.append((name, served[2:-1]))
             served = []
     assert served == []
-    assert [t[0] for t in turns] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    for i, (_, reqs) in enumerate(turns):  # a turn is one whole round, back to back
-        assert reqs == [(u, i // 3) for u in range(2)]
-    assert {out[name]["stored_after_turns_s"] for name in engines} == {0.75}
+    # rotated round by round, reversed for the second half: of any two engines, each
+    # goes first once in every round
+    assert "".join(t[0] for t in turns) == "abc" "cba" "bca" "acb" "cab" "bac"
+    for i, (_, reqs) in enumerate(turns):
+        half = i // 3
+        assert reqs == [(u, half // 2) for u in range(2 * (half % 2), 2 * (half % 2) + 2)]
+    assert {out[name]["stored_after_turns_s"] for name in engines} == {1.5}

