@@ -39,7 +39,8 @@ def connector_config(extra: Mapping[str, Any]) -> KVCacheConfig:
 def open_engine_store(config: KVCacheConfig) -> TieredStore:
     """A new store as ``config`` describes it (see the module docstring)."""
     if config.connector.server is None:
-        return TieredStore.open(config.store)
+        # Copies to disk wait for the cores the engine leaves idle (background.py).
+        return TieredStore.open(config.store, idle_writer=True)
     remote = dataclasses.replace(config.store.remote, url=config.connector.server)
     return TieredStore([open_remote_tier(remote, store_ttl=config.store.ttl)],
                        codecs=[remote.codec], ttl_s=config.store.ttl)

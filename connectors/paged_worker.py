@@ -154,9 +154,16 @@ class PagedWorker:
         # saves: 33-51 ms of its forward pass in fresh buffers, 9-10 ms in reused ones).
         # At most _KEEP_STAGING bytes are kept.
         self._free_staging: list[torch.Tensor] = []
-        self._scratch_buf: torch.Tensor | None = None  # the saver thread's (_scratch)
+        self._scratch_bufs = threading.local()  # each saver thread's (_scratch)
+        # Staged saves are stored on an idle-class thread: in the gaps between an engine's
+        # steps, not inside them (background.py). It gets almost no CPU while a CPU engine
+        # is saturated, so past half of max_pending_saves a normal thread stores them too,
+        # and the cache keeps learning under sustained load.
         self._queue: queue.Queue[_Save | None] = queue.Queue()
-        self._saver = background.start(self._save_loop, "kvcache-saver")
+        self._backlog = threading.Condition(self._lock)
+        self._closing = False
+        self._saver = background.start(self._save_loop, "kvcache-saver", idle=True)
+        self._catch_up = background.start(self._catch_up_loop, "kvcache-saver-catch-up")
         self._async_loads: dict[str, _Load | None] = {}  # in flight (None: not started)
         self._loaded: set[str] = set()  # asynchronous loads done since finished_loads
         self._load_queue: queue.Queue[_Load | None] = queue.Queue()
@@ -370,6 +377,9 @@ class PagedWorker:
                 self._release(save)
                 with self._lock:
                     self.stats.skipped_saves += 1
+        if self._saves:
+            with self._backlog:
+                self._backlog.notify()
         self._saves = []
 
     def _account(self, load: _Load) -> None:
@@ -409,16 +419,41 @@ class PagedWorker:
     # -- the saver thread --------------------------------------------------------------------
     def _save_loop(self) -> None:
         while (save := self._queue.get()) is not None:
+            self._store(save)
+
+    def _catch_up_loop(self) -> None:
+        """Store saves at normal priority while more than half of ``max_pending_saves``
+        waits (and there is a save nobody is storing yet)."""
+        def behind() -> bool:
+            return self._closing or (self._pending_bytes > self.max_pending_saves // 2
+                                     and not self._queue.empty())
+
+        while True:
+            with self._backlog:
+                self._backlog.wait_for(behind)
+                if self._closing:
+                    return
             try:
-                self._store_chunks(save)
-            except Exception as e:  # a failed save is a future miss
-                log.warning("request %s: storing tokens %s failed: %s", save.op.req_id,
-                            save.op.save, e)
-                with self._lock:
-                    self.stats.skipped_saves += 1
-            finally:
-                self._release(save)
+                save = self._queue.get_nowait()
+            except queue.Empty:  # the idle saver took it
+                continue
+            if save is None:  # close()'s, for the idle saver: hand it back
                 self._queue.task_done()
+                self._queue.put(None)
+                return
+            self._store(save)
+
+    def _store(self, save: _Save) -> None:
+        try:
+            self._store_chunks(save)
+        except Exception as e:  # a failed save is a future miss
+            log.warning("request %s: storing tokens %s failed: %s", save.op.req_id,
+                        save.op.save, e)
+            with self._lock:
+                self.stats.skipped_saves += 1
+        finally:
+            self._release(save)
+            self._queue.task_done()
 
     def _store_chunks(self, save: _Save) -> None:
         assert save.op.save is not None
@@ -466,13 +501,14 @@ class PagedWorker:
         return out.narrow(-3 if out.dim() == 5 else -2, 0, end - start)
 
     def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The saver thread's conversion buffer, reused save after save (``store.put``
-        keeps no reference to what it stores): allocating a fresh one took 1.6 of the 5.3
-        ms of CPU a 3 MB chunk cost the saver, measured on its own."""
+        """The calling saver thread's conversion buffer, reused save after save
+        (``store.put`` keeps no reference to what it stores): allocating a fresh one took
+        1.6 of the 5.3 ms of CPU a 3 MB chunk cost the saver, measured on its own."""
         nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
-        if self._scratch_buf is None or self._scratch_buf.numel() < nbytes:
-            self._scratch_buf = torch.empty(nbytes, dtype=torch.uint8)
-        return self._scratch_buf[:nbytes].view(dtype).view(shape)
+        buf: torch.Tensor | None = getattr(self._scratch_bufs, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._scratch_bufs.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
 
     def _release(self, save: _Save) -> None:
         with self._lock:
@@ -494,8 +530,12 @@ class PagedWorker:
 
     def close(self) -> None:
         """Finish the saves already staged and the loads started, then stop."""
+        with self._backlog:
+            self._closing = True
+            self._backlog.notify()
         self._queue.put(None)
         self._load_queue.put(None)
+        self._catch_up.join()
         self._saver.join()
         self._loader.join()
 

@@ -14,6 +14,18 @@ with the saver's operators on its own thread, the idle time and the delay were g
 thread count is a per-thread setting, so the engine's own teams are left as they are.
 ``torch.set_num_threads`` is not used: it also changes process-wide state (the count
 PyTorch gives the threads it starts later, the XNNPACK pool).
+
+Work that can wait -- storing what an engine saved, copying objects down to disk -- runs
+on ``start(..., idle=True)`` threads, in the OS's idle scheduling class (Linux
+``SCHED_IDLE``): the kernel gives them a core only when nothing else wants it, and takes
+it back the moment an engine thread wakes. An engine computing on the CPU keeps every
+core busy while it runs a step (its team threads spin at their barriers between
+operators), so that work moves to the gaps between steps instead of stretching them; on
+a GPU node, where the engine leaves most cores idle, it runs at once as before. Such a
+thread gets almost no CPU while the engine is saturated: its owner must bound what waits
+for it (``PagedWorker`` stores saves at normal priority past half its backlog; the
+store's writer is backed by the write-down an eviction makes). The class is one-way: an
+unprivileged thread cannot leave it again, hence a thread per priority.
 """
 
 from __future__ import annotations
@@ -63,18 +75,34 @@ def serial_torch_ops() -> None:
         set_num_threads(1)
 
 
-def _serial(target: Callable[..., object]) -> Callable[..., None]:
+def idle_priority() -> bool:
+    """Move the calling thread into the OS's idle scheduling class (Linux ``SCHED_IDLE``:
+    it runs only on CPU time no other thread wants), for good. False where the OS has no
+    such class or refuses; the thread then keeps its priority."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def _serial(target: Callable[..., object], idle: bool) -> Callable[..., None]:
     @functools.wraps(target)
     def run(*args: Any) -> None:
         serial_torch_ops()
+        if idle:
+            idle_priority()
         target(*args)
 
     return run
 
 
-def start(target: Callable[..., object], name: str, args: tuple[Any, ...] = ()
-          ) -> threading.Thread:
-    """Start a daemon thread running ``target(*args)`` with serial torch operators."""
-    thread = threading.Thread(target=_serial(target), args=args, name=name, daemon=True)
+def start(target: Callable[..., object], name: str, args: tuple[Any, ...] = (), *,
+          idle: bool = False) -> threading.Thread:
+    """Start a daemon thread running ``target(*args)`` with serial torch operators; with
+    ``idle``, in the OS's idle scheduling class (``idle_priority``), for work that can
+    wait."""
+    thread = threading.Thread(target=_serial(target, idle), args=args, name=name,
+                              daemon=True)
     thread.start()
     return thread

@@ -65,10 +65,8 @@ _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 
 def check_key(key: str) -> None:
     if not isinstance(key, str) or not _KEY_RE.match(key):
-        raise InvalidKeyError(
-            f"invalid key {key!r}: keys are 32 lowercase hex digits "
-            "(kvcache.kvstore.keys.chunk_tokens / content_key make them)"
-        )
+        raise InvalidKeyError(f"invalid key {key!r}: keys are 32 lowercase hex digits "
+                              "(kvcache.kvstore.keys.chunk_tokens / content_key make them)")
 
 
 def codec_for(layout: KVLayout, codec_name: str) -> str:
@@ -157,7 +155,11 @@ class TieredStore:
         write_mode: str = "write-through",
         ttl_s: float | None = None,
         promote: bool = True,
+        idle_writer: bool = False,
     ) -> None:
+        """``idle_writer``: copy down on an idle-class thread (``background``; an eviction
+        writes what it has not), for a store inside an engine, not a daemon's (starved
+        by busy engines, it could hold the GIL its request threads wait for)."""
         if not tiers:
             raise ConfigError("a TieredStore needs at least one tier")
         if write_mode not in WRITE_MODES:
@@ -186,15 +188,16 @@ class TieredStore:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         if write_mode == "write-through" and len(self.tiers) > 1:
-            self._writer = background.start(self._write_loop, "kvcache-writer")
+            self._writer = background.start(self._write_loop, "kvcache-writer",
+                                            idle=idle_writer)
 
     # -- construction --------------------------------------------------------------------
     @classmethod
-    def open(cls, config: StoreConfig | None = None, *, shared_cpu: bool = False
-             ) -> TieredStore:
+    def open(cls, config: StoreConfig | None = None, *, shared_cpu: bool = False,
+             idle_writer: bool = False) -> TieredStore:
         """CPU tier, plus the disk tier under the configured store directory, plus the
         remote tier ``store.remote.url`` names. ``shared_cpu``: the CPU pool in shared
-        memory (the daemon's same-node fast path).
+        memory (the daemon's same-node fast path); ``idle_writer`` as in ``__init__``.
 
         ``config``: the store section; by default the one ``kvcache`` itself uses —
         defaults ← ``$KVCACHE_CONFIG`` ← ``KVCACHE_*`` variables (``KVCacheConfig.load``).
@@ -223,7 +226,8 @@ class TieredStore:
         if config.remote.url is not None:
             tiers.append(open_remote_tier(config.remote, store_ttl=config.ttl))
             codecs.append(config.remote.codec)
-        return cls(tiers, codecs=codecs, write_mode=config.write_mode, ttl_s=config.ttl)
+        return cls(tiers, codecs=codecs, write_mode=config.write_mode, ttl_s=config.ttl,
+                   idle_writer=idle_writer)
 
     @classmethod
     def in_memory(cls, capacity_bytes: int = 1 << 30, *, policy: str = "lru") -> TieredStore:

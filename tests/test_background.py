@@ -3,6 +3,7 @@ would compete with the engine's (``kvstore/background.py``)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -43,3 +44,16 @@ def test_a_background_thread_is_a_named_daemon_that_runs_its_target() -> None:
     t = background.start(got.append, "kvcache-test", (7,))
     t.join(5)
     assert got == [7] and t.daemon and t.name == "kvcache-test"
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no idle scheduling class here")
+def test_an_idle_thread_runs_in_the_idle_class_and_the_others_keep_theirs() -> None:
+    policies: list[int] = []
+
+    def policy() -> None:
+        policies.append(os.sched_getscheduler(0))
+
+    for idle in (True, False):
+        background.start(policy, "kvcache-test", idle=idle).join(5)
+    assert policies == [os.SCHED_IDLE, os.SCHED_OTHER]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own is untouched

@@ -5,6 +5,8 @@ code inside a running vLLM is tested in ``tests/vllm``."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 import time
 
 import pytest
@@ -440,4 +442,47 @@ def test_the_smallest_free_staging_buffer_that_fits_is_taken(store):
     assert [b is big for b in worker._free_staging] == [True]
     worker.end_step()
     assert worker.wait_saved(10)
+    worker.close()
+
+
+def test_saves_wait_for_idle_cpu_until_half_the_backlog_then_a_normal_thread_stores_them(
+        store, monkeypatch):
+    """The saver thread is in the OS's idle class: a saturated engine starves it, so once
+    more than half of max_pending_saves waits, a normal-priority thread stores saves too."""
+    layout, kv, _ = pages()
+    one = 64 * 2 * 2 * 2 * 16 * 4  # one 64-token chunk's staging
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK,
+                         max_pending_saves=3 * one)
+    stored_by: dict[str, tuple[str, int]] = {}  # key -> (thread, its scheduling policy)
+    saver_busy, starved = threading.Event(), threading.Event()
+    put = store.put
+
+    def observed_put(key, *args, **kw):
+        me = threading.current_thread().name
+        stored_by[key] = (me, os.sched_getscheduler(0))
+        if me == "kvcache-saver":
+            saver_busy.set()
+            starved.wait(10)  # as if the engine kept every core
+        put(key, *args, **kw)
+
+    monkeypatch.setattr(store, "put", observed_put)
+    key = {}
+    for name, prompt in (("a", PROMPT), ("b", PROMPT[::-1])):
+        op = RequestOps(name, prompt, list(range(19)), save=(0, 64))
+        key[name] = chunk_tokens(LAYOUT.fingerprint, prompt, CHUNK)[0].prefix_key
+        for i in range(2):
+            worker.save_layer(i, [op])
+        worker.end_step()
+        if name == "a":  # one save waiting: under half the backlog, the idle saver's
+            assert saver_busy.wait(10)
+    deadline = time.monotonic() + 10  # two waiting: past half, stored at normal priority
+    while not store.contains(key["b"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.contains(key["b"]) and not store.contains(key["a"])
+    starved.set()
+    assert worker.wait_saved(10)
+    assert store.contains(key["a"])
+    assert [stored_by[key[n]][0] for n in "ab"] == ["kvcache-saver", "kvcache-saver-catch-up"]
+    if hasattr(os, "SCHED_IDLE"):
+        assert [stored_by[key[n]][1] for n in "ab"] == [os.SCHED_IDLE, os.SCHED_OTHER]
     worker.close()
