@@ -435,7 +435,7 @@ def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
             seconds: float) -> dict[str, Any]:
     configs = {name: _summary(r["requests"]) | {
         "kvcache": r["kvcache"], "engine_start_s": r["engine_start_s"],
-        "stored_after_turns_s": round(r.get("stored_after_turns_s", 0.0), 2),
+        "stored_after_turns_s": round(r["stored_after_turns_s"], 2),
         "ttft_ms": [round(1e3 * x["ttft_s"], 1) for x in r["requests"]]}
         for name, r in results.items()}
     apc = _ttfts(results["vllm prefix cache"])
