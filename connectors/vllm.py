@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 
 # vLLM's CPU attention ISAs whose pages hold plain K/V (``VllmCpuLayout``).
 _PLAIN_CPU_ISAS = ("vec", "vec16")
+# vLLM's CPU backend computes each step on every core: kvcache stores what it saved once
+# the engine's steps pause this long (PagedWorker's quiet_s). Longer than the gap between
+# back-to-back steps or requests (a few ms), short beside a request's latency.
+_CPU_QUIET_S = 0.02
 # kv_cache_dtype values that store K/V as plain floats (fp8 caches carry scales: not yet).
 _PLAIN_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -287,7 +291,8 @@ class KVCacheConnector(KVConnectorBase_V1):
         self.worker = PagedWorker(self.store, self.layout, pages, layers,
                                   chunk_size=self.chunk_size, load_timeout=c.load_timeout,
                                   max_pending_saves=c.max_pending_saves,
-                                  key_scheme=self.config.store.key_scheme)
+                                  key_scheme=self.config.store.key_scheme,
+                                  quiet_s=_CPU_QUIET_S if self.isa is not None else 0.0)
 
     def _ops(self) -> list[RequestOps]:
         meta = self._get_connector_metadata()

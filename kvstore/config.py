@@ -412,8 +412,9 @@ class ConnectorConfig(_Section):
     # lets the engine recompute those tokens.
     load_timeout: float = field(default=10.0, metadata={"unit": "duration"})
     # KV copied out of the engine and waiting to be encoded and stored. It is stored on
-    # CPU time the engine leaves idle; past half of this, at normal priority too; past
-    # all of it, new saves are skipped (counted) so the engine never waits for the store.
+    # CPU time the engine leaves idle (a CPU engine's: once its steps pause); past half
+    # of this, at once and at normal priority too; past all of it, new saves are skipped
+    # (counted) so the engine never waits for the store.
     max_pending_saves: int = _size(1 * GiB)
     # "auto": read the engine's pages into canonical chunks where kvcache knows their
     # format, store them as they are otherwise; "opaque": always as they are (exact and

@@ -486,3 +486,60 @@ def test_saves_wait_for_idle_cpu_until_half_the_backlog_then_a_normal_thread_sto
     if hasattr(os, "SCHED_IDLE"):
         assert [stored_by[key[n]][1] for n in "ab"] == [os.SCHED_IDLE, os.SCHED_OTHER]
     worker.close()
+
+
+def test_with_quiet_s_the_saver_stores_only_once_the_engine_steps_pause(store, monkeypatch):
+    """An engine computing on the CPU: what a step saved is stored once no step has run
+    for quiet_s, not while the next steps run."""
+    layout, kv, _ = pages()
+    quiet = 0.3
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK, quiet_s=quiet)
+    put_at: dict[str, float] = {}
+    put = store.put
+
+    def timed_put(key, *args, **kw):
+        put_at[key] = time.monotonic()
+        put(key, *args, **kw)
+
+    monkeypatch.setattr(store, "put", timed_put)
+    op = RequestOps("a", PROMPT, list(range(19)), save=(0, 128))
+    keys = [c.prefix_key for c in chunk_tokens(LAYOUT.fingerprint, PROMPT, CHUNK)[:2]]
+    for i in range(2):
+        worker.save_layer(i, [op])
+    worker.end_step()
+    for _ in range(4):  # the next steps run back to back, each longer than quiet_s
+        worker.save_layer(0, [])
+        time.sleep(quiet * 1.5)
+        assert not put_at
+        worker.end_step()
+    last_step = time.monotonic()
+    assert worker.wait_saved(10)
+    assert all(store.contains(k) for k in keys)
+    assert min(put_at.values()) >= last_step + quiet * 0.9  # a monotonic clock's slack
+    worker.close()
+
+
+def test_with_quiet_s_past_half_the_backlog_saves_are_stored_between_steps(store):
+    """A CPU engine that does not pause: past half of max_pending_saves, saves are
+    stored while its steps go on, until at most half waits; the rest in the next pause."""
+    layout, kv, _ = pages()
+    one = 64 * 2 * 2 * 2 * 16 * 4  # one 64-token chunk's staging
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK, quiet_s=60,
+                         max_pending_saves=3 * one)
+    keys = []
+    for name, prompt in (("a", PROMPT), ("b", PROMPT[::-1])):
+        op = RequestOps(name, prompt, list(range(19)), save=(0, 64))
+        keys.append(chunk_tokens(LAYOUT.fingerprint, prompt, CHUNK)[0].prefix_key)
+        for i in range(2):
+            worker.save_layer(i, [op])
+        worker.end_step()
+        worker.save_layer(0, [])  # the next step is under way
+    deadline = time.monotonic() + 10
+    while not any(store.contains(k) for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(store.contains(k) for k in keys) >= 1
+    worker.quiet_s = 0.01  # the engine pauses: the rest is stored
+    worker.end_step()
+    assert worker.wait_saved(10)
+    assert all(store.contains(k) for k in keys)
+    worker.close()
