@@ -594,14 +594,15 @@ def _machine(workdir: Path) -> dict[str, Any]:
 
 
 def _code_version() -> dict[str, Any]:
-    """Which code was measured: the tiers change often and figures must name their build."""
+    """Which code was measured: the commit, and the tracked files changed since."""
     import subprocess
 
     repo = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "kvstore"],
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.split("\n")
     except (OSError, subprocess.SubprocessError):
         return {"git_head": None, "modified": None}
