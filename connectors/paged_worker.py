@@ -440,7 +440,7 @@ class PagedWorker:
 
         An engine computing on the CPU keeps every core through a step; the idle class
         alone gives the saver the short gaps between back-to-back steps, and what it does
-        there reaches the next step: its Python holds the GIL when preempted, and the
+        there can reach the next step: its Python holds the GIL when preempted, and the
         engine's team threads spin between operators. ``kvcache bench e2e`` (vLLM CPU,
         2 cores, warm ~250 ms requests back to back): 0.951x of vLLM's prefix cache alone
         with this wait, 0.979x without (docs/benchmarks.md)."""
