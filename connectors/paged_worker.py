@@ -441,9 +441,9 @@ class PagedWorker:
         An engine computing on the CPU keeps every core through a step; the idle class
         alone gives the saver the short gaps between back-to-back steps, and what it does
         there can reach the next step: its Python holds the GIL when preempted, and the
-        engine's team threads spin between operators. ``kvcache bench e2e`` (vLLM CPU,
-        2 cores, warm ~250 ms requests back to back): 0.951x of vLLM's prefix cache alone
-        with this wait, 0.979x without (docs/benchmarks.md)."""
+        engine's team threads spin between operators. In ``kvcache bench e2e`` (vLLM CPU,
+        2 cores) the difference it made was inside the run-to-run noise: warm requests
+        1.017x of vLLM's prefix cache alone with it, 1.028x without (docs/benchmarks.md)."""
         if self.quiet_s <= 0:
             return
         with self._backlog:
@@ -489,15 +489,14 @@ class PagedWorker:
     def _store_chunks(self, save: _Save, before_chunk: Callable[[], None]) -> None:
         assert save.op.save is not None
         start, end = save.op.save
-        before_chunk()
+        before_chunk()  # the conversion below is the save's largest copy
         kv = None if self.opaque else self._canonical(save)
-        for n, chunk in enumerate(self._chunks(save.op.token_ids, start, end)):
+        for chunk in self._chunks(save.op.token_ids, start, end):
             if self.opaque and chunk.num_tokens != self.chunk_size:
                 continue  # pages come in whole blocks: a partial chunk is not stored
             if self.store.contains(chunk.prefix_key):
                 continue
-            if n:
-                before_chunk()
+            before_chunk()
             piece = self._opaque_piece(save, chunk.start, chunk.end) if kv is None \
                 else kv[:, :, chunk.start - start : chunk.end - start]
             self.store.put(chunk.prefix_key, piece, self.layout, rope_start=chunk.start)
