@@ -7,7 +7,8 @@ engine:
 
 - ``matched_tokens``: how many tokens past what the engine already has the store can
   supply (``core.agreed_prefix`` over every tensor-parallel rank, ``core.reusable_tokens``:
-  whole blocks, never the last prompt token);
+  whole blocks, never the last prompt token); a request may turn off its own loads or
+  saves;
 - ``allocated``: the engine gave the request blocks for that many external tokens;
 - ``load_async``: whether the request waits for its load outside the engine's steps
   (``connector.load_mode``: while the engine runs other requests, a load inside a step
@@ -69,6 +70,7 @@ class _Request:
     load: tuple[int, int] | None = None  # granted by the engine, not yet planned
     saved_to: int = 0  # chunks below are stored (or were before we saw the request)
     load_async: bool = False
+    may_save: bool = True  # the planner's save switch and the request's own
 
 
 class PagedPlanner:
@@ -101,18 +103,21 @@ class PagedPlanner:
         self._async_ops: list[RequestOps] = []  # planned by ``allocated``, not yet sent
 
     # -- lookups -----------------------------------------------------------------------------
-    def matched_tokens(self, req_id: str, prompt: Sequence[int], local_tokens: int) -> int:
+    def matched_tokens(self, req_id: str, prompt: Sequence[int], local_tokens: int, *,
+                       load: bool = True, save: bool = True) -> int:
         """Tokens past ``local_tokens`` (what the engine holds itself, block-aligned) that
-        the store can supply for this prompt; 0 if none."""
+        the store can supply for this prompt; 0 if none. load / save: the request's own
+        switches (a request may opt out of either), under the planner's."""
         req = self._requests.get(req_id)
         if req is None or req.prompt != list(prompt):
             req = self._requests[req_id] = _Request(list(prompt))
         req.local_tokens, req.load = local_tokens, None
+        req.may_save = self.save_enabled and save
         stored, _ = agreed_prefix(self.lookup, req.prompt, self.layouts, self.chunk_size,
                                   self.key_scheme)
         req.stored_tokens = stored
         req.saved_to = max(req.saved_to, stored)
-        if not self.load_enabled:
+        if not (self.load_enabled and load):
             req.hit_tokens = local_tokens
             return 0
         req.hit_tokens = max(local_tokens,
@@ -164,7 +169,8 @@ class PagedPlanner:
         for req_id, prompt, block_ids, computed in new:
             req = self._requests.get(req_id)
             if req is None or req.prompt != list(prompt):  # never looked up (e.g. no store)
-                req = self._requests[req_id] = _Request(list(prompt))
+                req = _Request(list(prompt), may_save=self.save_enabled)
+                self._requests[req_id] = req
             req.block_ids = list(block_ids)
             op = self._ops(req_id, req, computed + num_scheduled.get(req_id, 0))
             if op is not None:
@@ -184,7 +190,7 @@ class PagedPlanner:
 
     def _ops(self, req_id: str, req: _Request, computed_after: int) -> RequestOps | None:
         load, req.load = req.load, None
-        save = self._save_range(req, computed_after) if self.save_enabled else None
+        save = self._save_range(req, computed_after) if req.may_save else None
         if load is None and save is None:
             return None
         return self._op(req_id, req, load, save)

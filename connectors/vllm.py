@@ -22,7 +22,10 @@ only; only engines with the same page format reuse them), and so are all CPU pag
 families, sliding windows, fp8 KV caches) stops the engine at start with the reason.
 Requests whose tokens do not determine their KV — multimodal inputs, a LoRA adapter, a
 cache salt, prompt embeddings — are neither looked up nor saved: they run as without
-kvcache.
+kvcache. A request turns kvcache off for itself with ``SamplingParams(extra_args=
+{"kv_transfer_params": {"kvcache": {"load": False, "save": False}}})`` (either switch
+alone: no reuse, or nothing of it stored); malformed switches leave the request
+uncached, with a warning.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from kvcache.connectors.hf import layout_from_hf_config
 from kvcache.connectors.paged_plan import PagedPlanner, RequestOps
 from kvcache.connectors.paged_worker import BlockPages, PagedWorker
 from kvcache.kernels.page_layout import VllmCpuLayout, VllmFlashLayout, paged_planes
-from kvcache.kvstore.config import KVCacheConfig
+from kvcache.kvstore.config import KVCacheConfig, did_you_mean
 from kvcache.kvstore.errors import ConfigError, LayoutMismatchError
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.tiered_store import TieredStore
@@ -370,14 +373,25 @@ class KVCacheConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
         assert self.planner is not None
+        if request.request_id in self._uncached:  # asked again: it waited, or was preempted
+            return 0, False
         reason = _uncacheable(request)
+        load = save = False
+        if reason is None:
+            try:
+                load, save = request_switches(request.kv_transfer_params)
+            except ConfigError as e:  # it may have meant to keep its KV out: it is left out
+                reason = str(e)
+                log.warning("request %s: not cached: %s", request.request_id, e)
+            if not (load or save):
+                reason = reason or "its kv_transfer_params turn kvcache off"
         if reason is not None:
             self._uncached.add(request.request_id)
             log.debug("request %s: not cached (%s)", request.request_id, reason)
             return 0, False
         try:
             n = self.planner.matched_tokens(request.request_id, request.prompt_token_ids or [],
-                                            num_computed_tokens)
+                                            num_computed_tokens, load=load, save=save)
         except Exception as e:  # a lookup that fails is a miss, never an engine error
             log.warning("request %s: lookup failed: %s", request.request_id, e)
             return 0, False
@@ -425,6 +439,28 @@ def _warn_if_workers_cannot_share(vllm_config: VllmConfig, config: KVCacheConfig
         log.warning("vLLM's workers run in other processes than its scheduler, and the "
                     "store has only a CPU tier: the scheduler cannot see what they store, "
                     "so nothing will be reused. Enable store.disk or use connector.server")
+
+
+_SWITCHES = ("load", "save")
+
+
+def request_switches(kv_transfer_params: Any) -> tuple[bool, bool]:
+    """A request's own ``(load, save)`` switches, from its ``kv_transfer_params``
+    (``{"kvcache": {"load": false, "save": false}}``, each switch on by default; other
+    engines' entries beside ``"kvcache"`` are theirs). Raises ConfigError if malformed."""
+    if not isinstance(kv_transfer_params, dict) or "kvcache" not in kv_transfer_params:
+        return True, True
+    mine = kv_transfer_params["kvcache"]
+    where = 'kv_transfer_params["kvcache"]'
+    if not isinstance(mine, dict):
+        raise ConfigError(f'{where} must be a table such as {{"save": false}}, not {mine!r}')
+    for key, value in mine.items():
+        if key not in _SWITCHES:
+            raise ConfigError(f"{where} has no switch {key!r}{did_you_mean(str(key), _SWITCHES)}"
+                              f"; it takes {' and '.join(map(repr, _SWITCHES))}")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}[{key!r}] must be true or false, not {value!r}")
+    return mine.get("load", True), mine.get("save", True)
 
 
 def _uncacheable(request: Request) -> str | None:

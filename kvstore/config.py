@@ -208,7 +208,7 @@ class _Section:
                 where = f"section '{cls.PATH}'" if cls.PATH else "the top level"
                 raise ConfigError(
                     f"unknown config key {cls.key(str(raw_key))!r} in {where}"
-                    f"{_did_you_mean(name, known)}; known keys: {', '.join(known)}"
+                    f"{did_you_mean(name, known)}; known keys: {', '.join(known)}"
                 )
             kwargs[name] = value
         return cls(**kwargs)
@@ -479,7 +479,7 @@ class KVCacheConfig(_Section):
             known = sorted([*env_map, *EXTRA_ENV_VARS])
             raise ConfigError(
                 f"unknown environment variable{'s' if len(unknown) > 1 else ''} "
-                f"{', '.join(unknown)}{_did_you_mean(unknown[0], known)}; "
+                f"{', '.join(unknown)}{did_you_mean(unknown[0], known)}; "
                 f"known: {', '.join(known)}"
             )
         for var in ours:
@@ -597,7 +597,8 @@ def env_vars() -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _did_you_mean(name: str, known: Iterable[str]) -> str:
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to a mistyped one, or ``""``."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

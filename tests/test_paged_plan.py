@@ -99,6 +99,27 @@ def test_a_load_is_planned_once_into_the_blocks_vllm_gave(store):
     assert again is None
 
 
+def test_a_request_turns_off_its_own_loads_or_saves(store):
+    """Per request, under the planner's own switches: no reuse (but its new chunks are
+    stored, and only those the store lacks), or nothing of it stored (but it reuses)."""
+    p = planner(store)
+    store_prefix(store, PROMPT, 3)
+    blocks = list(range(19))
+    assert p.matched_tokens("no-load", PROMPT, 0, load=False) == 0
+    (op,) = p.plan_step([("no-load", PROMPT, blocks, 0)], [], {"no-load": 300})
+    assert op.load is None and op.save == (192, 300)
+    assert p.matched_tokens("no-save", PROMPT, 0, save=False) == 192
+    p.allocated("no-save", 192)
+    (op,) = p.plan_step([("no-save", PROMPT, blocks, 192)], [], {"no-save": 108})
+    assert op.load == (0, 192) and op.save is None
+    assert p.plan_step([], [("no-save", None, False, 300)], {"no-save": 1}) == []
+    off = planner(store, save=False)  # a request cannot turn on what the planner has off
+    assert off.matched_tokens("r", PROMPT, 0, save=True) == 192
+    off.allocated("r", 192)
+    (op,) = off.plan_step([("r", PROMPT, blocks, 192)], [], {"r": 108})
+    assert op.save is None
+
+
 def test_an_async_load_is_planned_when_allocated_and_the_request_then_runs_from_it(store):
     p = planner(store, load_mode="async")
     store_prefix(store, PROMPT, 3)

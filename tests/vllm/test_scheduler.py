@@ -87,8 +87,10 @@ def scheduler(model, tmp_path):
     assert not engine_store._stores
 
 
-def request(prompt: list[int], max_tokens: int = 4) -> Request:
-    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+def request(prompt: list[int], max_tokens: int = 4, kv_transfer_params: object = None
+            ) -> Request:
+    extra = None if kv_transfer_params is None else {"kv_transfer_params": kv_transfer_params}
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
     return Request(f"r{next(_ids)}", prompt, sp, None,
                    block_hasher=get_request_block_hasher(BLOCK, sha256))
 
@@ -281,6 +283,32 @@ def test_requests_whose_tokens_do_not_determine_their_kv_are_left_alone(schedule
     assert out.num_scheduled_tokens["salted"] == 300 and "salted" not in ops
     while s.has_unfinished_requests():
         step(s)
+    assert s.connector.planner.tracked() == 0 and not s.connector._uncached
+
+
+def test_a_request_turns_kvcache_off_for_itself(scheduler, caplog):
+    """Through kv_transfer_params: no reuse, nothing stored, or neither; switches it
+    cannot read leave the request alone, with a warning, and the engine runs on."""
+    s = scheduler(batched=512)
+    store_chunks(s, PROMPT, 3)  # 192 tokens
+
+    def first_step(params: object) -> tuple[int, object]:
+        req = request(PROMPT, kv_transfer_params=params)
+        s.add_request(req)
+        out, ops = step(s)
+        while s.has_unfinished_requests():
+            step(s)
+        return out.num_scheduled_tokens[req.request_id], ops.get(req.request_id)
+
+    scheduled, op = first_step({"kvcache": {"save": False}, "other_engine": {"x": 1}})
+    assert scheduled == 108 and op.load == (0, 192) and op.save is None
+    scheduled, op = first_step({"kvcache": {"load": False}})
+    assert scheduled == 300 and op.load is None and op.save == (192, 300)
+    assert first_step({"kvcache": {"load": False, "save": False}}) == (300, None)
+    for bad in ({"kvcache": {"sav": False}}, {"kvcache": {"save": "no"}}, {"kvcache": True}):
+        assert first_step(bad) == (300, None)
+    assert "no switch 'sav' (did you mean 'save'?)" in caplog.text
+    assert "['save'] must be true or false, not 'no'" in caplog.text
     assert s.connector.planner.tracked() == 0 and not s.connector._uncached
 
 
