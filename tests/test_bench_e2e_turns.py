@@ -56,3 +56,19 @@ def test_engines_take_turns_half_a_round_at_a_time_and_store_their_saves_in_betw
         half = i // 3
         assert reqs == [(u, half // 2) for u in range(2 * (half % 2), 2 * (half % 2) + 2)]
     assert {out[name]["stored_after_turns_s"] for name in engines} == {1.5}
+
+
+def test_kvcache_per_request_pairs_users_and_takes_each_place_in_a_half_with_and_without() -> None:
+    """The first request of a turn is slower than the others: requests with kvcache and
+    without must take that place (and every other) equally often, or the comparison is
+    the places'."""
+    for users in (2, 4, 6, 8, 12):
+        w = Workload(users=users)
+        assert len(w.pairs()) == users // 2
+        for on, off in w.pairs():
+            assert abs(on - off) == 1 and not w.kvcache_off(on) and w.kvcache_off(off)
+        half = users // 2
+        for place in range(half):
+            assert {w.kvcache_off(place), w.kvcache_off(half + place)} == {False, True}
+    order = [(on < off) for on, off in Workload(users=8).pairs()]
+    assert order.count(True) == order.count(False)

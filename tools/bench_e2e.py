@@ -10,12 +10,13 @@ these engines, each in its own process:
 - ``vllm prefix cache``: vLLM's own prefix cache (the baseline users already have);
 - ``kvcache``: vLLM's prefix cache plus kvcache, embedded store, empty at start (cold);
 - ``kvcache daemon``: the same through a ``kvcache serve`` daemon (CPU tier), cold;
-- ``kvcache per request``: the same as ``kvcache`` (a store of its own), but every other
-  user's requests turn kvcache off (``kv_transfer_params``): within one engine, each
-  request with kvcache beside its neighbour without it (same shape, same round, served
-  one after the other). This is kvcache's cost without the difference between two
-  engine processes, which a shared machine makes as large as the cost being measured;
-  its requests without kvcache beside *vllm prefix cache*'s are a control for that;
+- ``kvcache per request``: the same as ``kvcache`` (a store of its own), but half the
+  users turn kvcache off for their requests (``kv_transfer_params``): within one engine,
+  each request with kvcache beside its neighbour's without (same shape, same round,
+  served one after the other; ``Workload.kvcache_off`` says who). This is kvcache's cost
+  without the difference between two engine processes, which a shared machine makes as
+  large as the cost being measured; its requests without kvcache beside *vllm prefix
+  cache*'s are a control for that;
 - ``kvcache restart``: a new engine on the store ``kvcache`` filled — vLLM's cache is
   empty after a restart, kvcache's is not.
 
@@ -126,15 +127,21 @@ class Workload:
         return out
 
     def kvcache_off(self, user: int) -> bool:
-        """Whether the user's requests turn kvcache off in *kvcache per request*: one of
-        each pair of users (2k, 2k + 1), the first in every other pair, so that of the
-        pairs served one after the other, half serve the request with kvcache first."""
-        return (user // 2 + user) % 2 == 1
+        """Whether the user's requests turn kvcache off in *kvcache per request*. A round
+        is served half at a time (``_in_turns``), each half's users in order: in the first
+        half the 2nd, 4th, ... user turns it off, in the second half the 1st, 3rd, ...
+        So each place in a half (the first request after a turn starts is slower) is
+        taken by a request with kvcache in one half and by one without in the other; with
+        a multiple of 4 users, as many pairs serve their request with kvcache first as
+        last."""
+        half = -(-self.users // 2)
+        return (user % half % 2 == 1) != (user >= half)
 
     def pairs(self) -> list[tuple[int, int]]:
-        """Users ``(with kvcache, without)`` in *kvcache per request*."""
-        users = [(u, u + 1) for u in range(0, self.users - 1, 2)]
-        return [(b, a) if self.kvcache_off(a) else (a, b) for a, b in users]
+        """Users ``(with kvcache, without)`` in *kvcache per request*: 2k and 2k + 1."""
+        pairs = [(u, u + 1) for u in range(0, self.users - 1, 2)]
+        return [(b, a) if self.kvcache_off(a) else (a, b) for a, b in pairs
+                if self.kvcache_off(a) != self.kvcache_off(b)]
 
 
 # -- one engine, in its own process ------------------------------------------------------------
