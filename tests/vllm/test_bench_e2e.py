@@ -27,13 +27,14 @@ def test_every_engine_runs_the_same_requests_and_the_restart_is_served_by_kvcach
     for row in result["rows"]:
         assert row["low"] <= row["ratio"] <= row["high"] and row["pairs"] > 0
     # Per request, user 1 turned kvcache off: only user 0's prompts were stored.
-    saved = {name: result["configs"][name]["kvcache"]["save_tokens"]
-             for name in ("kvcache", "kvcache per request")}
     user0 = sum(len(r["prompt"]) for r in w.requests() if r["user"] == 0)
-    assert saved["kvcache"] > saved["kvcache per request"] > 0
-    assert saved["kvcache per request"] <= user0
+    for engine, halves in (("kvcache", "kvcache per request"),
+                           ("kvcache daemon", "kvcache daemon per request")):
+        saved = {name: result["configs"][name]["kvcache"]["save_tokens"]
+                 for name in (engine, halves)}
+        assert saved[engine] > saved[halves] > 0 and saved[halves] <= user0
     own = [r for r in result["rows"] if r["figure"].startswith("kvcache's cost in one engine")]
-    assert [r["pairs"] for r in own] == [1, 1]
+    assert [r["pairs"] for r in own] == [1, 1, 1, 1]
     table = format_table(result)
     assert "kvcache restart" in table and "95% CI" in table
     busy = result["busy"]
