@@ -180,7 +180,7 @@ def _engine(spec: dict[str, Any]) -> None:
     sp_off = SamplingParams(temperature=0, max_tokens=1, detokenize=False, extra_args={
         "kv_transfer_params": {"kvcache": {"load": False, "save": False}}})
     # Warm-up requests outside the workload, not timed: a short one, and one as long as
-    # a first round's prompt — an engine's first long prefill was 20-30% slower than
+    # a first round's prompt — an engine's first long prefill was up to 30% slower than
     # the next ones (allocators, kernels for new shapes), and the workload's first
     # request would pay for it.
     warm_up = [TokensPrompt(prompt_token_ids=list(range(1, 300)))]
