@@ -26,13 +26,18 @@ def test_every_engine_runs_the_same_requests_and_the_restart_is_served_by_kvcach
     assert result["configs"]["no cache"]["vllm_cached_tokens"] == 0
     for row in result["rows"]:
         assert row["low"] <= row["ratio"] <= row["high"] and row["pairs"] > 0
-    # Per request, user 1 turned kvcache off: only user 0's prompts were stored.
-    user0 = sum(len(r["prompt"]) for r in w.requests() if r["user"] == 0)
+    # Per request, user 1 turned kvcache off. Every engine with kvcache stores its
+    # warm-ups and user 0's prompts; the per-request ones not user 1's, the same amount.
+    user1 = sum(len(r["prompt"]) for r in w.requests() if r["user"] == 1)
+    warm_ups = set()
     for engine, halves in (("kvcache", "kvcache per request"),
                            ("kvcache daemon", "kvcache daemon per request")):
         saved = {name: result["configs"][name]["kvcache"]["save_tokens"]
                  for name in (engine, halves)}
-        assert saved[engine] > saved[halves] > 0 and saved[halves] <= user0
+        user1_saved = saved[engine] - saved[halves]
+        assert 0 < user1_saved <= user1
+        warm_ups.add(saved[halves] - user1_saved)
+    assert len(warm_ups) == 1 and warm_ups.pop() >= len(w.warm_up())
     own = [r for r in result["rows"] if r["figure"].startswith("kvcache's cost in one engine")]
     assert [r["pairs"] for r in own] == [1, 1, 1, 1]
     table = format_table(result)
