@@ -241,12 +241,25 @@ class CacheClient:
         return int(self._meta("POST", "/lookup", "lookup", body)["prefix"])
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
-        """Whether the daemon holds each key (content keys, any order)."""
-        got = self._meta("POST", "/lookup", "lookup", {"keys": list(keys), "mode": "each"})
+        """Whether the daemon holds each key (content keys, any order). On the same node
+        the fast path's shared index answers what it can; the daemon is asked the rest."""
+        fast = self._fast_reader()
+        known: list[bool | None] = [None] * len(keys)
+        if fast is not None:
+            try:
+                known = fast.exists(keys)
+            except OSError as e:
+                log.info("fast path of %s failed (%s); looking up over HTTP", self.url, e)
+                self._drop_fast()
+        ask = [key for key, k in zip(keys, known, strict=True) if k is None]
+        if not ask:
+            return [bool(k) for k in known]
+        got = self._meta("POST", "/lookup", "lookup", {"keys": ask, "mode": "each"})
         present = got.get("present")
-        if not isinstance(present, list) or len(present) != len(keys):
+        if not isinstance(present, list) or len(present) != len(ask):
             raise RemoteUnavailableError(f"lookup at {self.url}: malformed answer")
-        return [bool(p) for p in present]
+        answers = iter(present)
+        return [bool(next(answers)) if k is None else k for k in known]
 
     def get_objects(
         self, keys: Sequence[str], deadline: Deadline | None = None

@@ -72,6 +72,7 @@ class _Entry:
     refs: int = 0  # readers copying out right now
     removed: bool = False  # deleted/replaced while readers held it: free on last release
     desc_size: int = 0  # shared pools: the descriptor's bytes, right after the tensors
+    published: bool = False  # in the shared index
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class CpuTier(Tier):
         self._mmap: mmap.mmap | None = None
         # Shared pools on machines where it is safe: the lock-free index of their entries.
         self.index: SharedIndex | None = None
+        self._unpublished = 0  # entries the index has no room for
         # torch.empty (and a fresh memfd) do not touch the pages: memory is committed as
         # objects arrive.
         try:
@@ -184,9 +186,17 @@ class CpuTier(Tier):
         self._policy.on_remove(key)
         if self.index is not None:  # before the bytes can be reused: readers must see it
             self.index.withdraw(key)
+            if not e.published:
+                self._count_unpublished(-1)
         e.removed = True
         if e.refs == 0:
             self._arena.free(e.offset, e.size + e.desc_size)
+
+    def _count_unpublished(self, change: int) -> None:
+        """The entries the index lacks, counted where its readers see it (lock held)."""
+        assert self.index is not None
+        self._unpublished += change
+        self.index.set_unpublished(self._unpublished)
 
     def _release(self, e: _Entry) -> None:
         with self._released:
@@ -409,7 +419,10 @@ class CpuTier(Tier):
                 self._stats.bytes_written += e.size
                 if self.index is not None:  # the bytes are in place: now readers may see them
                     end = e.offset + e.size + e.desc_size
-                    self.index.publish(key, e.offset, e.size, end - len(desc), len(desc))
+                    e.published = self.index.publish(key, e.offset, e.size, end - len(desc),
+                                                     len(desc))
+                    if not e.published:
+                        self._count_unpublished(+1)
 
     def delete(self, key: str, *, force: bool = False, cause: str = "delete") -> bool:
         counter = DELETE_CAUSES[cause]

@@ -12,7 +12,9 @@ reused meanwhile; otherwise it asks the daemon (the loan protocol of
 That reasoning needs stores to become visible in program order and loads not to pass
 earlier loads, which x86-64 guarantees (TSO) and Python cannot ask for elsewhere: other
 machines use loans only (``lock_free_reads_supported``). The table is an accelerator, not
-a source of truth: an entry it has no room for is simply not published.
+a source of truth: an entry it has no room for is simply not published. A row after the
+last slot counts those entries, so that a reader of a daemon whose pool is all it holds
+can take a key missing from a table that lacks nothing as a miss, without asking.
 """
 
 from __future__ import annotations
@@ -67,10 +69,13 @@ class SharedIndex:
 
     def __init__(self, fd: int, slots: int, *, writable: bool) -> None:
         self.fd, self.slots = fd, slots
-        self._map = mmap.mmap(fd, slots * SLOT.itemsize,
+        # The slots, then a row whose first 8 bytes count the entries left unpublished
+        # (absent in a table made by an older daemon).
+        rows = slots + 1 if os.fstat(fd).st_size >= (slots + 1) * SLOT.itemsize else slots
+        self.counts_unpublished = rows > slots
+        self._map = mmap.mmap(fd, rows * SLOT.itemsize,
                               prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
-        self.table = np.frombuffer(self._map, dtype=SLOT) if writable else np.ndarray(
-            (slots,), dtype=SLOT, buffer=self._map)
+        self.table = np.ndarray((slots,), dtype=SLOT, buffer=self._map)
         self._mask = slots - 1
 
     @classmethod
@@ -78,7 +83,7 @@ class SharedIndex:
         if slots & (slots - 1):
             raise ValueError("the table size must be a power of two")
         fd = os.memfd_create("kvcache-cpu-index", os.MFD_CLOEXEC)
-        os.ftruncate(fd, slots * SLOT.itemsize)  # zero-filled: every slot empty, seq 0
+        os.ftruncate(fd, (slots + 1) * SLOT.itemsize)  # zero-filled: every slot empty, seq 0
         return cls(fd, slots, writable=True)
 
     @classmethod
@@ -132,7 +137,17 @@ class SharedIndex:
             self._write(i, {"key": _GONE, "offset": 0, "size": 0, "desc_offset": 0,
                             "desc_size": 0})
 
+    def set_unpublished(self, n: int) -> None:
+        """How many entries of the pool the table lacks (``publish`` found no room)."""
+        _SEQ.pack_into(self._map, self.slots * SLOT.itemsize, n)
+
     # -- readers ---------------------------------------------------------------------------
+    def unpublished(self) -> int | None:
+        """How many entries of the pool the table lacks; None: not counted."""
+        if not self.counts_unpublished:
+            return None
+        return int(_SEQ.unpack_from(self._map, self.slots * SLOT.itemsize)[0])
+
     def find(self, key: str) -> tuple[int, int, int, int, int, int] | None:
         """(slot, seq, offset, size, desc_offset, desc_size) of ``key`` as the table holds
         it now, or None; ``still(slot, seq)`` after copying says whether it held."""

@@ -4,7 +4,8 @@ It maps the daemon's CPU pool and the pool's index read-only (both memfds arrive
 the greeting) and reads an object with one memcpy from the mapping into a buffer of its
 own: through the index without asking when it holds the key (``kvstore/shm_index.py``
 says why that is safe), else under a loan the daemon holds until the copy is done (the
-release is sent without waiting for an answer). The daemon takes back loans older than
+release is sent without waiting for an answer). Lookups, too, ask the index first
+(``exists``). The daemon takes back loans older than
 ``loan_ttl``, so a copy that finished later than half of that after it was asked for is
 dropped (a miss): its bytes may have been reused. What is checked: the key in the
 header, and that every tensor lies inside the pool. No checksum: these bytes crossed no
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import select
 import socket
 import threading
 import time
@@ -82,6 +84,7 @@ class SharedMemoryReader:
                 self.loan_ttl_s = float(hello["loan_ttl"])
                 ttl = hello.get("ttl")
                 self.ttl_s = None if ttl is None else float(ttl)
+                self.pool_only = hello.get("pool_only") is True
                 self._map = mmap.mmap(fds[0], self.pool_bytes, prot=mmap.PROT_READ)
                 slots = int(hello.get("index_slots") or 0)
                 if len(fds) == 2 and slots and lock_free_reads_supported():
@@ -92,6 +95,8 @@ class SharedMemoryReader:
         except BaseException:
             self._sock.close()
             raise
+        self._closed_poll = select.poll()
+        self._closed_poll.register(self._sock, select.POLLIN)
         with warnings.catch_warnings():  # read-only on purpose: we never write through it
             warnings.simplefilter("ignore", UserWarning)
             self._pool = torch.frombuffer(self._map, dtype=torch.uint8)
@@ -123,6 +128,24 @@ class SharedMemoryReader:
         if "error" in reply:
             raise wire.ProtocolError(f"fast path: {reply.get('message', reply['error'])}")
         return reply
+
+    def exists(self, keys: Sequence[str]) -> list[bool | None]:
+        """Whether the daemon holds each key, as far as the shared index says without
+        asking: True (in the pool), False (not in the pool, which is all the daemon holds,
+        and the index lacks none of its entries), None (ask the daemon). Like a lookup over
+        HTTP it does not look at expiry: a get does. Raises ``OSError`` if the daemon left."""
+        index = self._index
+        if index is None:
+            return [None] * len(keys)
+        # A daemon that is gone leaves its memory mapped here: it must not answer. (The
+        # poll, since a recv on a socket with a timeout would wait for data.)
+        if self._closed_poll.poll(0) and self._sock.recv(
+                1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+            raise ConnectionResetError("the daemon closed the fast path")
+        # Read before the keys: an entry left out meanwhile makes one answer a miss, no worse
+        # than a lookup that came a moment earlier.
+        absent = False if self.pool_only and index.unpublished() == 0 else None
+        return [True if index.find(key) is not None else absent for key in keys]
 
     def get_objects(self, keys: Sequence[str], dl: Deadline) -> list[StoredObject | None]:
         """The objects under ``keys`` (None: a miss). Transport errors raise ``OSError`` /

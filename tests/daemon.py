@@ -198,6 +198,12 @@ def metric(url: str, name: str) -> float:
     return sum(v for _, v in metrics(url).get(name, []))
 
 
+def lookups(url: str) -> float:
+    """Lookups the daemon answered over HTTP."""
+    return sum(v for labels, v in metrics(url).get("kvcache_requests_total", [])
+               if labels["endpoint"] == "/v1/lookup")
+
+
 def server_errors(url: str) -> dict[str, float]:
     """5xx answers the daemon counted, by endpoint."""
     out: dict[str, float] = {}

@@ -14,7 +14,7 @@ from kvcache.kvstore.cpu_tier import CpuTier
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.remote_tier import RemoteTier
 from kvcache.kvstore.shm_index import SharedIndex, lock_free_reads_supported
-from tests.daemon import ProcessDaemon
+from tests.daemon import ProcessDaemon, lookups
 from tests.helpers import make_chunk, make_key
 
 pytestmark = pytest.mark.slow  # starts a daemon process
@@ -198,6 +198,73 @@ def test_without_the_token_a_client_gets_no_shared_memory(tmp_path):
         assert member.get_objects([make_key(0)])[0] is not None and member.uses_fast_path
     finally:
         daemon.stop()
+
+
+def test_the_cpu_tier_counts_entries_its_index_has_no_room_for():
+    cpu = CpuTier(16 << 20, shared=True)
+    if cpu.index is None:
+        pytest.skip("lock-free reads need x86-64")
+    cpu.index.close()
+    cpu.index = SharedIndex.create(16)  # far fewer slots than the pool has room for entries
+    for i in range(40):
+        cpu.put(make_key(i), obj(i))
+    left_out = [i for i in range(40) if cpu.index.find(make_key(i)) is None]
+    assert len(left_out) == 40 - 16 and cpu.index.unpublished() == len(left_out)
+    cpu.delete(make_key(left_out[0]))
+    cpu.delete(make_key(next(i for i in range(40) if i not in left_out)))
+    assert cpu.index.unpublished() == len(left_out) - 1
+    for i in range(40):
+        cpu.delete(make_key(i))
+    assert cpu.index.unpublished() == 0
+    # A reader of an older daemon's table (no count after the slots) is told it is not
+    # counted, rather than that nothing is missing.
+    import os
+    fd = os.memfd_create("old-index")
+    os.ftruncate(fd, 16 * 64)
+    old = SharedIndex.attach(fd, 16)
+    assert not old.counts_unpublished and old.unpublished() is None
+    old.close()
+    cpu.close()
+
+
+@pytest.mark.skipif(not lock_free_reads_supported(), reason="the shared index needs x86-64")
+def test_lookups_are_answered_from_the_shared_index(tmp_path):
+    """Keys in the daemon's pool are looked up without asking it; when the pool is all it
+    holds, so are the keys it lacks. A daemon with a disk tier is asked about those."""
+    sock = tmp_path / "pool.sock"
+    pool_only = ProcessDaemon(tmp_path / "a", "--socket", str(sock),
+                              env={"KVCACHE_DISK_ENABLED": "false"})
+    try:
+        client = CacheClient(f"unix://{sock}", timeout_s=10)
+        client.put_objects([obj(i) for i in range(4)])
+        before = lookups(pool_only.url)
+        assert client.exists([make_key(i) for i in range(6)]) == [True] * 4 + [False] * 2
+        assert lookups(pool_only.url) == before and client.uses_fast_path
+        # The daemon goes away: its memory stays mapped here, but it no longer answers.
+        tier = RemoteTier(f"unix://{sock}", timeout_s=2)
+        assert tier.contains_many([make_key(0)]) == [True]
+        assert pool_only.stop() == 0
+        assert tier.contains_many([make_key(0), make_key(1)]) == [False, False]
+        assert tier.stats().errors >= 1
+    finally:
+        pool_only.stop()
+
+    sock = tmp_path / "disk.sock"
+    with_disk = ProcessDaemon(tmp_path / "b", "--socket", str(sock),
+                              env={"KVCACHE_CPU_CAPACITY": "1MiB"})
+    try:
+        client = CacheClient(f"unix://{sock}", timeout_s=10)
+        client.put_objects([obj(i) for i in range(40)], durable=True)  # 64 KiB each
+        in_pool = [i for i in range(40) if client._fast_reader()._index.find(make_key(i))]
+        assert 0 < len(in_pool) < 40
+        before = lookups(with_disk.url)
+        assert client.exists([make_key(i) for i in in_pool]) == [True] * len(in_pool)
+        assert lookups(with_disk.url) == before
+        # Keys only on the disk, and keys nowhere: one question for those, none for the rest.
+        assert client.exists([make_key(i) for i in range(41)]) == [True] * 40 + [False]
+        assert lookups(with_disk.url) == before + 1
+    finally:
+        with_disk.stop()
 
 
 def test_withdrawn_slots_are_reused_so_the_table_never_clogs():

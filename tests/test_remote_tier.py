@@ -18,7 +18,7 @@ from kvcache.kvstore.errors import ConfigError
 from kvcache.kvstore.layout import KVLayout
 from kvcache.kvstore.remote_tier import RemoteTier
 from kvcache.kvstore.tiered_store import TieredStore
-from tests.daemon import TOKEN, metrics, thread_daemon
+from tests.daemon import TOKEN, lookups, thread_daemon
 from tests.helpers import make_chunk, make_key
 
 LAYOUT = KVLayout("remote-test", 2, 2, 64, dtype="float16")  # 16 tokens: 16 KiB
@@ -66,11 +66,6 @@ def test_a_prefix_lookup_asks_the_daemon_once(daemon):
     assert store.longest_prefix([*local, *remote_only, make_key(9), make_key(10)]) == 6
     assert lookups(daemon.url) - before == 1
     store.close()
-
-
-def lookups(url: str) -> float:
-    return sum(v for labels, v in metrics(url).get("kvcache_requests_total", [])
-               if labels["endpoint"] == "/v1/lookup")
 
 
 def test_pins_are_leases_released_on_unpin_and_close(daemon):

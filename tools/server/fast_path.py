@@ -8,8 +8,9 @@ socket beside the daemon's (``<socket>.fast``):
 1. the client says ``{"op": "hello", "token"?}``; under ``read_auth = "token"`` a client
    without the token is refused and disconnected (the pool holds every tenant's KV);
    otherwise the daemon sends ``{"pool_bytes", "loan_ttl", "index_slots", "ttl",
-   "version"}`` with the memfds of its pool and of the pool's lock-free index
-   (``kvstore/shm_index.py``) attached. Keys the index holds are read without asking;
+   "version", "pool_only"}`` with the memfds of its pool and of the pool's lock-free index
+   (``kvstore/shm_index.py``) attached. Keys the index holds are read without asking, and
+   looked up without asking (also those it lacks, when the pool is all the daemon holds);
    their reads are reported afterwards, unanswered, as ``{"op": "touched", "keys"}`` so
    that eviction sees them. The rest go through loans:
 2. ``{"op": "get", "keys", "token"?, "tenant"?}`` → ``{"loan", "objects"}``: per key,
@@ -167,7 +168,10 @@ class FastPath:
             index = self.cpu.index
             hello = {"pool_bytes": self.cpu.capacity_bytes, "loan_ttl": self.server.cfg.lease_ttl,
                      "index_slots": 0 if index is None else index.slots,
-                     "ttl": self.server.store.ttl_s, "version": wire.FAST_PATH_VERSION}
+                     "ttl": self.server.store.ttl_s, "version": wire.FAST_PATH_VERSION,
+                     # nothing below the pool: a key its index lacks (while the index
+                     # lacks no entry) is one the daemon does not hold
+                     "pool_only": len(self.server.store.tiers) == 1}
             fds = [self.cpu.pool_fd] + ([] if index is None else [index.fd])
             socket.send_fds(s, [wire.message(hello)], fds)
 
