@@ -168,6 +168,8 @@ class PagedWorker:
         self.quiet_s = quiet_s
         self._in_step = False  # between a step's first layer and its end_step
         self._step_ended = time.monotonic()  # the last end_step
+        if quiet_s > 0:  # the store's disk writes wait for the same pauses
+            store.write_gate = self._await_pause
         self._saver = background.start(self._save_loop, "kvcache-saver", idle=True)
         self._catch_up = background.start(self._catch_up_loop, "kvcache-saver-catch-up")
         self._async_loads: dict[str, _Load | None] = {}  # in flight (None: not started)
@@ -435,8 +437,9 @@ class PagedWorker:
         return self._pending_bytes > self.max_pending_saves // 2
 
     def _await_pause(self) -> None:
-        """The idle saver, before each chunk: with ``quiet_s``, wait until the engine has
-        run no step for that long, or the backlog is past half, or the worker closes.
+        """The idle saver before each chunk, and the store's writer before each object it
+        copies to disk: with ``quiet_s``, wait until the engine has run no step for that
+        long, or the backlog is past half, or the worker closes.
 
         An engine computing on the CPU keeps every core through a step; the idle class
         alone gives the saver the short gaps between back-to-back steps, and what it does
@@ -565,7 +568,9 @@ class PagedWorker:
         """Finish the saves already staged and the loads started, then stop."""
         with self._backlog:
             self._closing = True
-            self._backlog.notify()
+            self._backlog.notify_all()
+        if self.store.write_gate == self._await_pause:
+            self.store.write_gate = None
         self._queue.put(None)
         self._load_queue.put(None)
         self._catch_up.join()

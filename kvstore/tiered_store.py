@@ -29,7 +29,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -187,6 +187,8 @@ class TieredStore:
             tier.set_evict_handler(self._demoter(i))
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._writer: threading.Thread | None = None
+        # The writer calls it before each copy down (a CPU engine's PagedWorker: its pauses).
+        self.write_gate: Callable[[], None] | None = None
         if write_mode == "write-through" and len(self.tiers) > 1:
             self._writer = background.start(self._write_loop, "kvcache-writer",
                                             idle=idle_writer)
@@ -213,15 +215,10 @@ class TieredStore:
         if config.disk.enabled:
             from kvcache.kvstore.disk_tier import DiskTier
 
-            disk = DiskTier(
-                config.disk_path,
-                config.disk.capacity,
-                policy=config.disk.policy,
-                blob_storage=config.disk.blob_storage,
-                readonly=config.readonly,
-                create=not config.readonly,
-            )
-            tiers.append(disk)
+            tiers.append(DiskTier(config.disk_path, config.disk.capacity,
+                                  policy=config.disk.policy, readonly=config.readonly,
+                                  blob_storage=config.disk.blob_storage,
+                                  create=not config.readonly))
             codecs.append(config.disk.codec)
         if config.remote.url is not None:
             tiers.append(open_remote_tier(config.remote, store_ttl=config.ttl))
@@ -299,6 +296,8 @@ class TieredStore:
             try:
                 if key is None:
                     return
+                if (gate := self.write_gate) is not None:
+                    gate()
                 self._write_down(key)
             except BaseException as e:  # surfaced by flush(); the writer keeps going
                 log.warning("background write of %s failed: %s", key, e)
@@ -783,6 +782,7 @@ class TieredStore:
 
     def close(self) -> None:
         """Flush pending writes, stop the writer and close every tier."""
+        self.write_gate = None
         try:
             self.flush()
         finally:

@@ -21,6 +21,8 @@ from kvcache.kernels.page_layout import (
     slots_from_block_table,
 )
 from kvcache.kernels.paged_copy import paged_gather, paged_scatter
+from kvcache.kvstore.cpu_tier import CpuTier
+from kvcache.kvstore.disk_tier import DiskTier
 from kvcache.kvstore.errors import ConfigError
 from kvcache.kvstore.keys import chunk_tokens
 from kvcache.kvstore.layout import KVLayout
@@ -538,6 +540,34 @@ def test_with_quiet_s_the_saver_stores_only_once_the_engine_steps_pause(store, m
     assert all(store.contains(k) for k in keys)
     assert min(put_at.values()) >= last_step + quiet * 0.9  # a monotonic clock's slack
     worker.close()
+
+
+def test_with_quiet_s_the_store_writes_to_disk_only_once_the_engine_steps_pause(tmp_path):
+    """The embedded store's disk writer waits for the same pauses as the saver: what
+    reached the CPU tier goes to disk between the engine's steps, not during them."""
+    store = TieredStore([CpuTier(64 << 20), DiskTier(tmp_path / "disk", 64 << 20)])
+    layout, kv, _ = pages()
+    quiet = 0.3
+    worker = PagedWorker(store, LAYOUT, layout, kv, chunk_size=CHUNK, quiet_s=quiet)
+    assert store.write_gate is not None
+    worker.save_layer(0, [])  # a step is under way
+    store_prefix(store, PROMPT, 1)
+    key = chunk_tokens(LAYOUT.fingerprint, PROMPT, CHUNK)[0].prefix_key
+    disk = store.tiers[1]
+    for _ in range(3):  # the next steps run back to back, each longer than quiet_s
+        time.sleep(quiet * 1.5)
+        assert not disk.contains(key)
+        worker.end_step()
+        worker.save_layer(0, [])
+    worker.end_step()
+    last_step = time.monotonic()
+    deadline = last_step + 10
+    while not disk.contains(key) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert disk.contains(key) and time.monotonic() >= last_step + quiet * 0.9
+    worker.close()
+    assert store.write_gate is None
+    store.close()
 
 
 def test_with_quiet_s_past_half_the_backlog_saves_are_stored_between_steps(store):
