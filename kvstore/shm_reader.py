@@ -95,8 +95,9 @@ class SharedMemoryReader:
         except BaseException:
             self._sock.close()
             raise
+        # Says, without reading (a get may be reading), whether the daemon closed its end.
         self._closed_poll = select.poll()
-        self._closed_poll.register(self._sock, select.POLLIN)
+        self._closed_poll.register(self._sock, select.POLLHUP)
         with warnings.catch_warnings():  # read-only on purpose: we never write through it
             warnings.simplefilter("ignore", UserWarning)
             self._pool = torch.frombuffer(self._map, dtype=torch.uint8)
@@ -137,10 +138,8 @@ class SharedMemoryReader:
         index = self._index
         if index is None:
             return [None] * len(keys)
-        # A daemon that is gone leaves its memory mapped here: it must not answer. (The
-        # poll, since a recv on a socket with a timeout would wait for data.)
-        if self._closed_poll.poll(0) and self._sock.recv(
-                1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+        # A daemon that is gone leaves its memory mapped here: it must not answer.
+        if self._closed_poll.poll(0):
             raise ConnectionResetError("the daemon closed the fast path")
         # Read before the keys: an entry left out meanwhile makes one answer a miss, no worse
         # than a lookup that came a moment earlier.
