@@ -59,7 +59,7 @@ OPTIONS: dict[str, dict[str, str]] = {
     "codecs": {"--split": "split", "--lmcache-python": "lmcache_python_path"},
     "transfer": {},
     "remote": {"--duration": "duration"},
-    "e2e": {},
+    "e2e": {"--dtype": "dtype"},
     "blend": {},
     "sglang": {},
 }
@@ -201,6 +201,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "split": getattr(args, "split", None),
         "lmcache_python_path": getattr(args, "lmcache_python", None),
         "duration": getattr(args, "duration", None),
+        "dtype": getattr(args, "dtype", None),
     }
     return {k: v for k, v in given.items() if v is not None}
 

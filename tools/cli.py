@@ -530,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="remote: length of the mixed load run (default 60; --quick: 5)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        help="e2e: the model's dtype (default bfloat16; a CPU without native bf16, e.g. "
+        "AVX2 only, emulates it many times slower: use float32 there)",
+    )
     p.set_defaults(handler=_lazy("bench", "bench"))
 
     # The reference model: kvcache.tools.refmodel imports torch and transformers when run.
