@@ -555,6 +555,12 @@ def test_bench_options_reach_only_the_benchmark_that_takes_them(tmp_path: Path) 
         bench.run("store", quick=True, split="tune")
     with pytest.raises(KVCacheError, match="--store does not apply to `kvcache bench transfer`"):
         bench.run("transfer", quick=True, store=tmp_path)
+    args = cli.build_parser().parse_args(["bench", "e2e", "--dtype", "float32"])
+    assert bench._options(args) == {"dtype": "float32"}
+    with pytest.raises(KVCacheError, match="--dtype does not apply to `kvcache bench store`"):
+        bench.run("store", quick=True, dtype="float32")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "e2e", "--dtype", "int8"])
 
 
 def test_bench_sglang_without_sglang_says_how_to_install_it() -> None:
