@@ -4,10 +4,10 @@ It maps the daemon's CPU pool and the pool's index read-only (both memfds arrive
 the greeting) and reads an object with one memcpy from the mapping into a buffer of its
 own: through the index without asking when it holds the key (``kvstore/shm_index.py``
 says why that is safe), else under a loan the daemon holds until the copy is done (the
-release is sent without waiting for an answer). Lookups, too, ask the index first
-(``exists``). The daemon takes back loans older than
-``loan_ttl``, so a copy that finished later than half of that after it was asked for is
-dropped (a miss): its bytes may have been reused. What is checked: the key in the
+release is sent without waiting for an answer); lookups ask the index first too
+(``exists``). The daemon takes back loans older than ``loan_ttl``, so a copy that
+finished later than half of that after it was asked for is dropped (a miss): its bytes
+may have been reused. What is checked: the key in the
 header, and that every tensor lies inside the pool. No checksum: these bytes crossed no
 disk and no network (the daemon's memory, shared read-only).
 """
