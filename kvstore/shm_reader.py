@@ -7,9 +7,9 @@ says why that is safe), else under a loan the daemon holds until the copy is don
 release is sent without waiting for an answer); lookups ask the index first too
 (``exists``). The daemon takes back loans older than ``loan_ttl``, so a copy that
 finished later than half of that after it was asked for is dropped (a miss): its bytes
-may have been reused. What is checked: the key in the
-header, and that every tensor lies inside the pool. No checksum: these bytes crossed no
-disk and no network (the daemon's memory, shared read-only).
+may have been reused. What is checked: the key in the header, and that every tensor
+lies inside the pool. No checksum: these bytes crossed no disk and no network (the
+daemon's memory, shared read-only).
 """
 
 from __future__ import annotations
