@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -218,7 +219,6 @@ def test_the_cpu_tier_counts_entries_its_index_has_no_room_for():
     assert cpu.index.unpublished() == 0
     # A reader of an older daemon's table (no count after the slots) is told it is not
     # counted, rather than that nothing is missing.
-    import os
     fd = os.memfd_create("old-index")
     os.ftruncate(fd, 16 * 64)
     old = SharedIndex.attach(fd, 16)
@@ -284,7 +284,6 @@ def test_withdrawn_slots_are_reused_so_the_table_never_clogs():
 def test_a_greeting_of_another_version_is_refused(tmp_path):
     """A daemon speaking another fast-path version: the client maps nothing (it reads over
     HTTP instead)."""
-    import os
     import socket
 
     from kvcache.kvstore import wire

@@ -534,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("bfloat16", "float16", "float32"),
         help="e2e: the model's dtype (default bfloat16; a CPU without native bf16, e.g. "
-        "AVX2 only, emulates it many times slower: use float32 there)",
+        "AVX2 only, emulates it many times slower: use float32 there, with "
+        "VLLM_CPU_KVCACHE_SPACE=1 on a 24 GiB machine)",
     )
     p.set_defaults(handler=_lazy("bench", "bench"))
 
