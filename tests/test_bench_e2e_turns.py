@@ -5,9 +5,11 @@ real engines run in the vLLM stage (``tests/vllm/test_bench_e2e.py``)."""
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from typing import Any
 
-from kvcache.tools.bench_e2e import Workload, _in_turns
+from kvcache.tools.bench_e2e import Workload, _in_turns, _turn_orders
 
 
 class _Logged:
@@ -38,11 +40,13 @@ def test_engines_take_turns_half_a_round_at_a_time_and_store_their_saves_in_betw
     for name in engines:  # every engine served every request, in the workload's order
         assert [(r["user"], r["round"]) for r in out[name]["requests"]] == order
         assert out[name]["kvcache"] == {"closed": name}
+    # Before the first turn every engine stores what its warm-up saved (not timed).
+    assert log[:3] == [("a", "quiesce"), ("b", "quiesce"), ("c", "quiesce")]
     # A turn: an untimed request, its saves stored, half a round's requests back to
     # back, their saves stored (that time reported, the warm-up's not).
     turns = []  # (engine, requests served) per turn
     served: list[Any] = []
-    for name, what in log:
+    for name, what in log[3:]:
         served.append(what)
         if what == "quiesce" and len(served) > 2:
             assert served[:2] == ["wake", "quiesce"]
@@ -72,3 +76,14 @@ def test_kvcache_per_request_pairs_users_and_takes_each_place_in_a_half_with_and
             assert {w.kvcache_off(place), w.kvcache_off(half + place)} == {False, True}
     order = [(on < off) for on, off in Workload(users=8).pairs()]
     assert order.count(True) == order.count(False)
+
+
+def test_over_three_rounds_each_of_six_engines_takes_its_turn_after_every_other_once() -> None:
+    """What an engine leaves behind (memory the kernel is still reclaiming) reaches the
+    engine after it: no engine may always follow the same ones."""
+    rows = _turn_orders(6, 3)
+    follows = Counter(pair for row in rows for half in (row, row[::-1])
+                      for pair in itertools.pairwise(half))
+    assert len(follows) == 6 * 5 and set(follows.values()) == {1}
+    for row in rows:  # each round's first half gives every engine one turn
+        assert sorted(row) == list(range(6))

@@ -23,7 +23,8 @@ these engines, each in its own process:
 
 The first six are alive at once and take turns (``_in_turns``): half a round at a time,
 each serves those requests back to back, then finishes storing what it saved before the
-next one's turn; of any two engines, each goes first in one half of every round. Two
+next one's turn; of any two engines, each goes first in one half of every round, and
+over three rounds each engine's turn comes right after every other's once. Two
 engines thus meet the same request within a minute of each other: a machine whose speed
 drifts over the minutes of a run (shared VMs do, by 10-20%) skews the ratios far less
 than when each engine ran its whole workload in turn. Each turn starts with an untimed
@@ -343,11 +344,10 @@ def _in_turns(engines: dict[str, _Engine], requests: list[dict[str, Any]]
     """Every engine serves every request, in turns. Each round is served in two halves;
     for each half, every engine in turn serves its requests back to back, then stores
     what it saved before the next engine's turn (no engine's background work runs in
-    another's turn). The order of turns rotates from round to round and is reversed for
-    the second half, so that of any two engines each goes first once in every round:
-    the engine just before another gets the machine in whatever state it leaves it.
-    Each pair of engines meets the same requests within a minute of each other, whatever
-    the machine's speed does over the run. A turn starts with an untimed request: an
+    another's turn). The order of turns changes from round to round (``_turn_orders``)
+    and is reversed for the second half, so that of any two engines each goes first once
+    in every round. Each pair of engines meets the same requests within a minute of each
+    other, whatever the machine's speed does over the run. A turn starts with an untimed request: an
     engine idle through the others' turns has had its threads put to sleep and, on a
     machine short of memory, pages taken away, and its first timed request would pay
     for bringing them back. The time each engine took to store its saves after its
@@ -356,9 +356,13 @@ def _in_turns(engines: dict[str, _Engine], requests: list[dict[str, Any]]
     stored_after = dict.fromkeys(engines, 0.0)
     names = list(engines)
     rounds = sorted({r["round"] for r in requests})
-    for i, rnd in enumerate(rounds):
+    # Engines started one after the other: the last ones' warm-up saves would otherwise
+    # be stored in the first turn, someone else's.
+    for name in names:
+        engines[name].call({"cmd": "quiesce"})
+    for rnd, row in zip(rounds, _turn_orders(len(names), len(rounds)), strict=True):
         batch = [r for r in requests if r["round"] == rnd]
-        order = names[i % len(names):] + names[: i % len(names)]
+        order = [names[j] for j in row]
         half = -(-len(batch) // 2)
         for group, turns in ((batch[:half], order), (batch[half:], order[::-1])):
             for name in turns if group else ():
@@ -370,6 +374,25 @@ def _in_turns(engines: dict[str, _Engine], requests: list[dict[str, Any]]
                    "requests": rows[name], "stored_after_turns_s": stored_after[name],
                    "kvcache": engines[name].close()}
             for name in names}
+
+
+def _turn_orders(n: int, rounds: int) -> list[list[int]]:
+    """Per round, the order of the first half's turns among ``n`` engines (the second
+    half's is its reverse): the rows of a Williams design. With ``n`` even, over ``n / 2``
+    rounds each engine's turn comes right after every other engine's exactly once. The
+    engine just before another leaves it the machine in whatever state it is in (the
+    kernel still reclaiming memory for what it stored, say): a rotation kept each engine
+    behind the same two neighbours all run long, and what those left behind counted as
+    that engine's own."""
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    return [[(j + r) % n for j in first] for r in range(rounds)]
 
 
 def _run(specs: dict[str, dict[str, Any]], requests: list[dict[str, Any]], workdir: Path
