@@ -347,10 +347,10 @@ def _in_turns(engines: dict[str, _Engine], requests: list[dict[str, Any]]
     another's turn). The order of turns changes from round to round (``_turn_orders``)
     and is reversed for the second half, so that of any two engines each goes first once
     in every round. Each pair of engines meets the same requests within a minute of each
-    other, whatever the machine's speed does over the run. A turn starts with an untimed request: an
-    engine idle through the others' turns has had its threads put to sleep and, on a
-    machine short of memory, pages taken away, and its first timed request would pay
-    for bringing them back. The time each engine took to store its saves after its
+    other, whatever the machine's speed does over the run. A turn starts with an untimed
+    request: an engine idle through the others' turns has had its threads put to sleep
+    and, on a machine short of memory, pages taken away, and its first timed request
+    would pay for bringing them back. The time each engine took to store its saves after its
     turns is reported beside its requests: work kvcache left for later is not hidden."""
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     stored_after = dict.fromkeys(engines, 0.0)
