@@ -350,8 +350,9 @@ def _in_turns(engines: dict[str, _Engine], requests: list[dict[str, Any]]
     other, whatever the machine's speed does over the run. A turn starts with an untimed
     request: an engine idle through the others' turns has had its threads put to sleep
     and, on a machine short of memory, pages taken away, and its first timed request
-    would pay for bringing them back. The time each engine took to store its saves after its
-    turns is reported beside its requests: work kvcache left for later is not hidden."""
+    would pay for bringing them back. The time each engine took to store its saves after
+    its turns is reported beside its requests: work kvcache left for later is not
+    hidden."""
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     stored_after = dict.fromkeys(engines, 0.0)
     names = list(engines)
